@@ -1,0 +1,1 @@
+"""Fixtures for tiny models and tokenizers."""

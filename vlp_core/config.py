@@ -1,0 +1,333 @@
+"""Typed, frozen settings for every stage, loaded from ``params.yaml``.
+
+One loader serves the CLI, DVC (which reads the same ``params.yaml``) and the Prefect
+flows.  Each top-level key of ``params.yaml`` is one stage section and maps to one frozen
+dataclass below.  Unknown keys and wrong types are refused with an error that names the key
+and the file; command-line overrides use DVC's ``-S section.key=value`` form.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+from vlp_core.errors import VlpError
+
+
+class ConfigError(VlpError, ValueError):
+    """A bad setting: names the file and the dotted key."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source, self.key = source, key
+        super().__init__(f"{source}: {key}: {message}")
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The synthetic web (``vlp synthetic make``)."""
+
+    seed: int = 0
+    image_size: int = 48
+    n_web: int = 20000
+    n_human: int = 2000
+    n_test: int = 1000
+    noise_rate: float = 0.4  # share of web captions corrupted, split evenly over the kinds
+    holdout_frac: float = 0.1  # share of (colour, shape) pairs never shown in human/web splits
+    fail_rate: float = 0.02  # share of web URLs that fail (404, not an image, truncated JPEG)
+    jpeg_quality: int = 95
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    """Downloading a URL list into shards with img2dataset (``vlp ingest``)."""
+
+    url_col: str = "url"
+    caption_col: str = "caption"
+    input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = "auto"
+    image_size: int = 48
+    resize_mode: Literal["no", "border", "keep_ratio", "center_crop"] = "border"
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = 95
+    output_format: Literal["webdataset", "files", "parquet"] = "webdataset"
+    number_sample_per_shard: int = 1000
+    processes_count: int = 2
+    thread_count: int = 16
+    timeout: int = 10
+    retries: int = 0
+    incremental: bool = True
+    allow_private_network: bool = False
+    max_caption_chars: int = 512
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Which architecture (a JSON file in ``vlp_core/models/architectures``) and tokenizer."""
+
+    arch: str = "tiny"
+    init_from: Optional[str] = None  # a vlp checkpoint dir or a local HF BLIP dir
+    tokenizer: Optional[str] = None  # a local HF tokenizer dir; None = train WordPiece offline
+    vocab_size: int = 512
+    max_text_len: int = 32
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """One training run (pretrain, or a fine-tune target)."""
+
+    steps: int = 700
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    seed: int = 0
+    alpha: float = 0.4  # momentum distillation weight
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    lm_weight: float = 1.0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    captioner: TrainParams = TrainParams(steps=300, lr=5e-4, warmup_steps=20, itc_weight=0.0, itm_weight=0.0)
+    filter: TrainParams = TrainParams(steps=300, lr=5e-4, warmup_steps=20, lm_weight=0.0)
+
+
+@dataclass(frozen=True)
+class CapfiltParams:
+    """Captioning and filtering (``vlp capfilt``)."""
+
+    num_captions: int = 1  # K synthetic captions per image
+    decode: Literal["nucleus", "beam", "greedy"] = "nucleus"
+    top_p: float = 0.9
+    num_beams: int = 3
+    prompt: str = "a picture of "
+    max_length: int = 30
+    min_length: int = 5
+    threshold_mode: Literal["fixed", "calibrated"] = "calibrated"
+    itm_threshold: float = 0.5  # used when threshold_mode == fixed
+    calibrate_percentile: float = 10.0  # keep what scores above this percentile of clean pairs
+    itc_prescreen: Optional[float] = None  # skip the ITM pass below this ITC similarity
+    batch_size: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FeaturesParams:
+    """Embeddings and duplicate flags (``vlp features``)."""
+
+    backbone: Optional[str] = None  # optional extra timm backbone for pooled features
+    near_dup_threshold: float = 0.98
+    block_size: int = 4096
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    k_test: int = 16  # re-rank the ITC top-k by ITM (BLIP's protocol)
+    batch_size: int = 256
+    caption_decode: Literal["greedy", "beam"] = "greedy"
+
+
+@dataclass(frozen=True)
+class CatalogParams:
+    path: str = "data/catalog.duckdb"
+
+
+@dataclass(frozen=True)
+class OrchestrationParams:
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: Optional[str] = None  # None with task_runner=dask starts a local cluster
+    dask_workers: int = 2
+    retries: int = 2
+    retry_delay_seconds: int = 5
+    network_timeout_seconds: int = 3600
+    rounds: int = 2
+    dvc_commit: bool = True
+    git_tag: bool = True
+    dvc_push: bool = False
+
+
+@dataclass(frozen=True)
+class Params:
+    synthetic: SyntheticParams = SyntheticParams()
+    ingest: IngestParams = IngestParams()
+    model: ModelParams = ModelParams()
+    pretrain: TrainParams = TrainParams()
+    finetune: FinetuneParams = FinetuneParams()
+    capfilt: CapfiltParams = CapfiltParams()
+    features: FeaturesParams = FeaturesParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    catalog: CatalogParams = CatalogParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def replace(self, **overrides: Any) -> "Params":
+        """``params.replace(**{"capfilt.top_p": 0.8})`` returns a validated copy."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            _set_dotted(data, dotted, value, "<replace>")
+        return params_from_dict(data, "<replace>")
+
+
+# --------------------------------------------------------------------------- loading
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+def load_params(path: str | Path | None = DEFAULT_PARAMS_FILE, overrides: typing.Iterable[str] = ()) -> Params:
+    """Read ``path`` (missing file = all defaults when path is the default) and apply
+    ``-S section.key=value`` overrides.  Raises :class:`ConfigError`."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if p.exists():
+            try:
+                loaded = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(source, "<file>", f"not valid YAML ({exc})") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(source, "<file>", "the top level must be a mapping of stage sections")
+            data = loaded
+        elif str(path) != DEFAULT_PARAMS_FILE:
+            raise ConfigError(source, "<file>", "file not found")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("-S", item, "an override must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value, f"-S {item}")
+    return params_from_dict(data, source)
+
+
+def params_from_dict(data: dict[str, Any], source: str = "<dict>") -> Params:
+    return _build(Params, data, source, "")
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for part in parts[:-1]:
+        nxt = cur.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(source, dotted, f"{part!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, source: str, prefix: str):
+    where = prefix or "<top level>"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, where, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(source, key, f"unknown key (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        typ = hints[name]
+        if name not in data:
+            if dataclasses.is_dataclass(typ):
+                # nested default, but allow partial overrides of the default instance
+                default = f.default if f.default is not dataclasses.MISSING else typ()
+                kwargs[name] = default
+            continue
+        value = data[name]
+        if dataclasses.is_dataclass(typ):
+            default = f.default if f.default is not dataclasses.MISSING else typ()
+            merged = {**_to_plain(default), **(value or {})} if isinstance(value, dict) else value
+            kwargs[name] = _build(typ, merged, source, key)
+        else:
+            kwargs[name] = _coerce(typ, value, source, key)
+    return cls(**kwargs)
+
+
+def _coerce(typ: Any, value: Any, source: str, key: str) -> Any:
+    origin, args = get_origin(typ), get_args(typ)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(source, key, f"expected {_type_name(typ)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(source, key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(source, key, f"expected a list, got {value!r}")
+        inner = args[0] if args else str
+        return tuple(_coerce(inner, v, source, f"{key}[{i}]") for i, v in enumerate(value))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(source, key, f"expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(source, key, f"expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(source, key, f"expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(source, key, f"expected a string, got {value!r}")
+    raise ConfigError(source, key, f"unsupported type {typ!r}")
+
+
+def _type_name(typ: Any) -> str:
+    return getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def section_dict(params: Params, section: str) -> dict[str, Any]:
+    """The plain dict of one section, e.g. for recording params in the catalog."""
+    return _to_plain(getattr(params, section))
+
+
+__all__ = [
+    "ConfigError",
+    "Params",
+    "load_params",
+    "params_from_dict",
+    "section_dict",
+] + [name for name in list(globals()) if name.endswith("Params") and name != "Params"]
+

@@ -1,0 +1,117 @@
+"""Files: atomic writes, per-shard done markers and stage statistics.
+
+Every stage writes each output file atomically (a temp file in the same folder, then
+``os.replace``), so a crash never leaves half a file.  A shard is done when its
+``<name>_stats.json`` marker exists (the img2dataset convention): a rerun skips it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it is renamed onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_parquet(table: pa.Table, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _json_default(o: Any) -> Any:
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# --------------------------------------------------------------------------- markers
+def done_marker(out_dir: str | Path, shard_name: str) -> Path:
+    return Path(out_dir) / f"{shard_name}_stats.json"
+
+
+def is_done(out_dir: str | Path, shard_name: str) -> bool:
+    return done_marker(out_dir, shard_name).exists()
+
+
+def mark_done(out_dir: str | Path, shard_name: str, stats: dict[str, Any]) -> Path:
+    return write_json(stats, done_marker(out_dir, shard_name))
+
+
+@dataclass
+class StageStats:
+    """What every ``run_<stage>`` returns and writes as ``<out_dir>/stats.json``.
+
+    ``rows_in`` must equal ``rows_out``: failures are rows with a status, not lost rows.
+    """
+
+    stage: str
+    rows_in: int = 0
+    rows_out: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # e.g. rows per status / reason
+    shards_done: int = 0
+    shards_skipped: int = 0
+    shards_failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def check(self) -> "StageStats":
+        if self.rows_in != self.rows_out:
+            raise AssertionError(f"{self.stage}: {self.rows_in} rows in but {self.rows_out} rows out")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def write(self, out_dir: str | Path, name: str = "stats.json") -> Path:
+        return write_json(self.to_dict(), Path(out_dir) / name)
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.t0 = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.t0

@@ -1,0 +1,131 @@
+"""Every Parquet schema of the platform, in one place.
+
+Column names are defined once here and imported everywhere else (``from vlp_core.schema
+import C``), so a rename is one edit.  Stages validate what they read with
+:func:`require_columns`, which names the file and the missing column.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from vlp_core.errors import VlpError
+
+
+class C:
+    """Column names."""
+
+    # shared
+    KEY = "key"  # img2dataset's sample key, e.g. "000000012"
+    URL = "url"
+    CAPTION = "caption"
+    TEXT = "text"
+    STATUS = "status"
+    REASON = "reason"
+    SHARD = "shard"  # image reference: the ingest shard file, relative to the ingest dir
+    ROW = "row_index"  # 0-based row number in the input URL list
+    SHA256 = "sha256"
+    WIDTH = "width"
+    HEIGHT = "height"
+    SPLIT = "split"
+    # corpus
+    SOURCE = "source"
+    CANDIDATE = "candidate"  # 0 = the web alt-text, 1..K = synthetic captions
+    ITC = "itc"
+    ITM = "itm"
+    KEPT = "kept"
+    CAPTIONER_ID = "captioner_id"
+    FILTER_ID = "filter_id"
+    ROUND = "round"
+    # ground truth (never read by the pipeline, only by evaluation)
+    IS_NOISE = "is_noise"
+    NOISE_KIND = "noise_kind"
+    FAIL_KIND = "fail_kind"
+    TRUE_CAPTION = "true_caption"
+    SCENE = "scene"  # JSON: objects (colour, shape, size, bbox) and the relation
+
+
+# Manifest statuses (ingest): every input row ends with exactly one of these.
+INGEST_STATUSES = (
+    "success",
+    "failed_to_download",
+    "failed_to_resize",
+    "refused_url",
+    "duplicate_url",
+    "invalid_row",
+)
+
+SOURCES = ("web", "synthetic", "human")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field(C.ROW, pa.int64(), nullable=False),
+        pa.field(C.URL, pa.string()),
+        pa.field(C.CAPTION, pa.string()),  # normalised caption
+        pa.field(C.STATUS, pa.string(), nullable=False),
+        pa.field(C.REASON, pa.string()),
+        pa.field(C.KEY, pa.string()),
+        pa.field(C.SHARD, pa.string()),
+        pa.field(C.WIDTH, pa.int32()),
+        pa.field(C.HEIGHT, pa.int32()),
+        pa.field(C.SHA256, pa.string()),
+    ]
+)
+
+CORPUS_SCHEMA = pa.schema(
+    [
+        pa.field(C.KEY, pa.string(), nullable=False),
+        pa.field(C.URL, pa.string()),
+        pa.field(C.SHARD, pa.string()),
+        pa.field(C.CANDIDATE, pa.int16(), nullable=False),
+        pa.field(C.TEXT, pa.string()),
+        pa.field(C.SOURCE, pa.string(), nullable=False),
+        pa.field(C.ITC, pa.float32()),
+        pa.field(C.ITM, pa.float32()),
+        pa.field(C.KEPT, pa.bool_(), nullable=False),
+        pa.field(C.REASON, pa.string()),
+        pa.field(C.CAPTIONER_ID, pa.string()),
+        pa.field(C.FILTER_ID, pa.string()),
+        pa.field(C.ROUND, pa.int32(), nullable=False),
+    ]
+)
+
+GROUND_TRUTH_SCHEMA = pa.schema(
+    [
+        pa.field(C.URL, pa.string(), nullable=False),
+        pa.field(C.SPLIT, pa.string(), nullable=False),
+        pa.field(C.CAPTION, pa.string()),  # the caption as published (maybe noisy)
+        pa.field(C.TRUE_CAPTION, pa.string()),
+        pa.field(C.IS_NOISE, pa.bool_(), nullable=False),
+        pa.field(C.NOISE_KIND, pa.string()),  # null when clean
+        pa.field(C.FAIL_KIND, pa.string()),  # null when the URL serves a good image
+        pa.field(C.SCENE, pa.string()),  # JSON
+    ]
+)
+
+
+class SchemaError(VlpError, ValueError):
+    """A file lacks a column or has a wrong type; the message names the file."""
+
+
+def require_columns(table_or_schema, columns, source: str | Path) -> None:
+    """Raise a clear error naming ``source`` if any of ``columns`` is missing."""
+    schema = table_or_schema.schema if hasattr(table_or_schema, "schema") else table_or_schema
+    names = set(schema.names)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise SchemaError(f"{source}: missing column(s) {', '.join(missing)} (has: {', '.join(schema.names)})")
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast ``table``'s columns to ``schema`` (missing nullable columns become null)."""
+    arrays = []
+    for f in schema:
+        if f.name in table.column_names:
+            arrays.append(table.column(f.name).cast(f.type))
+        elif f.nullable:
+            arrays.append(pa.nulls(table.num_rows, f.type))
+        else:
+            raise SchemaError(f"column {f.name} is required")
+    return pa.Table.from_arrays(arrays, schema=schema)
