@@ -1,0 +1,347 @@
+"""The synthetic world: vocabulary, scenes, rendering, captions and caption checking.
+
+A *scene* is two objects on a noisy background, each with a colour, a shape and a size,
+placed so that exactly one of four relations holds unambiguously between them:
+``objects[0] <relation> objects[1]`` with relation in left/right/above/below.
+
+Captions are varied English built from templates and synonyms, e.g. "a big red circle to
+the left of a small blue square" or "there is a little blue box under a large red disc".
+:func:`check_caption` parses any such text back (tolerating a "a picture of " prefix, extra
+words and punctuation) and scores each stated attribute against a scene.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# --------------------------------------------------------------------------- vocabulary
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (40, 70, 235),
+    "yellow": (245, 225, 20),
+    "purple": (150, 40, 190),
+    "orange": (255, 140, 0),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("small", "large")
+RELATIONS = ("left", "right", "above", "below")
+INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+SIZE_PX = {"small": 12, "large": 20}
+
+# Words a caption may use for each value (the first one is canonical).
+SHAPE_WORDS = {"circle": ("circle", "disc", "ball"), "square": ("square", "box"),
+               "triangle": ("triangle",), "cross": ("cross", "plus")}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+RELATION_PHRASES = {
+    "left": ("to the left of", "left of", "on the left of"),
+    "right": ("to the right of", "right of", "on the right of"),
+    "above": ("above", "over", "on top of"),
+    "below": ("below", "under", "beneath"),
+}
+# Templates: {a}/{b} are object phrases, {rel} a relation phrase.
+TEMPLATES = (
+    "a {a} {rel} a {b}",
+    "{a} {rel} {b}",
+    "there is a {a} {rel} a {b}",
+    "a {a} is {rel} a {b}",
+    "the {a} is {rel} the {b}",
+    "an image with a {a} {rel} a {b}",
+    "a photo of a {a} {rel} a {b}",
+    "a {a} placed {rel} a {b}",
+)
+PARTIAL_TEMPLATES = ("a {a}", "there is a {a}", "a photo of a {a}", "{a}")
+BOILERPLATE = (
+    "IMG_{n:04d}.jpg", "DSC{n:05d}.JPG", "click here", "stock photo", "image", "download now",
+    "photo {n}", "untitled", "no description available", "thumbnail", "see more at www.example.com",
+)
+HTML_JUNK = (
+    "<div class=x>&nbsp;</div>", "<br/>", "<span class=\"img\"></span>&amp;", "<p>&nbsp;&nbsp;</p>",
+    "<img src=\"pic.jpg\" alt=\"\">", "&lt;/div&gt;",
+)
+
+_COLOUR_WORD = {w: w for w in COLOURS}
+_SHAPE_WORD = {w: s for s, ws in SHAPE_WORDS.items() for w in ws}
+_SIZE_WORD = {w: s for s, ws in SIZE_WORDS.items() for w in ws}
+_REL_WORD = {"left": "left", "right": "right", "above": "above", "over": "above", "top": "above",
+             "below": "below", "under": "below", "beneath": "below", "underneath": "below"}
+
+
+def vocabulary() -> list[str]:
+    """Every word a clean or noisy-but-grammatical caption can use (sorted)."""
+    words: set[str] = set(COLOURS)
+    for group in (SHAPE_WORDS, SIZE_WORDS, RELATION_PHRASES):
+        for values in group.values():
+            for v in values:
+                words.update(v.split())
+    for t in TEMPLATES + PARTIAL_TEMPLATES:
+        words.update(w for w in t.replace("{a}", "").replace("{b}", "").replace("{rel}", "").split())
+    words.add("an")
+    return sorted(words)
+
+
+# --------------------------------------------------------------------------- scenes
+@dataclass(frozen=True)
+class SceneObject:
+    colour: str
+    shape: str
+    size: str
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels (x1, y1 exclusive)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Two objects; ``objects[0] <relation> objects[1]`` holds unambiguously."""
+
+    objects: tuple[SceneObject, SceneObject]
+    relation: str
+    background: tuple[int, int, int]
+
+    def to_json(self) -> str:
+        return json.dumps({"objects": [asdict(o) for o in self.objects], "relation": self.relation,
+                           "background": list(self.background)}, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "Scene":
+        d = json.loads(text)
+        objs = tuple(SceneObject(o["colour"], o["shape"], o["size"], tuple(o["bbox"])) for o in d["objects"])
+        return Scene(objs, d["relation"], tuple(d.get("background", (128, 128, 128))))  # type: ignore[arg-type]
+
+
+def holdout_pairs(seed: int, frac: float) -> frozenset[tuple[str, str]]:
+    """The (colour, shape) pairs never shown in the web and human splits."""
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    n = int(round(frac * len(pairs)))
+    rng = np.random.default_rng([seed, 7777])
+    idx = rng.permutation(len(pairs))[:n]
+    return frozenset(pairs[i] for i in sorted(idx))
+
+
+def sample_scene(rng: np.random.Generator, image_size: int,
+                 exclude: frozenset[tuple[str, str]] = frozenset()) -> Scene:
+    """Draw a random scene; no object uses an excluded (colour, shape) pair."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    objs: list[tuple[str, str, str]] = []
+    while len(objs) < 2:
+        c, s = colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))]
+        if (c, s) in exclude:
+            continue
+        if objs and objs[0][0] == c and objs[0][1] == s:
+            continue  # two identical-looking objects would make the caption ambiguous
+        objs.append((c, s, SIZES[rng.integers(2)]))
+    relation = RELATIONS[rng.integers(4)]
+    scale = image_size / 48.0
+    px = [max(4, int(round(SIZE_PX[o[2]] * scale))) for o in objs]
+    margin = max(1, int(round(2 * scale)))
+    min_gap = max(2, int(round(3 * scale)))
+    # place along the relation's axis: first = the object that comes first (left or top)
+    first, second = (0, 1) if relation in ("left", "above") else (1, 0)
+    span = image_size - 2 * margin
+    free = span - px[0] - px[1]
+    gap = int(rng.integers(min_gap, max(min_gap, free) + 1))
+    start = margin + int(rng.integers(0, max(0, free - gap) + 1))
+    along = {first: start, second: start + px[first] + gap}
+    # across the axis: a shared centre with a small jitter, so the relation stays clear
+    big = max(px)
+    centre = int(rng.integers(margin + big // 2, image_size - margin - big // 2 + 1))
+    across = {}
+    for i in (0, 1):
+        jitter = int(rng.integers(-int(3 * scale), int(3 * scale) + 1))
+        lo = min(max(margin, centre - px[i] // 2 + jitter), image_size - margin - px[i])
+        across[i] = lo
+    boxes = []
+    for i in (0, 1):
+        if relation in ("left", "right"):
+            x0, y0 = along[i], across[i]
+        else:
+            x0, y0 = across[i], along[i]
+        boxes.append((x0, y0, x0 + px[i], y0 + px[i]))
+    background = tuple(int(v) for v in rng.integers(90, 166, size=3))
+    return Scene(
+        (SceneObject(*objs[0], boxes[0]), SceneObject(*objs[1], boxes[1])),  # type: ignore[arg-type]
+        relation, background,  # type: ignore[arg-type]
+    )
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
+    x0, y0, x1, y1 = obj.bbox
+    fill = COLOURS[obj.colour]
+    w = x1 - x0
+    if obj.shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(x0 + w / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+    elif obj.shape == "cross":
+        t = max(2, int(round(w / 3)))
+        a = x0 + (w - t) // 2
+        b = y0 + (w - t) // 2
+        draw.rectangle((a, y0, a + t - 1, y1 - 1), fill=fill)
+        draw.rectangle((x0, b, x1 - 1, b + t - 1), fill=fill)
+    else:  # pragma: no cover - vocabulary is closed
+        raise ValueError(obj.shape)
+
+
+def render(scene: Scene, rng: np.random.Generator, image_size: int) -> np.ndarray:
+    """The scene as an ``(image_size, image_size, 3)`` uint8 array with a noisy background."""
+    bg = np.asarray(scene.background, dtype=np.float32)
+    noise = rng.normal(0.0, 14.0, size=(image_size, image_size, 3)).astype(np.float32)
+    arr = np.clip(bg + noise, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    draw = ImageDraw.Draw(img)
+    for obj in scene.objects:
+        _draw_shape(draw, obj)
+    return np.asarray(img)
+
+
+def encode_jpeg(arr: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- captions
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def object_phrase(obj: SceneObject, rng: np.random.Generator) -> str:
+    size = SIZE_WORDS[obj.size][rng.integers(len(SIZE_WORDS[obj.size]))]
+    shape = SHAPE_WORDS[obj.shape][rng.integers(len(SHAPE_WORDS[obj.shape]))]
+    return f"{size} {obj.colour} {shape}"
+
+
+def _fix_articles(text: str) -> str:
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A random true caption of ``scene`` (either object may come first)."""
+    a, b, rel = scene.objects[0], scene.objects[1], scene.relation
+    if rng.random() < 0.5:
+        a, b, rel = b, a, INVERSE[rel]
+    template = TEMPLATES[rng.integers(len(TEMPLATES))]
+    phrases = RELATION_PHRASES[rel]
+    text = template.format(a=object_phrase(a, rng), b=object_phrase(b, rng),
+                           rel=phrases[rng.integers(len(phrases))])
+    return _fix_articles(text)
+
+
+def partial_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption that describes only one of the two objects."""
+    obj = scene.objects[int(rng.integers(2))]
+    template = PARTIAL_TEMPLATES[rng.integers(len(PARTIAL_TEMPLATES))]
+    return _fix_articles(template.format(a=object_phrase(obj, rng)))
+
+
+def corrupt_attribute(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
+    """A copy of ``scene`` with exactly one attribute changed; returns (scene, attribute)."""
+    attr = ("colour", "shape", "size", "relation")[rng.integers(4)]
+    if attr == "relation":
+        others = [r for r in RELATIONS if r != scene.relation]
+        return Scene(scene.objects, others[rng.integers(3)], scene.background), attr
+    i = int(rng.integers(2))
+    objs = list(scene.objects)
+    o = objs[i]
+    if attr == "colour":
+        choices = [c for c in COLOURS if c != o.colour]
+        objs[i] = SceneObject(choices[rng.integers(len(choices))], o.shape, o.size, o.bbox)
+    elif attr == "shape":
+        choices = [s for s in SHAPES if s != o.shape]
+        objs[i] = SceneObject(o.colour, choices[rng.integers(len(choices))], o.size, o.bbox)
+    else:
+        objs[i] = SceneObject(o.colour, o.shape, "large" if o.size == "small" else "small", o.bbox)
+    return Scene((objs[0], objs[1]), scene.relation, scene.background), attr
+
+
+# --------------------------------------------------------------------------- checking
+@dataclass
+class _Mention:
+    colour: Optional[str] = None
+    shape: Optional[str] = None
+    size: Optional[str] = None
+
+    def empty(self) -> bool:
+        return self.colour is None and self.shape is None and self.size is None
+
+
+def _mention(words: list[str]) -> _Mention:
+    m = _Mention()
+    for w in words:
+        if m.colour is None and w in _COLOUR_WORD:
+            m.colour = _COLOUR_WORD[w]
+        elif m.shape is None and w in _SHAPE_WORD:
+            m.shape = _SHAPE_WORD[w]
+        elif m.size is None and w in _SIZE_WORD:
+            m.size = _SIZE_WORD[w]
+    return m
+
+
+def _words(text: str) -> list[str]:
+    text = re.sub(r"<[^>]*>", " ", str(text or "").lower())
+    return re.findall(r"[a-z]+", text)
+
+
+def parse_caption(text: str) -> tuple[_Mention, _Mention, Optional[str]]:
+    """(first mention, second mention, relation of first to second or None)."""
+    words = _words(text)
+    rel_at = next((i for i, w in enumerate(words) if w in _REL_WORD), None)
+    if rel_at is not None:
+        relation: Optional[str] = _REL_WORD[words[rel_at]]
+        # the relation phrase ends at its "of" (left of / on top of) if any
+        end = rel_at + 1
+        if end < len(words) and words[end] == "of":
+            end += 1
+        return _mention(words[:rel_at]), _mention(words[end:]), relation
+    # no relation: split after the first shape word (e.g. "a red circle and a blue box")
+    cut = next((i + 1 for i, w in enumerate(words) if w in _SHAPE_WORD), len(words))
+    return _mention(words[:cut]), _mention(words[cut:]), None
+
+
+def _agree(m: _Mention, o: SceneObject) -> int:
+    return sum(int(v == getattr(o, k)) for k, v in (("colour", m.colour), ("shape", m.shape), ("size", m.size))
+               if v is not None)
+
+
+def check_caption(text: str, scene: Scene | str) -> dict[str, Optional[bool]]:
+    """Score a caption against a scene (a :class:`Scene` or its JSON).
+
+    Returns ``{colour, shape, size, relation, all}``: each is True/False when the caption
+    states that attribute (for every mentioned object) and None when it does not.  ``all``
+    is True only when both objects are named by colour and shape, the relation is stated,
+    and everything stated is true.
+    """
+    if isinstance(scene, str):
+        scene = Scene.from_json(scene)
+    first, second, relation = parse_caption(text)
+    mentions = [m for m in (first, second) if not m.empty()]
+    o0, o1 = scene.objects
+    # which scene object does each mention describe?  try both ways, keep the better fit
+    if len(mentions) == 2:
+        same = _agree(first, o0) + _agree(second, o1) + (relation == scene.relation)
+        swap = _agree(first, o1) + _agree(second, o0) + (relation == INVERSE[scene.relation])
+        if swap > same:
+            pairs, truth_rel = [(first, o1), (second, o0)], INVERSE[scene.relation]
+        else:
+            pairs, truth_rel = [(first, o0), (second, o1)], scene.relation
+    elif len(mentions) == 1:
+        m = mentions[0]
+        pairs = [(m, o0 if _agree(m, o0) >= _agree(m, o1) else o1)]
+        truth_rel = scene.relation if m is first else INVERSE[scene.relation]
+    else:
+        pairs, truth_rel = [], scene.relation
+    result: dict[str, Optional[bool]] = {}
+    for attr in ("colour", "shape", "size"):
+        stated = [(getattr(m, attr), getattr(o, attr)) for m, o in pairs if getattr(m, attr) is not None]
+        result[attr] = None if not stated else all(a == b for a, b in stated)
+    result["relation"] = None if relation is None or len(mentions) < 2 else relation == truth_rel
+    complete = (len(mentions) == 2 and all(m.colour and m.shape for m, _ in pairs) and relation is not None)
+    result["all"] = bool(complete and all(v is not False for v in result.values()))
+    return result
