@@ -1,0 +1,212 @@
+"""``run_ingest``: URL list -> validation -> img2dataset shards -> manifest.
+
+Layout under ``out_dir``::
+
+    _work/download.parquet   the rows that passed validation (url, caption, row_index)
+    _work/fingerprint.json   what those rows and the download settings were (resume guard)
+    shards/00000.tar         img2dataset webdataset shard (+ 00000.parquet, 00000_stats.json)
+    manifest.parquet         MANIFEST_SCHEMA, exactly one row per input row, in input order
+    stats.json               StageStats (rows per status)
+
+img2dataset's ``<shard>_stats.json`` files are the done markers: with ``ingest.incremental``
+a rerun after a crash downloads only the shards that lack one.  Each img2dataset row carries
+the input ``row_index`` (``save_additional_columns``), which maps it back to its input row.
+"""
+from __future__ import annotations
+
+import hashlib
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlp_core.config import IngestParams, Params
+from vlp_core.errors import VlpError
+from vlp_core.io import StageStats, Timer, read_json, write_json, write_parquet
+from vlp_core.ingest.reader import read_url_list
+from vlp_core.ingest.validate import validate_rows
+from vlp_core.schema import INGEST_STATUSES, MANIFEST_SCHEMA, C
+
+SHARDS_DIR = "shards"
+WORK_DIR = "_work"
+
+
+class IngestError(VlpError, RuntimeError):
+    """An ingest run that cannot go on (e.g. the output folder holds another list's shards)."""
+
+
+def img2dataset_kwargs(ip: IngestParams) -> dict[str, Any]:
+    """The download settings that come from params (shared with bench/ingest.py's bare run)."""
+    if ip.output_format not in ("webdataset", "files"):
+        raise IngestError(f"ingest.output_format={ip.output_format!r} is not supported by the manifest "
+                          "(use webdataset or files)")
+    return dict(
+        image_size=ip.image_size,
+        resize_mode=ip.resize_mode,
+        encode_format=ip.encode_format,
+        encode_quality=ip.encode_quality,
+        output_format=ip.output_format,
+        number_sample_per_shard=ip.number_sample_per_shard,
+        processes_count=ip.processes_count,
+        thread_count=ip.thread_count,
+        timeout=ip.timeout,
+        retries=ip.retries,
+        disallowed_header_directives=list(ip.disallowed_header_directives),
+        distributor="multiprocessing",
+        enable_wandb=False,
+        extract_exif=False,
+        compute_hash="sha256",
+    )
+
+
+def _fingerprint(table: pa.Table, ip: IngestParams) -> dict[str, Any]:
+    h = hashlib.sha256()
+    for col in table.columns:
+        for chunk in col.chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    h.update(buf)
+    settings = {k: v for k, v in img2dataset_kwargs(ip).items()
+                if k in ("image_size", "resize_mode", "encode_format", "encode_quality", "output_format",
+                         "number_sample_per_shard")}
+    return {"rows": table.num_rows, "sha256": h.hexdigest(), "settings": settings}
+
+
+def _guard_resume(work: Path, shards: Path, fp: dict[str, Any], incremental: bool) -> None:
+    fp_path = work / "fingerprint.json"
+    has_shards = shards.exists() and any(shards.glob("*_stats.json"))
+    if incremental and has_shards and fp_path.exists() and read_json(fp_path) != fp:
+        raise IngestError(f"{shards}: holds shards of a different URL list or settings; "
+                          "use a new --out or set -S ingest.incremental=false to start over")
+    write_json(fp, fp_path)
+
+
+def _run_img2dataset(url_list: Path, shards: Path, ip: IngestParams) -> None:
+    import img2dataset  # heavy: imported only when downloading
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        img2dataset.download(
+            url_list=str(url_list),
+            output_folder=str(shards),
+            input_format="parquet",
+            url_col=C.URL,
+            caption_col=C.CAPTION,
+            save_additional_columns=[C.ROW],
+            incremental_mode="incremental" if ip.incremental else "overwrite",
+            **img2dataset_kwargs(ip),
+        )
+    except SystemExit as exc:  # img2dataset's SIGINT handler exits 0; that is an interruption
+        raise KeyboardInterrupt from exc
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _shard_ref(shards_as_given: Path, shard_name: str, key: str, ip: IngestParams) -> str:
+    if ip.output_format == "webdataset":
+        return str(shards_as_given / f"{shard_name}.tar")
+    return str(shards_as_given / shard_name / f"{key}.{ip.encode_format}")
+
+
+def _collect(shards: Path, ip: IngestParams, stats: StageStats) -> dict[int, dict[str, Any]]:
+    """Rows of every finished img2dataset shard, by input row_index."""
+    found: dict[int, dict[str, Any]] = {}
+    for pq_path in sorted(shards.glob("*.parquet")):
+        name = pq_path.stem
+        if not (shards / f"{name}_stats.json").exists():
+            stats.shards_failed.append(name)
+            continue
+        t = pq.read_table(pq_path, columns=[C.ROW, "key", "status", "error_message", "width", "height", "sha256"])
+        for r in t.to_pylist():
+            r["shard_name"] = name
+            found[int(r[C.ROW])] = r
+    return found
+
+
+def run_ingest(params: Params, urls: str | Path, out_dir: str | Path) -> StageStats:
+    """Ingest the URL list ``urls`` into ``out_dir`` (see the module doc); returns StageStats
+    with ``counts`` = rows per manifest status.  ``rows_in == rows_out`` always."""
+    ip = params.ingest
+    out_dir = Path(out_dir)
+    shards, work = out_dir / SHARDS_DIR, out_dir / WORK_DIR
+    stats = StageStats(stage="ingest")
+    with Timer() as timer:
+        table = read_url_list(urls, ip)
+        n = table.num_rows
+        verdicts = validate_rows(table.column(C.URL).to_pylist(), table.column(C.CAPTION).to_pylist(), ip)
+        todo = [i for i in range(n) if verdicts.status[i] is None]
+        dl = pa.table({
+            C.URL: pa.array([verdicts.urls[i] for i in todo], pa.string()),
+            C.CAPTION: pa.array([verdicts.captions[i] for i in todo], pa.string()),
+            C.ROW: pa.array(todo, pa.int64()),
+        })
+        fp = _fingerprint(dl, ip)
+        work.mkdir(parents=True, exist_ok=True)
+        _guard_resume(work, shards, fp, ip.incremental)
+        n_shards = -(-len(todo) // ip.number_sample_per_shard)
+        done_before = len(list(shards.glob("*_stats.json"))) if shards.exists() and ip.incremental else 0
+        if todo:
+            dl_path = work / "download.parquet"
+            write_parquet(dl, dl_path)
+            _run_img2dataset(dl_path, shards, ip)
+        found = _collect(shards, ip, stats) if todo else {}
+        stats.shards_skipped = min(done_before, n_shards)
+        stats.shards_done = n_shards - stats.shards_skipped - len(stats.shards_failed)
+        cols: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
+        for i in range(n):
+            status, reason = verdicts.status[i], verdicts.reason[i]
+            key = shard = sha = None
+            width = height = None
+            if status is None:
+                r: Optional[dict[str, Any]] = found.get(i)
+                if r is None:
+                    status, reason = "failed_to_download", "no result from img2dataset (its shard failed; rerun to retry)"
+                else:
+                    status, key = r["status"], r["key"]
+                    if status == "success":
+                        shard = _shard_ref(out_dir / SHARDS_DIR, r["shard_name"], key, ip)
+                        width, height, sha = r["width"], r["height"], r["sha256"]
+                    else:
+                        reason = r["error_message"] or status
+                    if status not in INGEST_STATUSES:  # pragma: no cover - img2dataset's closed set
+                        status, reason = "failed_to_download", f"img2dataset status {r['status']}: {reason}"
+            cols[C.ROW].append(i)
+            cols[C.URL].append(verdicts.urls[i])
+            cols[C.CAPTION].append(verdicts.captions[i])
+            cols[C.STATUS].append(status)
+            cols[C.REASON].append(reason)
+            cols[C.KEY].append(key)
+            cols[C.SHARD].append(shard)
+            cols[C.WIDTH].append(width)
+            cols[C.HEIGHT].append(height)
+            cols[C.SHA256].append(sha)
+            stats.add(status)
+        manifest = pa.table(cols, schema=MANIFEST_SCHEMA)
+        write_parquet(manifest, out_dir / "manifest.parquet")
+    stats.rows_in = n
+    stats.rows_out = manifest.num_rows
+    stats.seconds = round(timer.seconds, 3)
+    stats.extra = {"urls": str(urls), "downloaded_rows": len(todo), "shards": n_shards,
+                   "images_per_s": round(stats.counts.get("success", 0) / max(timer.seconds, 1e-9), 1)}
+    stats.check().write(out_dir)
+    return stats
+
+
+def summary_table(stats: StageStats) -> str:
+    """A small text table: rows per status, with shares."""
+    total = max(stats.rows_in, 1)
+    lines = [f"{'status':<20} {'rows':>8} {'share':>7}", "-" * 37]
+    for status in INGEST_STATUSES:
+        n = stats.counts.get(status, 0)
+        lines.append(f"{status:<20} {n:>8} {100.0 * n / total:>6.1f}%")
+    lines.append("-" * 37)
+    lines.append(f"{'total':<20} {stats.rows_out:>8} (rows in {stats.rows_in})")
+    lines.append(f"shards: {stats.shards_done} done, {stats.shards_skipped} resumed from an earlier run"
+                 + (f", {len(stats.shards_failed)} failed" if stats.shards_failed else "")
+                 + f"; {stats.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+__all__ = ["run_ingest", "summary_table", "img2dataset_kwargs", "IngestError"]
