@@ -107,3 +107,8 @@ def test_caption_accuracy_against_scene():
 def test_binary_accuracy():
     assert m.binary_accuracy([0.9, 0.4], [0.1, 0.6]) == pytest.approx(0.5)
     assert m.binary_accuracy([0.9], [0.1]) == 1.0
+
+
+def test_same_caption_matrix_with_several_captions_per_image():
+    correct = m.same_caption_matrix([["a", "b"], "c"], ["b", "c", "a", "d"])
+    assert correct.tolist() == [[True, False, True, False], [False, True, False, False]]

@@ -49,16 +49,17 @@ def recall_at_k(scores: np.ndarray, correct: np.ndarray, ks: Iterable[int] = REC
     return {k: 100.0 * float(np.mean(ranks < k)) for k in ks}
 
 
-def same_caption_matrix(image_texts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+def same_caption_matrix(image_texts: Sequence[str | Sequence[str]], texts: Sequence[str]) -> np.ndarray:
     """``(n_image, n_text)`` bool: text j is correct for image i when it is the same string as
-    image i's caption after :func:`normalize_caption` (semantic recall)."""
-    norm_t = [normalize_caption(t) for t in texts]
+    (one of) image i's caption(s) after :func:`normalize_caption` (semantic recall).
+    ``image_texts[i]`` is one caption or a list of captions."""
     index: dict[str, list[int]] = {}
-    for j, t in enumerate(norm_t):
-        index.setdefault(t, []).append(j)
+    for j, t in enumerate(texts):
+        index.setdefault(normalize_caption(t), []).append(j)
     out = np.zeros((len(image_texts), len(texts)), dtype=bool)
-    for i, t in enumerate(image_texts):
-        out[i, index.get(normalize_caption(t), [])] = True
+    for i, caps in enumerate(image_texts):
+        for t in ([caps] if isinstance(caps, str) else caps):
+            out[i, index.get(normalize_caption(t), [])] = True
     return out
 
 

@@ -1,0 +1,377 @@
+"""The training loop: ``run_pretrain`` and ``run_finetune`` (captioner or filter).
+
+One loop serves both.  It reads pairs (:mod:`vlp_core.train.data`), builds or loads a
+:class:`vlp_core.models.BlipMED`, and runs a fixed number of AdamW steps with linear warmup
+then cosine decay (:mod:`vlp_core.train.schedule`).  The loss is
+``itc_weight * ITC + itm_weight * ITM + lm_weight * LM`` from the section's
+:class:`~vlp_core.config.TrainParams`.
+
+Outputs under ``out_dir``::
+
+    checkpoint/model/            save_pretrained (safetensors + config + tokenizer), every
+    checkpoint/trainer_state.pt  ``checkpoint_every`` steps: full model state (momentum
+                                 encoders and queues too), optimizer, scheduler, RNG, step
+    model/                       the final model (save_pretrained)
+    loss.csv                     step, loss, itc, itm, lm, lr (mean over each log window)
+    stats.json                   StageStats
+
+A rerun resumes from ``checkpoint/`` and gives the same final weights as an uninterrupted run
+(data order is a pure function of (seed, epoch), and the RNG state is restored).
+
+Scale: launched by ``torchrun`` (``WORLD_SIZE > 1``) it initialises ``gloo`` (CPU) or
+``nccl`` (CUDA), gives each rank its share of every batch (``batch_size`` is the *global*
+batch) and wraps the model in DDP; the model's ITC gathers features across ranks.  Only rank
+0 writes files.  On CUDA the forward pass runs under bf16 autocast.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlp_core.config import Params, TrainParams
+from vlp_core.errors import VlpError
+from vlp_core.io import StageStats, atomic_path
+from vlp_core.train.data import PairDataset, Source, decode_pairs, epoch_batches, get_batch, load_pairs
+from vlp_core.train.schedule import make_scheduler
+
+CHECKPOINT_DIR = "checkpoint"
+MODEL_DIR = "model"
+LOSS_CSV = "loss.csv"
+LOSS_FIELDS = ("step", "loss", "itc", "itm", "lm", "lr")
+TRAINER_STATE = "trainer_state.pt"
+Target = Literal["captioner", "filter"]
+
+
+class TrainError(VlpError, RuntimeError):
+    """A training run that cannot start (bad init dir, too little data...)."""
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed() -> DistInfo:
+    """Read torchrun's environment; initialise the process group when ``WORLD_SIZE > 1``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return DistInfo(rank, world, local, device)
+
+
+def set_entry_threads() -> None:
+    """2 CPU threads (``TORCH_NUM_THREADS`` overrides), split between local ranks."""
+    total = int(os.environ.get("TORCH_NUM_THREADS", "2"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, total // max(1, local_world)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer (to check that DDP ranks agree)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- model
+def _models():
+    """vlp_core.models, imported lazily (it pulls in timm and transformers)."""
+    import vlp_core.models as models
+
+    return models
+
+
+def _load_model(path: str | Path):
+    path = Path(path)
+    if not path.exists():
+        raise TrainError(f"{path}: model folder not found")
+    return _models().BlipMED.from_pretrained(path)
+
+
+def _new_model(params: Params, captions: Sequence[str]):
+    models = _models()
+    mp = params.model
+    if mp.tokenizer:
+        tokenizer = models.load_tokenizer(mp.tokenizer)
+    else:
+        tokenizer = models.train_tokenizer(captions, vocab_size=mp.vocab_size)
+    return models.create_model(mp.arch, tokenizer=tokenizer, max_text_len=mp.max_text_len)
+
+
+def _image_size(model) -> int:
+    return int(model.config.image_size)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, extra: dict[str, Any]) -> None:
+    """Write ``checkpoint/`` atomically: build it beside, then swap it in."""
+    final = out_dir / CHECKPOINT_DIR
+    tmp = out_dir / f".{CHECKPOINT_DIR}.tmp"
+    old = out_dir / f".{CHECKPOINT_DIR}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / MODEL_DIR)
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra}, tmp / TRAINER_STATE)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _find_checkpoint(out_dir: Path) -> Optional[Path]:
+    for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):  # .old: a crash mid-swap
+        cand = out_dir / name
+        if (cand / TRAINER_STATE).is_file() and (cand / MODEL_DIR).is_dir():
+            return cand
+    return None
+
+
+def _save_final(out_dir: Path, model) -> None:
+    final = out_dir / MODEL_DIR
+    tmp = out_dir / f".{MODEL_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+# --------------------------------------------------------------------------- loss log
+class LossLog:
+    """``loss.csv``: one row per log window (means over the window), appended as it goes.
+    On resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        if not enabled:
+            return
+        rows = []
+        if resume_step > 0 and path.exists():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with atomic_path(path) as tmp:
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=LOSS_FIELDS)
+                w.writeheader()
+                w.writerows(rows)
+
+    def add(self, losses: dict[str, float]) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+
+    def flush(self, step: int, lr: float) -> dict[str, float]:
+        """Write the window's means for ``step`` (1-based count of steps done)."""
+        means = {k: v / max(1, self.n) for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        if self.enabled and means:
+            row = {"step": step, "lr": f"{lr:.6g}", **{k: f"{means.get(k, 0.0):.6f}" for k in ("loss", "itc", "itm", "lm")}}
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=LOSS_FIELDS).writerow(row)
+        return means
+
+
+# --------------------------------------------------------------------------- the loop
+def _train(stage: str, params: Params, tp: TrainParams, sources: Sequence[Source], out_dir: str | Path,
+           build_model, stop_after_step: Optional[int]) -> StageStats:
+    set_entry_threads()
+    dist = setup_distributed()
+    out_dir = Path(out_dir)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    seed_everything(tp.seed)
+
+    table = load_pairs(sources)
+    ckpt = _find_checkpoint(out_dir)
+    state: Optional[dict[str, Any]] = None
+    if ckpt is not None:
+        model = _load_model(ckpt / MODEL_DIR)
+        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+    else:
+        model = build_model(table)
+    data = decode_pairs(table, _image_size(model))
+    dataset = PairDataset(data)
+    per_rank = tp.batch_size // dist.world_size
+    if per_rank < 2:
+        raise TrainError(f"batch_size {tp.batch_size} is too small for {dist.world_size} ranks")
+    batches = epoch_batches(len(dataset), per_rank, 0, tp.seed, dist.rank, dist.world_size)
+    steps_per_epoch = len(batches)
+
+    model.to(dist.device)
+    model.train()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr)
+    scheduler = make_scheduler(optimizer, tp.steps, tp.warmup_steps, tp.lr, tp.min_lr)
+    start = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start = int(state["step"])
+        del state
+
+    weights = {"itc": tp.itc_weight, "itm": tp.itm_weight, "lm": tp.lm_weight}
+    net = model
+    if dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=any(w == 0 for w in weights.values()))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda"
+                else contextlib.nullcontext())
+    log = LossLog(out_dir / LOSS_CSV, start, dist.is_main)
+    last = stop_after_step if stop_after_step is not None else tp.steps
+    last = min(last, tp.steps)
+    bar = tqdm(total=tp.steps, initial=start, desc=stage, unit="step", disable=None if dist.is_main else True)
+    cur_epoch, means, samples, t_loop = 0, {}, 0, time.perf_counter()
+    for step in range(start, last):
+        epoch, b = divmod(step, steps_per_epoch)
+        if epoch != cur_epoch:
+            batches, cur_epoch = epoch_batches(len(dataset), per_rank, epoch, tp.seed, dist.rank, dist.world_size), epoch
+        pixels, texts, image_idx = get_batch(dataset, batches[b])
+        pixel_values = model.preprocess(pixels).to(dist.device, non_blocking=True)
+        image_idx = image_idx.to(dist.device)
+        # BLIP ramps momentum distillation in over the first epoch
+        alpha = tp.alpha * min(1.0, step / max(1, steps_per_epoch))
+        with autocast:
+            out = net(pixel_values, texts, image_idx=image_idx, alpha=alpha, weights=weights)
+        loss = out["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        samples += len(texts) * dist.world_size
+        log.add({"loss": float(loss.detach()), **{k: float(out[k].detach()) for k in ("itc", "itm", "lm") if k in out}})
+        done = step + 1
+        if done % tp.log_every == 0 or done == last:
+            means = log.flush(done, scheduler.get_last_lr()[0]) or means
+            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+        if done % tp.checkpoint_every == 0 or done == last:
+            if dist.is_main:
+                _save_checkpoint(out_dir, model, optimizer, scheduler, done, {"stage": stage})
+            if dist.enabled:
+                torch.distributed.barrier()
+        bar.update(1)
+    bar.close()
+    loop_s = time.perf_counter() - t_loop
+
+    stats = StageStats(stage=stage, rows_in=data.rows_in, rows_out=len(data) + data.n_skipped)
+    stats.add("used", len(data))
+    for reason, n in sorted(data.skipped.items()):
+        stats.add(f"skipped.{reason}", n)
+    step_done = max(start, last)
+    stats.extra = {
+        "steps": step_done, "target_steps": tp.steps, "resumed_from_step": start,
+        "samples_per_s": round(samples / loop_s, 2) if loop_s > 0 and samples else None,
+        "train_seconds": round(loop_s, 3), "world_size": dist.world_size, "images": int(len(data.images)),
+        "final_losses": {k: round(v, 6) for k, v in means.items()},
+        "sources": [[str(p), n] for p, n in sources],
+    }
+    hashes = [state_sha256(model)]
+    if dist.enabled:
+        hashes = [None] * dist.world_size
+        torch.distributed.all_gather_object(hashes, state_sha256(model))
+    stats.extra["rank_state_sha256"] = hashes
+    if dist.is_main:
+        if step_done >= tp.steps:
+            _save_final(out_dir, model)
+        stats.seconds = round(time.perf_counter() - t0, 3)
+        stats.check().write(out_dir)
+    if dist.enabled:
+        torch.distributed.barrier()
+    return stats
+
+
+def run_pretrain(params: Params, sources: Sequence[Source], out_dir: str | Path,
+                 init_from: Optional[str | Path] = None, *, stop_after_step: Optional[int] = None) -> StageStats:
+    """Pretrain on ``sources`` with ``params.pretrain`` (ITC + ITM + LM).
+
+    The model starts from ``init_from`` (or ``params.model.init_from``) when given, else it
+    is created from ``params.model.arch``; with ``params.model.tokenizer`` unset, a WordPiece
+    tokenizer is trained offline on the source captions.  ``stop_after_step`` ends the run
+    early after checkpointing (as if interrupted); a rerun resumes from there.
+    """
+    init = init_from or params.model.init_from
+
+    def build(table):
+        if init:
+            return _load_model(init)
+        return _new_model(params, [t for t in table["text"].to_pylist() if t and t.strip()])
+
+    return _train("pretrain", params, params.pretrain, sources, out_dir, build, stop_after_step)
+
+
+def run_finetune(params: Params, target: Target, sources: Sequence[Source], init_from: str | Path,
+                 out_dir: str | Path, *, stop_after_step: Optional[int] = None) -> StageStats:
+    """Fine-tune the model at ``init_from`` into the captioner (LM loss, weights from
+    ``params.finetune.captioner``) or the filter (ITC + ITM, ``params.finetune.filter``).
+    The tokenizer is the init model's."""
+    if target not in ("captioner", "filter"):
+        raise TrainError(f"unknown fine-tune target {target!r} (captioner or filter)")
+    tp: TrainParams = getattr(params.finetune, target)
+    return _train(f"finetune_{target}", params, tp, sources, out_dir, lambda table: _load_model(init_from),
+                  stop_after_step)
+
+
+__all__ = ["DistInfo", "LossLog", "TrainError", "run_finetune", "run_pretrain", "setup_distributed", "state_sha256"]
+
