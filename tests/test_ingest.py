@@ -196,6 +196,11 @@ def test_resume_guard_refuses_other_list(tiny_ingest, tmp_path):
     shutil.copytree(tiny_ingest["human_dir"], out)
     with pytest.raises(IngestError, match="different URL list"):
         run_ingest(tiny_ingest["params"], tiny_ingest["test_urls"], out)
+    # starting over is explicit (and works around img2dataset's broken "overwrite" mode)
+    params = tiny_params(**{"ingest.incremental": False})
+    stats = run_ingest(params, tiny_ingest["test_urls"], out)
+    assert stats.rows_out == 100 and stats.shards_skipped == 0
+    _check_against_truth(out / "manifest.parquet", tiny_ingest["world"], "test")
 
 
 @pytest.mark.slow

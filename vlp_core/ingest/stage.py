@@ -15,6 +15,7 @@ the input ``row_index`` (``save_additional_columns``), which maps it back to its
 from __future__ import annotations
 
 import hashlib
+import shutil
 import signal
 from pathlib import Path
 from typing import Any, Optional
@@ -76,6 +77,8 @@ def _fingerprint(table: pa.Table, ip: IngestParams) -> dict[str, Any]:
 
 def _guard_resume(work: Path, shards: Path, fp: dict[str, Any], incremental: bool) -> None:
     fp_path = work / "fingerprint.json"
+    if not incremental and shards.exists():
+        shutil.rmtree(shards)  # start over
     has_shards = shards.exists() and any(shards.glob("*_stats.json"))
     if incremental and has_shards and fp_path.exists() and read_json(fp_path) != fp:
         raise IngestError(f"{shards}: holds shards of a different URL list or settings; "
@@ -95,7 +98,9 @@ def _run_img2dataset(url_list: Path, shards: Path, ip: IngestParams) -> None:
             url_col=C.URL,
             caption_col=C.CAPTION,
             save_additional_columns=[C.ROW],
-            incremental_mode="incremental" if ip.incremental else "overwrite",
+            # "incremental" on a folder that _guard_resume emptied when ingest.incremental is off:
+            # img2dataset 1.47's own "overwrite" mode deletes its _tmp folder and then loops forever
+            incremental_mode="incremental",
             **img2dataset_kwargs(ip),
         )
     except SystemExit as exc:  # img2dataset's SIGINT handler exits 0; that is an interruption
