@@ -99,7 +99,7 @@ def strip_prompt(caption: str, prompt: str) -> str:
 
 
 # --------------------------------------------------------------------------- retrieval
-def rerank_scores(sim: torch.Tensor, query_embeds: Optional[torch.Tensor], texts: Sequence[str], k: int,
+def rerank_scores(sim: torch.Tensor, texts: Sequence[str], k: int,
                   model, image_embeds: torch.Tensor, i2t: bool, batch_size: int, device: torch.device) -> np.ndarray:
     """BLIP's protocol for one direction.  ``sim``: (n_query, n_cand) ITC similarity.
     Returns (n_query, n_cand) scores: -100 outside each query's ITC top k, else ITM logit +
@@ -169,8 +169,8 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
     txt_feat = encode_texts(model, texts, ep.batch_size, device)
     sim_i2t = img_feat @ txt_feat.T  # (n_img, n_txt)
     correct = M.same_caption_matrix(image_caps, texts)  # (n_img, n_txt) semantic
-    score_i2t = rerank_scores(sim_i2t, None, texts, ep.k_test, model, img_embeds, True, ep.batch_size, device)
-    score_t2i = rerank_scores(sim_i2t.T.contiguous(), None, texts, ep.k_test, model, img_embeds, False,
+    score_i2t = rerank_scores(sim_i2t, texts, ep.k_test, model, img_embeds, True, ep.batch_size, device)
+    score_t2i = rerank_scores(sim_i2t.T.contiguous(), texts, ep.k_test, model, img_embeds, False,
                               ep.batch_size, device)
     metrics: dict[str, Any] = {"n_images": n_img, "n_texts": len(texts), "k_test": ep.k_test, "recall": "semantic"}
     metrics.update(M.retrieval_metrics(score_i2t, score_t2i, correct))
