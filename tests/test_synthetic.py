@@ -66,6 +66,10 @@ def test_scenes_geometry_and_holdout(tiny_world):
         a, b = scene.objects
         if row.split != "test":
             assert (a.colour, a.shape) not in holdout and (b.colour, b.shape) not in holdout
+            # nor in any published text (attribute noise must not name a held-out pair)
+            for colour, shape in holdout:
+                for m in w.parse_caption(row.caption)[:2]:
+                    assert not (m.colour == colour and m.shape == shape), row.caption
         for o in (a, b):
             x0, y0, x1, y1 = o.bbox
             assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
@@ -182,3 +186,28 @@ def test_cli_make_and_urls(tmp_path, capsys):
     assert len(urls) == 20 and urls.url.iloc[3] == "http://127.0.0.1:9/web/000003.jpg"
     arr = np.asarray(Image.open(out / "www" / "human" / "000000.jpg"))
     assert arr.shape == (48, 48, 3) and arr.std() > 5  # a noisy background, not a flat fill
+
+
+def test_cli_serve_prints_port_and_writes_absolute_urls(tiny_world):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "vlp_core.cli", "synthetic", "serve", "--world", str(tiny_world)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        first = proc.stdout.readline().strip()
+        assert first.startswith("serving http://127.0.0.1:"), first
+        base = first.split()[1]
+        urls = pq.read_table(tiny_world / "urls" / "human.parquet").to_pandas()
+        assert len(urls) == 100 and urls.url.iloc[0] == base + "/human/000000.jpg"
+        with urllib.request.urlopen(urls.url.iloc[0], timeout=5) as r:
+            assert r.status == 200 and r.read()[:2] == b"\xff\xd8"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "stopped" in out and "Traceback" not in err

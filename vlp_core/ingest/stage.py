@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections import Counter
 import signal
 from pathlib import Path
 from typing import Any, Optional
@@ -160,6 +161,7 @@ def run_ingest(params: Params, urls: str | Path, out_dir: str | Path) -> StageSt
         stats.shards_skipped = min(done_before, n_shards)
         stats.shards_done = n_shards - stats.shards_skipped - len(stats.shards_failed)
         cols: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
+        reasons: Counter[tuple[str, str]] = Counter()
         for i in range(n):
             status, reason = verdicts.status[i], verdicts.reason[i]
             key = shard = sha = None
@@ -188,13 +190,16 @@ def run_ingest(params: Params, urls: str | Path, out_dir: str | Path) -> StageSt
             cols[C.HEIGHT].append(height)
             cols[C.SHA256].append(sha)
             stats.add(status)
+            if status != "success":
+                reasons[(status, reason or "")] += 1
         manifest = pa.table(cols, schema=MANIFEST_SCHEMA)
         write_parquet(manifest, out_dir / "manifest.parquet")
     stats.rows_in = n
     stats.rows_out = manifest.num_rows
     stats.seconds = round(timer.seconds, 3)
     stats.extra = {"urls": str(urls), "downloaded_rows": len(todo), "shards": n_shards,
-                   "images_per_s": round(stats.counts.get("success", 0) / max(timer.seconds, 1e-9), 1)}
+                   "images_per_s": round(stats.counts.get("success", 0) / max(timer.seconds, 1e-9), 1),
+                   "top_reasons": [[st, r, k] for (st, r), k in reasons.most_common(8)]}
     stats.check().write(out_dir)
     return stats
 
@@ -211,6 +216,10 @@ def summary_table(stats: StageStats) -> str:
     lines.append(f"shards: {stats.shards_done} done, {stats.shards_skipped} resumed from an earlier run"
                  + (f", {len(stats.shards_failed)} failed" if stats.shards_failed else "")
                  + f"; {stats.seconds:.1f} s")
+    top = stats.extra.get("top_reasons") or []
+    if top:
+        lines.append("most frequent reasons:")
+        lines.extend(f"  {k:>7}  {st:<18} {r[:90]}" for st, r, k in top)
     return "\n".join(lines)
 
 

@@ -42,6 +42,16 @@ def _make(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM (e.g. from a Makefile or a process manager) stop the server like Ctrl-C."""
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import time
 
@@ -52,6 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"serving {srv.base_url}", flush=True)
         for split, path in paths.items():
             print(f"  {split}: {path}", flush=True)
+        _stop_on_sigterm()
         try:
             while True:
                 time.sleep(3600)

@@ -44,13 +44,13 @@ def url_path_of(split: str, i: int) -> str:
 
 
 def _noisy_caption(kind: str, i: int, scene: w.Scene, rng: np.random.Generator,
-                   true_captions: list[str]) -> str:
+                   true_captions: list[str], exclude: frozenset) -> str:
     if kind == "swapped":
         j = int(rng.integers(len(true_captions) - 1))
         j = j + 1 if j >= i else j
         return true_captions[j]
     if kind == "attribute":
-        wrong, _ = w.corrupt_attribute(scene, rng)
+        wrong, _ = w.corrupt_attribute(scene, rng, exclude)
         return w.caption(wrong, rng)
     if kind == "boilerplate":
         return w.BOILERPLATE[rng.integers(len(w.BOILERPLATE))].format(n=int(rng.integers(10000)))
@@ -96,7 +96,7 @@ def _make_split(split: str, n: int, params: Params, out_dir: Path, holdout: froz
     urls, published = [], []
     for i in range(n):
         rng = np.random.default_rng([sp.seed, _SPLIT_CODE[split], i, 1])
-        text = captions[i] if noise[i] is None else _noisy_caption(noise[i], i, scenes[i], rng, captions)
+        text = captions[i] if noise[i] is None else _noisy_caption(noise[i], i, scenes[i], rng, captions, exclude)
         data = w.encode_jpeg(images[i], sp.jpeg_quality)
         path = www / f"{sample_id(i)}.jpg"
         if fails[i] == "404":

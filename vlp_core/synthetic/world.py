@@ -241,8 +241,18 @@ def partial_caption(scene: Scene, rng: np.random.Generator) -> str:
     return _fix_articles(template.format(a=object_phrase(obj, rng)))
 
 
-def corrupt_attribute(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
-    """A copy of ``scene`` with exactly one attribute changed; returns (scene, attribute)."""
+def corrupt_attribute(scene: Scene, rng: np.random.Generator,
+                      exclude: frozenset[tuple[str, str]] = frozenset()) -> tuple[Scene, str]:
+    """A copy of ``scene`` with exactly one attribute changed; returns (scene, attribute).
+    A changed colour or shape never forms an excluded (held-out) (colour, shape) pair."""
+    for _ in range(100):
+        wrong, attr = _corrupt_once(scene, rng)
+        if not any((o.colour, o.shape) in exclude for o in wrong.objects):
+            return wrong, attr
+    return Scene(scene.objects, INVERSE[scene.relation], scene.background), "relation"
+
+
+def _corrupt_once(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
     attr = ("colour", "shape", "size", "relation")[rng.integers(4)]
     if attr == "relation":
         others = [r for r in RELATIONS if r != scene.relation]
