@@ -1,6 +1,7 @@
 """Ingest against a real HTTP server on 127.0.0.1: counts, failure kinds, resume, refusals."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -207,7 +208,6 @@ def test_resume_guard_refuses_other_list(tiny_ingest, tmp_path):
 def test_killed_run_resumes_without_missing_or_duplicate_rows(tiny_world, tmp_path):
     """Kill `vlp ingest` (the whole process tree) after its first shard, rerun, check rows."""
     overrides = {"ingest.number_sample_per_shard": 25, "ingest.thread_count": 2, "ingest.processes_count": 1}
-    params = tiny_params(**overrides)
     out = tmp_path / "out"
     with serve_world(tiny_world, delay=0.03) as slow:
         urls = write_url_list(tiny_world, "web", slow.base_url, tmp_path / "web.parquet")
@@ -226,8 +226,13 @@ def test_killed_run_resumes_without_missing_or_duplicate_rows(tiny_world, tmp_pa
         done_at_kill = len(list(shards.glob("*_stats.json")))
         assert 1 <= done_at_kill < 12, "the run must be killed midway"
         assert not (out / "manifest.parquet").exists()
-        stats = run_ingest(params, urls, out)
-    assert stats.shards_skipped >= done_at_kill and stats.shards_done + stats.shards_skipped == 12
+        rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "total                     300 (rows in 300)" in rerun.stdout
+    assert "resumed from an earlier run" in rerun.stdout
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["shards_skipped"] >= done_at_kill and stats["shards_done"] + stats["shards_skipped"] == 12
+    assert stats["rows_in"] == stats["rows_out"] == 300
     _check_against_truth(out / "manifest.parquet", tiny_world, "web")
     # every image is in exactly one shard, once
     members = Counter()
