@@ -104,9 +104,7 @@ def _make_split(split: str, n: int, params: Params, out_dir: Path, holdout: froz
         elif fails[i] == "not_image":
             path.write_bytes(NOT_IMAGE_BYTES)
         elif fails[i] == "truncated":
-            # keep the headers and only the first part of the scan: no decoder can finish it
-            sos = data.find(b"\xff\xda")
-            path.write_bytes(data[: sos + 16] if sos > 0 else data[: len(data) // 2])
+            path.write_bytes(data[: len(data) // 2])  # cut in half: neither PIL nor OpenCV decodes it
         else:
             path.write_bytes(data)
         url = url_path_of(split, i)
