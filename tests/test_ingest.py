@@ -84,6 +84,7 @@ def test_every_status_in_one_list(tiny_world, world_server, tmp_path):
         ("", "empty url"),
         ("http://", "no host"),
         (base + web[web.fail_kind.isna()].url.iloc[1], "x" * 2000),
+        (good + "?robots=noai", "opted out"),
     ]
     urls = tmp_path / "list.parquet"
     pq.write_table(pa.table({"url": [r[0] for r in rows], "caption": [r[1] for r in rows]}), urls)
@@ -93,7 +94,9 @@ def test_every_status_in_one_list(tiny_world, world_server, tmp_path):
     assert list(df.status) == [
         "success", "duplicate_url", "failed_to_download", "failed_to_resize", "failed_to_resize",
         "refused_url", "refused_url", "invalid_row", "invalid_row", "invalid_row", "success",
+        "failed_to_download",
     ]
+    assert "X-Robots-Tag" in df.reason[11]  # img2dataset's opt-out header handling stays on
     assert set(stats.counts) <= set(INGEST_STATUSES) and sum(stats.counts.values()) == len(rows)
     assert df.caption[0] == "a big red circle & more"
     assert "row 0" in df.reason[1] and "404" in df.reason[2] and "scheme 'ftp'" in df.reason[5]

@@ -3,6 +3,7 @@
 ``serve_world(W)`` starts a real ``ThreadingHTTPServer`` in a background thread; use it as a
 context manager or call ``.start()`` / ``.stop()``.  Every requested path is appended to
 ``.request_log`` (thread-safe), which tests use to prove that no request was made.
+A ``?robots=<directives>`` query makes the answer carry ``X-Robots-Tag: <directives>``.
 """
 from __future__ import annotations
 
@@ -37,6 +38,14 @@ class _Handler(SimpleHTTPRequestHandler):
     def do_HEAD(self) -> None:  # noqa: N802
         self._ref._record(self.path)
         super().do_HEAD()
+
+    def end_headers(self) -> None:
+        # ``?robots=noai`` asks for an opt-out header, to test that ingest honours it
+        query = self.path.partition("?")[2]
+        for part in query.split("&"):
+            if part.startswith("robots="):
+                self.send_header("X-Robots-Tag", part.split("=", 1)[1].replace("+", " "))
+        super().end_headers()
 
     def log_message(self, format: str, *args) -> None:  # quiet: the request log is kept in memory
         return
