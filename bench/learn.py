@@ -58,7 +58,28 @@ def _final_itm_loss(loss_csv: Path, windows: int = 5) -> float:
     return sum(float(r["itm"]) for r in rows) / max(1, len(rows))
 
 
-def _report(tag: str, m: dict, itm_loss: float | None, train_s: float, sps: float | None) -> None:
+def _seen_split_accuracy(world: Path, eval_dir: Path) -> tuple[float, int, float, int]:
+    """Caption accuracy on test images whose (colour, shape) pairs were all seen in training,
+    and on those with a held-out pair (compositional generalisation)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from vlp_core.synthetic.world import Scene, check_caption
+
+    holdout = {tuple(p) for p in json.loads((world / "world.json").read_text())["holdout_pairs"]}
+    gt = {r["url"]: r["scene"] for r in pq.read_table(world / "ground_truth.parquet", columns=["url", "scene"]).to_pylist()}
+    seen, unseen = [], []
+    for r in pq.read_table(eval_dir / "captions.parquet").to_pylist():
+        scene = Scene.from_json(gt[r["url"]])
+        ok = bool(check_caption(r["generated"], scene)["all"])
+        (unseen if any((o.colour, o.shape) in holdout for o in scene.objects) else seen).append(ok)
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    return mean(seen), len(seen), mean(unseen), len(unseen)
+
+
+def _report(tag: str, m: dict, itm_loss: float | None, train_s: float, sps: float | None,
+            split_acc: tuple[float, int, float, int] | None = None) -> None:
     pct = lambda v: f"{100 * v:5.1f}%"  # noqa: E731
     print(f"\n== {tag} ==")
     if itm_loss is not None:
@@ -72,6 +93,9 @@ def _report(tag: str, m: dict, itm_loss: float | None, train_s: float, sps: floa
     print(f"R@5 / R@10 (TR)            {m['tr_r5']:5.1f}% / {m['tr_r10']:5.1f}%")
     print(f"caption accuracy (greedy)  {pct(m.get('caption_acc', float('nan')))}     (target >= 50%)   "
           + "  ".join(f"{a} {pct(m.get('caption_acc_' + a, float('nan')))}" for a in ("colour", "shape", "size", "relation")))
+    if split_acc:
+        print(f"  seen compositions        {100 * split_acc[0]:5.1f}%  (n={split_acc[1]});  "
+              f"held-out colour-shape pairs {100 * split_acc[2]:5.1f}%  (n={split_acc[3]})")
     print(f"BLEU-4 / CIDEr             {m['bleu4']:.3f} / {m['cider']:.3f}")
     print(f"eval time                  {m['seconds']:7.1f} s")
 
@@ -104,7 +128,7 @@ def main() -> int:
     gt = world / "ground_truth.parquet"
     m = run_evaluate(params, run / "model", test, run / "eval", ground_truth=gt)
     _report(f"pretrained ({tag})", m, _final_itm_loss(run / "loss.csv"), stats.extra["train_seconds"],
-            stats.extra["samples_per_s"])
+            stats.extra["samples_per_s"], _seen_split_accuracy(world, run / "eval"))
     if a.captioner_steps:
         ft = params.replace(**{"finetune.captioner.steps": a.captioner_steps, "finetune.captioner.batch_size": a.batch,
                                "finetune.captioner.checkpoint_every": a.captioner_steps})
@@ -112,7 +136,8 @@ def main() -> int:
         shutil.rmtree(cap, ignore_errors=True)
         st = run_finetune(ft, "captioner", [(world / "web.parquet", "web")], run / "model", cap)
         mc = run_evaluate(ft, cap / "model", test, cap / "eval", ground_truth=gt)
-        _report(f"+ captioner fine-tune {a.captioner_steps} steps ({st.extra['train_seconds']:.0f} s)", mc, None, 0, None)
+        _report(f"+ captioner fine-tune {a.captioner_steps} steps ({st.extra['train_seconds']:.0f} s)", mc, None, 0, None,
+                _seen_split_accuracy(world, cap / "eval"))
     return 0
 
 
