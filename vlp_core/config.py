@@ -153,9 +153,13 @@ class OrchestrationParams:
     retry_delay_seconds: int = 5
     network_timeout_seconds: int = 3600
     rounds: int = 2
-    dvc_commit: bool = True
-    git_tag: bool = True
-    dvc_push: bool = False
+    dvc_commit: bool = True  # record each stage a flow ran in dvc.lock (`dvc commit`)
+    git_tag: bool = True  # commit dvc.lock and tag round-N after each completed round
+    dvc_push: bool = False  # push the round's data to dvc_remote_url after tagging
+    dvc_remote_url: str = "../vlp-dvc-remote"  # used when the repo has no default remote yet
+    schedule_cron: str = "0 2 * * *"  # `vlp deploy`: nightly incremental ingest + capfilt
+    work_pool: str = "vlp-process"  # `vlp deploy`: the process work pool to run on
+    fail_before: Optional[str] = None  # debugging/tests: raise before this stage (then rerun resumes)
 
 
 @dataclass(frozen=True)
