@@ -1,0 +1,258 @@
+"""``bootstrap_flow``: one CapFilt round, every task one call into ``vlp_core``.
+
+    ingest (web, human, test; retried, with a timeout) -> pretrain (round 0; or an imported
+    checkpoint) -> finetune captioner + filter -> capfilt (fanned out over shards) ->
+    features -> retrain -> evaluate -> record -> dvc commit (+ git tag round-N, dvc push)
+
+Round k > 0 fine-tunes its captioner and filter from round k-1's retrained model.  Unchanged
+stages are skipped and a failed run resumes (see :mod:`flows.tasks` for the stage cache).
+Params are loaded by :func:`vlp_core.config.load_params`, as in the CLI.  The default task
+runner is Prefect's thread pool on the ephemeral API; ``orchestration.task_runner: dask``
+runs the same tasks on a Dask cluster (``dask_address``, or a local one with
+``dask_workers`` workers): use :func:`run_bootstrap` (or ``vlp run``), which picks the runner
+from params before the flow starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from flows import tasks as T
+from vlp_core.config import Params, load_params
+
+# Stage order; ``until`` stops after the named step.
+STEPS = ("ingest", "pretrain", "finetune", "capfilt", "features", "retrain", "evaluate", "record")
+
+
+@contextlib.contextmanager
+def in_workdir(workdir: str | Path) -> Iterator[Path]:
+    """Run with ``workdir`` as the current folder (stage paths are relative to it, as under DVC)."""
+    old = Path.cwd()
+    os.chdir(workdir)
+    try:
+        yield Path(".")
+    finally:
+        os.chdir(old)
+
+
+def task_runner_for(params: Params):
+    """Prefect's thread pool, or prefect-dask's DaskTaskRunner when params say dask."""
+    o = params.orchestration
+    if o.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if o.dask_address:
+            return DaskTaskRunner(address=o.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": o.dask_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=max(1, o.dask_workers))
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # outside a run (tests calling helpers directly)
+        return logging.getLogger("vlp.flows")
+
+
+def _after(step: str, until: Optional[str]) -> bool:
+    """True when ``step`` comes after ``until`` (so it must not run)."""
+    if until is None:
+        return False
+    u = "finetune" if until.startswith("finetune") else ("ingest" if until.startswith("ingest") else until)
+    if u not in STEPS:
+        raise T.FlowStageError(f"until={until!r}: not a step (one of {', '.join(STEPS)})")
+    return STEPS.index(step) > STEPS.index(u)
+
+
+@task(name="version", cache_policy=NONE)
+def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Sequence[str], complete: bool,
+                 overridden: bool) -> dict[str, Any]:
+    """Record the stages this round ran in dvc.lock (``dvc commit``), then -- for a complete
+    round -- commit dvc.lock, tag ``round-N`` and optionally ``dvc push``."""
+    from vlp_core import versioning as V
+
+    o = params.orchestration
+    done: dict[str, Any] = {"dvc_committed": [], "tag": None, "pushed": False}
+    log = _logger()
+    if not V.is_dvc_repo(layout.root):
+        return done
+    if overridden:
+        log.warning("settings were overridden (-S): not recording them in dvc.lock, which tracks params.yaml")
+        return done
+    if o.dvc_commit:
+        known = set(V.dvc_stage_names(layout.root))
+        stages = [s for s in dvc_stages if s in known]
+        V.dvc_commit(layout.root, stages)
+        done["dvc_committed"] = stages
+    if complete and o.git_tag and V.is_git_repo(layout.root):
+        done["tag"] = f"round-{round}"
+        done["commit"] = V.git_commit_and_tag(layout.root, f"vlp: round {round} ({len(dvc_stages)} stages)",
+                                              tag=done["tag"], paths=["dvc.lock"])
+    if complete and o.dvc_push:
+        if not V.dvc(["remote", "default"], layout.root, check=False).stdout.strip():
+            V.ensure_local_remote(layout.root, o.dvc_remote_url)
+        V.dvc_push(layout.root)
+        done["pushed"] = True
+    return done
+
+
+def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optional[str] = None,
+              until: Optional[str] = None, overridden: bool = False) -> dict[str, Any]:
+    """The body of one round (inside a flow run): submits the tasks and waits for them."""
+    log = _logger()
+    o = params.orchestration
+    res: dict[str, dict] = {}
+    dvc_stages: list[str] = []
+    ingest = T.ingest_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_seconds,
+                                        timeout_seconds=o.network_timeout_seconds)
+    for split in T.SPLITS:
+        res[f"ingest_{split}"] = ingest(params, layout, split)
+        dvc_stages.append(f"ingest_{split}")
+    complete = False
+    if not _after("pretrain", until):
+        if round == 0:
+            if init_from:
+                res["pretrain"] = T.import_task(params, layout, init_from)
+                base_model = str(init_from)
+            else:
+                res["pretrain"] = T.pretrain_task(params, layout, res["ingest_web"], res["ingest_human"])
+                base_model = str(layout.model(0, "pretrain"))
+                dvc_stages.append("pretrain")
+        else:
+            prev = layout.model(round - 1, "retrain")
+            if not prev.exists():
+                raise T.FlowStageError(f"{prev}: round {round} needs round {round - 1}'s retrained model")
+            res["pretrain"] = {"name": "pretrain", "key": T.digest_path(prev), "skipped": True, "stats": {}}
+            base_model = str(prev)
+    if not _after("finetune", until):
+        futs = {t: T.finetune_task.submit(params, layout, round, t, base_model, res["pretrain"], res["ingest_human"])
+                for t in ("captioner", "filter")}
+        for t, f in futs.items():
+            res[f"finetune_{t}"] = f.result()
+            dvc_stages.append(T.dvc_stage_name(f"finetune_{t}", round))
+    if not _after("capfilt", until):
+        shard_results = _capfilt_fanout(params, layout, round, res)
+        res["capfilt"] = T.capfilt_task(params, layout, round, res["finetune_captioner"], res["finetune_filter"],
+                                        res["ingest_web"], res["ingest_human"], shard_results)
+        dvc_stages.append(T.dvc_stage_name("capfilt", round))
+    if not _after("features", until):
+        res["features"] = T.features_task(params, layout, round, res["capfilt"], res["finetune_filter"])
+        dvc_stages.append(T.dvc_stage_name("features", round))
+    if not _after("retrain", until):
+        res["retrain"] = T.retrain_task(params, layout, round, res["capfilt"], res["ingest_human"])
+        dvc_stages.append(T.dvc_stage_name("retrain", round))
+    if not _after("evaluate", until):
+        res["evaluate"] = T.evaluate_task(params, layout, round, res["retrain"], res["ingest_test"])
+        dvc_stages.append(T.dvc_stage_name("evaluate", round))
+    if not _after("record", until):
+        res["record"] = T.record_task(params, layout, round, [res["evaluate"], res["features"]])
+        dvc_stages.append(T.dvc_stage_name("record", round))
+        complete = True
+    res["version"] = version_task(params, layout, round, dvc_stages, complete, overridden)
+    ran = [k for k, v in res.items() if isinstance(v, dict) and v.get("skipped") is False]
+    log.info("round %d: ran %s; skipped the rest", round, ", ".join(ran) or "nothing")
+    _artifacts(params, layout, round, res)
+    return res
+
+
+def _capfilt_fanout(params: Params, layout: T.Layout, round: int, res: dict[str, dict]) -> list[Any]:
+    """Map CapFilt over the web shards (one task per shard) when the stage supports it and
+    the stage is not already cached; the final ``capfilt_task`` then only gathers."""
+    from vlp_core.capfilt import stage as cs
+
+    if not hasattr(cs, "list_capfilt_shards") or not hasattr(cs, "run_capfilt_shard"):
+        return []
+    sid = T.stage_id("capfilt", round)
+    key = T.input_key(sid, params, ["capfilt"], [res["finetune_captioner"], res["finetune_filter"],
+                                                  res["ingest_web"], res["ingest_human"]])
+    marker = layout.marker(sid)
+    if marker.exists() and (layout.stage(round, "capfilt") / "stats.json").exists():
+        from vlp_core.io import read_json
+
+        if read_json(marker).get("key") == key:
+            return []
+    if params.orchestration.fail_before == "capfilt":
+        return []  # let capfilt_task raise the injected failure
+    shards, calibration = _shards_and_calibration(params, layout, round)
+    futures = T.capfilt_shard_task.map(
+        params, layout, round, shards, str(layout.model(round, "finetune_captioner")),
+        str(layout.model(round, "finetune_filter")), calibration)
+    return [f.result() for f in futures]
+
+
+def _shards_and_calibration(params: Params, layout: T.Layout, round: int) -> tuple[list[Any], Any]:
+    """The fan-out units and the shared calibration (so every shard uses one threshold)."""
+    from vlp_core.capfilt import stage as cs
+
+    shards = list(cs.list_capfilt_shards(params, layout.manifest("web")))
+    calibration: Any = layout.manifest("human")
+    if hasattr(cs, "calibrate_threshold"):
+        calibration = cs.calibrate_threshold(params, str(layout.model(round, "finetune_filter")),
+                                             layout.manifest("human"), layout.stage(round, "capfilt"))
+    from prefect.utilities.annotations import unmapped
+
+    return shards, unmapped(calibration)
+
+
+def _artifacts(params: Params, layout: T.Layout, round: int, res: dict[str, Any]) -> None:
+    """Markdown artifacts: the round's stage stats, its metrics, and where the report is."""
+    from prefect.artifacts import create_markdown_artifact
+
+    lines = ["| stage | skipped | rows in | rows out | seconds |", "|---|---|---|---|---|"]
+    for name, r in res.items():
+        if isinstance(r, dict) and "stats" in r:
+            s = r["stats"] or {}
+            lines.append(f"| {name} | {r.get('skipped')} | {s.get('rows_in', '')} | {s.get('rows_out', '')} | "
+                         f"{round_(s.get('seconds'))} |")
+    metrics_file = layout.stage(round, "evaluate") / "metrics.json"
+    if metrics_file.exists():
+        from vlp_core.catalog import flatten_metrics
+        from vlp_core.io import read_json
+
+        lines += ["", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {round_(v)} |" for k, v in sorted(flatten_metrics(read_json(metrics_file)).items())]
+    version = res.get("version") or {}
+    lines += ["", f"DVC stages committed: {', '.join(version.get('dvc_committed', [])) or 'none'}; "
+              f"tag: {version.get('tag') or 'none'}",
+              f"Report: `{layout.report.resolve()}` (write it with `vlp report --out {layout.report}`)"]
+    try:
+        create_markdown_artifact(key=f"round-{round}-summary", markdown="\n".join(lines),
+                                 description=f"vlp round {round}: stage stats and metrics")
+    except Exception as exc:  # artifacts are a nicety: never fail a finished round for one
+        _logger().warning("could not create the round %d artifact: %s", round, exc)
+
+
+def round_(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+@flow(name="vlp-bootstrap", log_prints=True)
+def bootstrap_flow(params_path: str = "params.yaml", overrides: Sequence[str] = (), round: int = 0,
+                   workdir: str = ".", init_from: Optional[str] = None, until: Optional[str] = None) -> dict:
+    """One round of the bootstrap (see the module doc).  ``init_from`` replaces round 0's
+    pretraining with an imported checkpoint; ``until`` stops after that step."""
+    with in_workdir(workdir):
+        params = load_params(params_path, list(overrides))
+        return run_round(params, T.Layout(Path(".")), round, init_from, until, overridden=bool(overrides))
+
+
+def run_bootstrap(params_path: str = "params.yaml", overrides: Sequence[str] = (), round: int = 0,
+                  workdir: str = ".", init_from: Optional[str] = None, until: Optional[str] = None) -> dict:
+    """Validate params, pick the task runner from them, and run :func:`bootstrap_flow`."""
+    with in_workdir(workdir):
+        params = load_params(params_path, list(overrides))
+        f = bootstrap_flow.with_options(task_runner=task_runner_for(params))
+        return f(params_path=params_path, overrides=tuple(overrides), round=round, workdir=".",
+                 init_from=init_from, until=until)
+
+
+__all__ = ["STEPS", "bootstrap_flow", "in_workdir", "run_bootstrap", "run_round", "task_runner_for", "version_task"]

@@ -1,0 +1,103 @@
+"""``cycles_flow``: iterative pretrain -> filter -> retrain rounds, and the nightly flow.
+
+Round k+1 fine-tunes its captioner and filter from round k's retrained model, re-captions
+and re-filters the same web shards, retrains and records version ``round<k+1>``.  Finished
+rounds are skipped by the stage cache, so ``vlp cycles --rounds 3`` after a 2-round run only
+runs round 2.  After the last round the HTML report is written to ``report/index.html``.
+
+``nightly_flow`` is what ``vlp deploy`` schedules: an incremental ingest of a (growing) web
+URL list, then CapFilt of the new shards with the latest round's captioner and filter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from prefect import flow
+
+from flows import tasks as T
+from flows.bootstrap import _artifacts, _capfilt_fanout, _logger, in_workdir, run_round, task_runner_for
+from vlp_core.config import load_params
+
+
+def write_report_if_possible(params, layout: T.Layout) -> Optional[Path]:
+    from vlp_core.catalog import CatalogError
+    from vlp_core.report import write_report
+
+    cat = layout.root / params.catalog.path
+    if not cat.exists():
+        return None
+    try:
+        return write_report(cat, layout.report, base_dir=layout.root)
+    except CatalogError as exc:
+        _logger().warning("report not written: %s", exc)
+        return None
+
+
+@flow(name="vlp-cycles", log_prints=True)
+def cycles_flow(rounds: Optional[int] = None, params_path: str = "params.yaml", overrides: Sequence[str] = (),
+                workdir: str = ".", init_from: Optional[str] = None, start_round: int = 0) -> dict:
+    """Run rounds ``start_round .. rounds-1`` (default ``orchestration.rounds``)."""
+    with in_workdir(workdir):
+        params = load_params(params_path, list(overrides))
+        layout = T.Layout(Path("."))
+        n = params.orchestration.rounds if rounds is None else rounds
+        out: dict[str, Any] = {}
+        for k in range(start_round, n):
+            out[f"round{k}"] = run_round(params, layout, k, init_from if k == 0 else None,
+                                         overridden=bool(overrides))
+        report = write_report_if_possible(params, layout)
+        if report is not None:
+            from prefect.artifacts import create_markdown_artifact
+
+            try:
+                create_markdown_artifact(
+                    key="vlp-report", markdown=f"[vlp report]({report.resolve().as_uri()}) -- compare versions "
+                    f"with `vlp versions diff round0 round{max(0, n - 1)}`", description="the HTML report")
+            except Exception as exc:
+                _logger().warning("could not create the report artifact: %s", exc)
+        out["report"] = str(report) if report else None
+        return out
+
+
+def run_cycles(rounds: Optional[int] = None, params_path: str = "params.yaml", overrides: Sequence[str] = (),
+               workdir: str = ".", init_from: Optional[str] = None, start_round: int = 0) -> dict:
+    """Validate params, pick the task runner from them, and run :func:`cycles_flow`."""
+    with in_workdir(workdir):
+        params = load_params(params_path, list(overrides))
+        f = cycles_flow.with_options(task_runner=task_runner_for(params))
+        return f(rounds=rounds, params_path=params_path, overrides=tuple(overrides), workdir=".",
+                 init_from=init_from, start_round=start_round)
+
+
+@flow(name="vlp-nightly", log_prints=True)
+def nightly_flow(params_path: str = "params.yaml", workdir: str = ".") -> dict:
+    """Incremental ingest of ``data/urls/web.parquet``, then CapFilt of the new shards into
+    the latest round's corpus (when a round with a captioner and a filter exists)."""
+    with in_workdir(workdir):
+        params = load_params(params_path)
+        layout = T.Layout(Path("."))
+        o = params.orchestration
+        ingest = T.ingest_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_seconds,
+                                            timeout_seconds=o.network_timeout_seconds)
+        res: dict[str, Any] = {"ingest_web": ingest(params, layout, "web")}
+        rounds = sorted(int(p.name[5:]) for p in layout.data.glob("round*")
+                        if p.name[5:].isdigit() and (p / "finetune_filter" / "model").exists()
+                        and (p / "finetune_captioner" / "model").exists())
+        if not rounds or not layout.ingest("human").exists():
+            _logger().info("no captioner/filter yet: ingest only (run `vlp cycles` once first)")
+            return res
+        k = rounds[-1]
+        fake = {"key": "nightly", "skipped": True, "stats": {}}
+        for t in ("captioner", "filter"):
+            marker = layout.marker(T.stage_id(f"finetune_{t}", k))
+            res[f"finetune_{t}"] = {**fake, "key": T.read_json(marker)["key"] if marker.exists() else "none"}
+        res["ingest_human"] = {**fake, "key": "human"}
+        shard_results = _capfilt_fanout(params, layout, k, res)
+        res["capfilt"] = T.capfilt_task(params, layout, k, res["finetune_captioner"], res["finetune_filter"],
+                                        res["ingest_web"], res["ingest_human"], shard_results)
+        _artifacts(params, layout, k, res)
+        return res
+
+
+__all__ = ["cycles_flow", "nightly_flow", "run_cycles", "write_report_if_possible"]
