@@ -316,7 +316,7 @@ def evaluate_task(params: Params, layout: Layout, round: int, model: dict, test:
 
 
 def round_stats_paths(layout: Layout, round: int) -> list[Path]:
-    names = (["pretrain"] if round == 0 else []) + [
+    names = [  # the same list as the record stage of dvc.yaml
         "finetune_captioner", "finetune_filter", "capfilt", "features", "retrain"]
     return [p for p in (layout.stage(round, n) / "stats.json" for n in names) if p.exists()]
 
