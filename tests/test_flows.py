@@ -1,0 +1,156 @@
+"""Prefect flows on the real stages: stage cache, resume after a failure, and DVC
+consistency (a flow's stages are committed to dvc.lock, so `dvc status` is clean), in a
+real git + DVC repo in a temp dir.  Flows run under ``prefect_test_harness``; tasks are
+also called through ``.fn()``."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import tasks as T
+from flows.bootstrap import _after
+from vlp_core import versioning as V
+from vlp_core.config import Params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def _tiny_params_yaml(path: Path) -> None:
+    from fixtures_world import TINY_INGEST, TINY_SIZES
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in {**TINY_SIZES, **TINY_INGEST}.items():
+        section, key = dotted.split(".")
+        data[section][key] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture()
+def dvc_repo(tmp_path, tiny_world, world_server):
+    """A git + DVC repo with this project's dvc.yaml, code deps, tiny params and URL lists."""
+    from vlp_core.synthetic.server import write_url_list
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "vlp_core", root / "vlp_core", ignore=shutil.ignore_patterns("__pycache__"))
+    _tiny_params_yaml(root / "params.yaml")
+    (root / ".gitignore").write_text("/data/\n__pycache__/\n")
+    for split in T.SPLITS:
+        write_url_list(tiny_world, split, world_server.base_url, root / "data" / "urls" / f"{split}.parquet")
+    V.git(["init", "-q"], root)
+    V.dvc(["init", "-q"], root)
+    V.git(["add", "."], root)
+    V.git(["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init"], root)
+    return root
+
+
+def test_until_names():
+    assert not _after("ingest", "ingest") and _after("pretrain", "ingest")
+    assert not _after("finetune", "finetune_filter") and _after("capfilt", "finetune_captioner")
+    assert not _after("record", None)
+    with pytest.raises(T.FlowStageError, match="not a step"):
+        _after("ingest", "nonsense")
+
+
+def test_stage_cache_key_and_skip(tmp_path):
+    """The marker skips an unchanged stage and re-runs it when a setting it reads changes."""
+    layout = T.Layout(tmp_path)
+    out = tmp_path / "out"
+    calls = []
+
+    def run():
+        calls.append(1)
+        out.mkdir(exist_ok=True)
+        (out / "stats.json").write_text('{"rows_in": 1, "rows_out": 1}')
+
+    p = Params()
+    r1 = T.cached_stage(p, layout, "features", 0, out, ["features"], [], [], run)
+    r2 = T.cached_stage(p, layout, "features", 0, out, ["features"], [], [], run)
+    assert (r1["skipped"], r2["skipped"], len(calls)) == (False, True, 1)
+    assert r2["stats"]["rows_out"] == 1 and r1["key"] == r2["key"]
+    # a setting the stage does not read changes nothing
+    assert T.cached_stage(p.replace(**{"capfilt.top_p": 0.5}), layout, "features", 0, out, ["features"], [], [],
+                          run)["skipped"]
+    # one it reads, or an upstream key, re-runs it
+    r3 = T.cached_stage(p.replace(**{"features.batch_size": 8}), layout, "features", 0, out, ["features"], [], [],
+                        run)
+    r4 = T.cached_stage(p.replace(**{"features.batch_size": 8}), layout, "features", 0, out, ["features"],
+                        [{"key": "other"}], [], run)
+    assert (r3["skipped"], r4["skipped"], len(calls)) == (False, False, 3)
+    # the output vanished: re-run even with the same key
+    (out / "stats.json").unlink()
+    assert not T.cached_stage(p.replace(**{"features.batch_size": 8}), layout, "features", 0, out, ["features"],
+                              [{"key": "other"}], [], run)["skipped"]
+    with pytest.raises(T.FlowStageError, match="fail_before"):
+        T.cached_stage(p.replace(**{"orchestration.fail_before": "retrain"}), layout, "retrain", 0,
+                       tmp_path / "r", ["pretrain"], [], [], run)
+
+
+def test_ingest_task_fn_is_one_call_and_cached(tmp_path, tiny_world, world_server):
+    """``ingest_task.fn`` runs the real ingest once; the second call is a cache hit."""
+    from fixtures_world import tiny_params
+    from vlp_core.synthetic.server import write_url_list
+
+    layout = T.Layout(tmp_path)
+    write_url_list(tiny_world, "test", world_server.base_url, layout.urls("test"))
+    params = tiny_params()
+    first = T.ingest_task.fn(params, layout, "test")
+    second = T.ingest_task.fn(params, layout, "test")
+    assert first["skipped"] is False and second["skipped"] is True
+    assert first["stats"]["rows_in"] == first["stats"]["rows_out"] == 100
+    assert layout.manifest("test").exists()
+    with pytest.raises(T.FlowStageError, match="URL list not found"):
+        T.ingest_task.fn(params, layout, "human")
+
+
+@pytest.mark.slow
+def test_flow_resumes_and_dvc_status_is_clean(harness, dvc_repo):
+    """A run that fails before ingest_test leaves web + human done; the rerun skips them,
+    runs ingest_test, commits the three stages to dvc.lock, and `dvc status` is clean."""
+    from flows.bootstrap import bootstrap_flow
+
+    with pytest.raises(T.FlowStageError, match="fail_before"):
+        bootstrap_flow(workdir=str(dvc_repo), until="ingest", overrides=("orchestration.fail_before=ingest_test",))
+    layout = T.Layout(dvc_repo)
+    assert layout.manifest("web").exists() and layout.manifest("human").exists()
+    assert not layout.manifest("test").exists()
+    assert not (dvc_repo / "dvc.lock").exists()  # overridden settings are never committed
+
+    res = bootstrap_flow(workdir=str(dvc_repo), until="ingest")
+    assert [res[f"ingest_{s}"]["skipped"] for s in T.SPLITS] == [True, True, False]
+    assert res["version"]["dvc_committed"] == ["ingest_web", "ingest_human", "ingest_test"]
+    assert res["version"]["tag"] is None  # an incomplete round is not tagged
+    assert V.dvc_status(dvc_repo, ["ingest_web", "ingest_human", "ingest_test"]) == {}
+    lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())["stages"]
+    assert lock["ingest_web"]["params"]["params.yaml"]["ingest"]["number_sample_per_shard"] == 100
+    assert set(V.dvc_lock_hashes(dvc_repo)) == {"ingest_web", "ingest_human", "ingest_test"}
+
+    # a changed setting makes DVC see the stages as changed, and the flow re-run them
+    text = (dvc_repo / "params.yaml").read_text().replace("timeout: 5", "timeout: 6")
+    (dvc_repo / "params.yaml").write_text(text)
+    assert "ingest_test" in V.dvc_status(dvc_repo, ["ingest_test"])
+    res = bootstrap_flow(workdir=str(dvc_repo), until="ingest")
+    assert [res[f"ingest_{s}"]["skipped"] for s in T.SPLITS] == [False, False, False]
+    assert V.dvc_status(dvc_repo, ["ingest_web", "ingest_human", "ingest_test"]) == {}
+
+
+def test_cli_run_until_ingest(dvc_repo, harness):
+    """`vlp run --until ingest` through the CLI, with a bad setting refused first."""
+    env_py = [sys.executable, "-m", "vlp_core.cli"]
+    bad = subprocess.run(env_py + ["run", "--until", "ingest", "-S", "ingest.nope=1"], cwd=dvc_repo,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "ingest.nope" in bad.stderr
