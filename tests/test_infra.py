@@ -1,0 +1,89 @@
+"""A real Prefect server (SQLite) and a process worker on 127.0.0.1 (infra/prefect_stack.py):
+`vlp deploy` creates the scheduled nightly deployment, a run is triggered through the
+server, the worker runs it (a real incremental ingest of the served synthetic web) and the
+run reaches Completed."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+TRIGGER = r"""
+import json, sys
+from prefect.deployments import run_deployment
+from prefect import get_client
+from prefect.utilities.asyncutils import run_coro_as_sync
+run = run_deployment(sys.argv[1], timeout=float(sys.argv[2]), poll_interval=1)
+async def schedules():
+    async with get_client() as c:
+        d = await c.read_deployment_by_name(sys.argv[1])
+        return [s.schedule.cron for s in d.schedules]
+print(json.dumps({"state": run.state.type.value, "name": run.state.name, "cron": run_coro_as_sync(schedules())}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_deployment_run_completes_on_real_server_and_worker(tmp_path, tiny_world, world_server):
+    sys.path.insert(0, str(REPO / "infra"))
+    try:
+        import prefect_stack as stack
+    finally:
+        sys.path.pop(0)
+    from fixtures_world import TINY_INGEST, TINY_SIZES
+    from vlp_core.synthetic.server import write_url_list
+
+    # the work dir the deployment runs in: tiny params and the web URL list
+    work = tmp_path / "work"
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in {**TINY_SIZES, **TINY_INGEST}.items():
+        section, key = dotted.split(".")
+        data[section][key] = value
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(data))
+    write_url_list(tiny_world, "web", world_server.base_url, work / "data" / "urls" / "web.parquet")
+
+    port, home = _free_port(), tmp_path / "prefect-home"
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
+    server = worker = None
+    try:
+        server = stack.start_server(home, port, tmp_path / "server.log")
+        stack.wait_healthy(port, 120, server)
+        worker = stack.start_worker(home, port, "vlp-test-pool", tmp_path / "worker.log")
+        env = stack.stack_env(home, port)
+        dep = subprocess.run(
+            [sys.executable, "-m", "vlp_core.cli", "deploy", "--workdir", str(work), "--name", "smoke",
+             "--pool", "vlp-test-pool", "--cron", "30 3 * * *"],
+            env=env, cwd=work, capture_output=True, text=True, timeout=120)
+        assert dep.returncode == 0, dep.stderr[-2000:]
+        info = json.loads([ln for ln in dep.stdout.splitlines() if ln.startswith("{")][-1])
+        assert info["name"] == "vlp-nightly/smoke" and info["cron"] == "30 3 * * *"
+        t0 = time.monotonic()
+        trig = subprocess.run([sys.executable, "-c", TRIGGER, "vlp-nightly/smoke", "150"], env=env, cwd=work,
+                              capture_output=True, text=True, timeout=200)
+        assert trig.returncode == 0, trig.stderr[-2000:]
+        out = json.loads(trig.stdout.strip().splitlines()[-1])
+        logs = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+        assert out["state"] == "COMPLETED", f"{out} after {time.monotonic() - t0:.0f} s\n{logs}"
+        assert out["cron"] == ["30 3 * * *"]
+        # the worker really ran the ingest in the work dir
+        stats = json.loads((work / "data" / "ingest" / "web" / "stats.json").read_text())
+        assert stats["rows_in"] == stats["rows_out"] == 300
+        assert (work / "data" / ".flow" / "ingest_web.json").exists()
+    finally:
+        stack.stop(worker)
+        stack.stop(server)
