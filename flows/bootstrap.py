@@ -93,13 +93,13 @@ def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Seque
         stages = [s for s in dvc_stages if s in known]
         V.dvc_commit(layout.root, stages)
         done["dvc_committed"] = stages
+    if complete and o.dvc_push and V.dvc(["remote", "default"], layout.root, check=False).returncode != 0:
+        V.ensure_local_remote(layout.root, o.dvc_remote_url)  # no default remote yet: a local directory
     if complete and o.git_tag and V.is_git_repo(layout.root):
         done["tag"] = f"round-{round}"
         done["commit"] = V.git_commit_and_tag(layout.root, f"vlp: round {round} ({len(dvc_stages)} stages)",
-                                              tag=done["tag"], paths=["dvc.lock"])
+                                              tag=done["tag"], paths=["dvc.lock", ".dvc/config", ".gitignore"])
     if complete and o.dvc_push:
-        if not V.dvc(["remote", "default"], layout.root, check=False).stdout.strip():
-            V.ensure_local_remote(layout.root, o.dvc_remote_url)
         V.dvc_push(layout.root)
         done["pushed"] = True
     return done

@@ -34,8 +34,8 @@ def _run(cmd: Sequence[str], cwd: str | Path, what: str, check: bool = True) -> 
     except FileNotFoundError:
         raise VersioningError(f"{what}: command {cmd[0]!r} not found (is it installed?)") from None
     if check and proc.returncode != 0:
-        err = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-        tail = err[-1] if err else f"exit code {proc.returncode}"
+        err = [ln.strip() for ln in (proc.stderr.strip() or proc.stdout.strip()).splitlines() if ln.strip()]
+        tail = " / ".join(err[-3:]) if err else f"exit code {proc.returncode}"
         raise VersioningError(f"{what} failed in {cwd}: `{' '.join(cmd)}`: {tail}")
     return proc
 
@@ -107,7 +107,7 @@ def dvc_commit(path: str | Path, stages: Sequence[str]) -> None:
     """Record stages that ran outside ``dvc repro`` (e.g. in a Prefect task) in ``dvc.lock``
     and the DVC cache, so that ``dvc status`` is clean afterwards."""
     if stages:
-        dvc(["commit", "--force", "--quiet", *stages], path)
+        dvc(["commit", "--force", *stages], path)
 
 
 def git_commit_and_tag(path: str | Path, message: str, tag: Optional[str] = None,
@@ -129,7 +129,7 @@ def git_commit_and_tag(path: str | Path, message: str, tag: Optional[str] = None
 
 def dvc_push(path: str | Path, remote: Optional[str] = None, targets: Sequence[str] = ()) -> None:
     """Push the cache of ``targets`` (default: everything) to ``remote`` (default remote)."""
-    dvc(["push", "--quiet", *(["-r", remote] if remote else []), *targets], path)
+    dvc(["push", *(["-r", remote] if remote else []), *targets], path)
 
 
 def ensure_local_remote(path: str | Path, remote_dir: str | Path, name: str = "local") -> None:
