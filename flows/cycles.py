@@ -40,7 +40,7 @@ def cycles_flow(rounds: Optional[int] = None, params_path: str = "params.yaml", 
     """Run rounds ``start_round .. rounds-1`` (default ``orchestration.rounds``)."""
     with in_workdir(workdir):
         params = load_params(params_path, list(overrides))
-        layout = T.Layout(Path("."))
+        layout = T.Layout(Path("."), home=str(Path.cwd()))
         n = params.orchestration.rounds if rounds is None else rounds
         out: dict[str, Any] = {}
         for k in range(start_round, n):
@@ -76,7 +76,7 @@ def nightly_flow(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     the latest round's corpus (when a round with a captioner and a filter exists)."""
     with in_workdir(workdir):
         params = load_params(params_path)
-        layout = T.Layout(Path("."))
+        layout = T.Layout(Path("."), home=str(Path.cwd()))
         o = params.orchestration
         ingest = T.ingest_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_seconds,
                                             timeout_seconds=o.network_timeout_seconds)

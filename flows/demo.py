@@ -51,7 +51,7 @@ def demo_flow(params_path: str = "params.yaml", overrides: Sequence[str] = (), w
 
     with in_workdir(workdir):
         params = load_params(params_path, list(overrides))
-        layout = T.Layout(Path("."))
+        layout = T.Layout(Path("."), home=str(Path.cwd()))
         out: dict[str, Any] = {"synthetic": synthetic_task(params, layout)}
         if V.is_dvc_repo(".") and params.orchestration.dvc_commit and not overrides:
             V.dvc_commit(".", ["synthetic"])

@@ -24,13 +24,14 @@ the data, survive across runs and servers, and need no result store.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -52,9 +53,7 @@ class Layout:
     """Where every stage reads and writes, relative to the work dir (the DVC repo root)."""
 
     root: Path = Path(".")
-
-    def rel(self, p: Path) -> Path:
-        return p
+    home: Optional[str] = None  # the absolute work dir, for tasks that run in other processes (Dask)
 
     @property
     def data(self) -> Path:
@@ -198,6 +197,21 @@ def _stats_of(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+@contextlib.contextmanager
+def at_home(layout: Layout) -> Iterator[None]:
+    """Run in the flow's work dir: a task on a Dask worker starts elsewhere, and stage paths
+    (and the shard references inside manifests) are relative to the work dir."""
+    if layout.home is None or os.path.samefile(os.getcwd(), layout.home):
+        yield
+        return
+    old = os.getcwd()
+    os.chdir(layout.home)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def _threads() -> None:
     import torch
 
@@ -245,8 +259,9 @@ def finetune_task(params: Params, layout: Layout, round: int, target: str, init_
     _threads()
     out = layout.stage(round, f"finetune_{target}")
     sources = [(str(layout.ingest("human")), "human")]
-    return cached_stage(params, layout, f"finetune_{target}", round, out, [f"finetune.{target}"],
-                        [base, human], [], lambda: run_finetune(params, target, sources, init_model, out))
+    with at_home(layout):
+        return cached_stage(params, layout, f"finetune_{target}", round, out, [f"finetune.{target}"],
+                            [base, human], [], lambda: run_finetune(params, target, sources, init_model, out))
 
 
 @task(name="capfilt-shard", cache_policy=NONE)
@@ -256,8 +271,9 @@ def capfilt_shard_task(params: Params, layout: Layout, round: int, shard: Any, c
     from vlp_core.capfilt.stage import run_capfilt_shard
 
     _threads()
-    return run_capfilt_shard(params, shard, captioner, filter, layout.stage(round, "capfilt"),
-                             round=round, calibration=calibration)
+    with at_home(layout):
+        return run_capfilt_shard(params, shard, captioner, filter, layout.stage(round, "capfilt"),
+                                 round=round, calibration=calibration)
 
 
 @task(name="capfilt", cache_policy=NONE)
