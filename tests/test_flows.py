@@ -4,6 +4,7 @@ real git + DVC repo in a temp dir.  Flows run under ``prefect_test_harness``; ta
 also called through ``.fn()``."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -139,6 +140,31 @@ def test_flow_resumes_and_dvc_status_is_clean(harness, dvc_repo):
     assert lock["ingest_web"]["params"]["params.yaml"]["ingest"]["number_sample_per_shard"] == 100
     assert set(V.dvc_lock_hashes(dvc_repo)) == {"ingest_web", "ingest_human", "ingest_test"}
 
+    # the round's markdown artifact holds the stage stats
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def artifacts():
+        async with get_client() as c:
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["round-0-summary"])))
+
+    arts = run_coro_as_sync(artifacts())
+    assert arts and "| ingest_test | False | 100 | 100 |" in arts[0].data
+
+    # `dvc repro` reproduces a stage without Prefect: same manifest as the flow's
+    import pyarrow.parquet as pq
+
+    before = pq.read_table(layout.manifest("test")).sort_by("row_index")
+    env_bin = str(Path(sys.executable).parent)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "-f", "ingest_test"], cwd=dvc_repo,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PATH": env_bin + os.pathsep + os.environ["PATH"]})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = pq.read_table(layout.manifest("test")).sort_by("row_index")
+    assert after.equals(before)
+    assert V.dvc_status(dvc_repo, ["ingest_web", "ingest_human", "ingest_test"]) == {}
+
     # a changed setting makes DVC see the stages as changed, and the flow re-run them
     text = (dvc_repo / "params.yaml").read_text().replace("timeout: 5", "timeout: 6")
     (dvc_repo / "params.yaml").write_text(text)
@@ -154,3 +180,29 @@ def test_cli_run_until_ingest(dvc_repo, harness):
     bad = subprocess.run(env_py + ["run", "--until", "ingest", "-S", "ingest.nope=1"], cwd=dvc_repo,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "ingest.nope" in bad.stderr
+
+
+def test_record_task_fn_records_the_round(tmp_path):
+    """``record_task.fn`` snapshots the round's corpus, stats and metrics into the catalog."""
+    import pyarrow as pa
+
+    from vlp_core.catalog import list_versions, query
+    from vlp_core.io import write_json, write_parquet
+    from vlp_core.schema import CORPUS_SCHEMA, conform
+
+    layout = T.Layout(tmp_path)
+    rows = {"key": ["a", "a", "b"], "candidate": [0, 1, 0], "text": ["x", "y", "z"],
+            "source": ["web", "synthetic", "web"], "itm": [0.9, 0.2, 0.7], "kept": [True, False, True],
+            "round": [2, 2, 2], "url": ["/web/a.jpg", "/web/a.jpg", "/web/b.jpg"]}
+    write_parquet(conform(pa.table(rows), CORPUS_SCHEMA), layout.stage(2, "capfilt") / "corpus" / "00000.parquet")
+    write_json({"stage": "capfilt", "rows_in": 2, "rows_out": 2}, layout.stage(2, "capfilt") / "stats.json")
+    write_json({"retrieval": {"r1_mean": 0.3}}, layout.stage(2, "evaluate") / "metrics.json")
+    params = Params().replace(**{"catalog.path": "cat.duckdb"})
+    first = T.record_task.fn(params, layout, 2, [{"key": "up"}])
+    assert first["skipped"] is False
+    assert (layout.record_marker(2)).exists()
+    v = list_versions(tmp_path / "cat.duckdb")
+    assert [(d["name"], d["round"], d["rows"], d["kept"]) for d in v] == [("round2", 2, 3, 2)]
+    assert v[0]["metrics"] == {"evaluate.retrieval.r1_mean": 0.3}
+    assert query(tmp_path / "cat.duckdb", "SELECT stage, rows_in FROM stage_stats")[1] == [("capfilt", 2)]
+    assert T.record_task.fn(params, layout, 2, [{"key": "up"}])["skipped"] is True
