@@ -153,8 +153,13 @@ def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optio
     if not _after("evaluate", until):
         res["evaluate"] = T.evaluate_task(params, layout, round, res["retrain"], res["ingest_test"])
         dvc_stages.append(T.dvc_stage_name("evaluate", round))
+        if round == 0 and "pretrain" in dvc_stages:  # the baseline the bootstrap must beat
+            res["evaluate_base"] = T.evaluate_task(params, layout, 0, res["pretrain"], res["ingest_test"],
+                                                   which="pretrain")
+            dvc_stages.append("evaluate_base")
     if not _after("record", until):
-        res["record"] = T.record_task(params, layout, round, [res["evaluate"], res["features"]])
+        upstream = [res["evaluate"], res["features"]] + ([res["evaluate_base"]] if "evaluate_base" in res else [])
+        res["record"] = T.record_task(params, layout, round, upstream)
         dvc_stages.append(T.dvc_stage_name("record", round))
         complete = True
     res["version"] = version_task(params, layout, round, dvc_stages, complete, overridden)

@@ -316,17 +316,20 @@ def retrain_task(params: Params, layout: Layout, round: int, capfilt: dict, huma
 
 
 @task(name="evaluate", cache_policy=NONE)
-def evaluate_task(params: Params, layout: Layout, round: int, model: dict, test: dict) -> dict[str, Any]:
-    """Evaluate the round's retrained model on the held-out test pairs."""
+def evaluate_task(params: Params, layout: Layout, round: int, model: dict, test: dict,
+                  which: str = "retrain") -> dict[str, Any]:
+    """Evaluate the round's retrained model (``which="retrain"``, stage ``evaluate``) or round
+    0's pretrained baseline (``which="pretrain"``, stage ``evaluate_base``) on the test pairs."""
     from vlp_core.train.evaluate import run_evaluate
 
     _threads()
-    out = layout.stage(round, "evaluate")
+    name = "evaluate" if which == "retrain" else "evaluate_base"
+    out = layout.stage(round, name)
     gt = layout.ground_truth if layout.ground_truth.exists() else None
     return cached_stage(
-        params, layout, "evaluate", round, out, ["evaluate", "capfilt.prompt", "pretrain.seed"], [model, test],
+        params, layout, name, round, out, ["evaluate", "capfilt.prompt", "pretrain.seed"], [model, test],
         [gt] if gt else [],
-        lambda: run_evaluate(params, layout.model(round, "retrain"), (str(layout.ingest("test")), "human"), out,
+        lambda: run_evaluate(params, layout.model(round, which), (str(layout.ingest("test")), "human"), out,
                              ground_truth=gt),
         done_file="metrics.json")
 
@@ -345,7 +348,8 @@ def record_task(params: Params, layout: Layout, round: int, upstream: Sequence[d
     out = layout.data / f"round{round}"
 
     def run() -> None:
-        metrics = [p for p in [layout.stage(round, "evaluate") / "metrics.json"] if p.exists()]
+        metrics = [p for p in (layout.stage(round, n) / "metrics.json" for n in ("evaluate_base", "evaluate"))
+                   if p.exists()]
         s = record_version(params, f"round{round}", layout.stage(round, "capfilt"), round_stats_paths(layout, round),
                            metrics, repo_dir=layout.root, round=round, catalog=layout.root / params.catalog.path)
         write_json({"name": s.name, "corpus_rows": s.corpus_rows, "stats": s.stats, "metrics": s.metrics},
