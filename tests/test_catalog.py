@@ -58,7 +58,8 @@ def two_versions(tmp_path):
     write_json({"retrieval": {"r1_mean": 0.2}, "bleu4": 0.1, "note": "text"}, a / "evaluate" / "metrics.json")
     write_json({"retrieval": {"r1_mean": 0.25}, "bleu4": 0.12}, b / "evaluate" / "metrics.json")
     sa = record_version(params, "v-a", a, [a / "stats.json"], [a / "evaluate" / "metrics.json"], repo_dir=tmp_path)
-    sb = record_version(params, "v-b", b, [], [b / "evaluate" / "metrics.json"], repo_dir=tmp_path)
+    params_b = params.replace(**{"capfilt.itm_threshold": 0.7, "capfilt.threshold_mode": "fixed"})
+    sb = record_version(params_b, "v-b", b, [], [b / "evaluate" / "metrics.json"], repo_dir=tmp_path)
     assert (sa.corpus_rows, sa.stats, sa.metrics, sa.git_rev) == (5, 1, 2, None)
     assert (sb.corpus_rows, sb.metrics) == (5, 2)
     return cat, params, tmp_path
@@ -84,7 +85,10 @@ def test_diff_matches_hand_built_expectation(two_versions):
     assert d.examples[0]["text_a"] == "a red cube left of a ball"
     assert d.examples[0]["text_b"] == "a red cube above a ball"
     assert (d.examples[1]["kept_a"], d.examples[1]["kept_b"]) == (False, True)
+    assert d.params_changed == {"capfilt.itm_threshold": {"a": 0.5, "b": 0.7},
+                                "capfilt.threshold_mode": {"a": "calibrated", "b": "fixed"}}
     text = catalog.format_diff(d)
+    assert "capfilt.itm_threshold: 0.5 -> 0.7" in text
     assert "added 1, removed 1" in text and "dropped->kept 1" in text
 
 

@@ -255,6 +255,7 @@ class VersionDiff:
     itc_mean_shift: Optional[float] = None
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> {rows_a, kept_a, rows_b, kept_b}
     metrics: dict[str, dict[str, Optional[float]]] = field(default_factory=dict)  # metric -> {a, b, delta}
+    params_changed: dict[str, dict[str, Any]] = field(default_factory=dict)  # "capfilt.itm_threshold" -> {a, b}
     examples: list[dict[str, Any]] = field(default_factory=list)  # captions that changed
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,6 +317,11 @@ def diff_versions(path: str | Path, a: str, b: str, n_examples: int = 5) -> Vers
                  ON ma.k = mb.k ORDER BY 1""", {"a": a, "b": b}
         ).fetchall():
             d.metrics[metric] = {"a": va, "b": vb, "delta": (vb - va) if va is not None and vb is not None else None}
+        pa_json, pb_json = (con.execute("SELECT params FROM versions WHERE name = ?", [v]).fetchone()[0]
+                            for v in (a, b))
+        fa, fb = _flatten_params(json.loads(pa_json or "{}")), _flatten_params(json.loads(pb_json or "{}"))
+        d.params_changed = {k: {"a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb))
+                            if fa.get(k) != fb.get(k)}
         ex = con.execute(
             joined + f"""SELECT ca.{C.KEY}, ca.{C.URL}, ca.{C.CANDIDATE}, ca.{C.SOURCE}, ca.text, cb.text,
                                 ca.kept, cb.kept, ca.itm, cb.itm
@@ -333,6 +339,15 @@ def diff_versions(path: str | Path, a: str, b: str, n_examples: int = 5) -> Vers
         return d
     finally:
         con.close()
+
+
+def _flatten_params(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten_params(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
 
 
 def format_diff(d: VersionDiff) -> str:
@@ -353,6 +368,9 @@ def format_diff(d: VersionDiff) -> str:
     ]
     for src, s in sorted(d.by_source.items()):
         lines.append(f"                 {src:<10} {s['rows_a']:>7} {s['kept_a']:>7} {s['rows_b']:>7} {s['kept_b']:>7}")
+    if d.params_changed:
+        lines.append("  params changed " + ", ".join(f"{k}: {v['a']!r} -> {v['b']!r}"
+                                                       for k, v in d.params_changed.items()))
     if d.metrics:
         lines.append("  metrics        name                               a          b      delta")
         for m, v in d.metrics.items():
