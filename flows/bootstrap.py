@@ -247,7 +247,8 @@ def bootstrap_flow(params_path: str = "params.yaml", overrides: Sequence[str] = 
     pretraining with an imported checkpoint; ``until`` stops after that step."""
     with in_workdir(workdir):
         params = load_params(params_path, list(overrides))
-        return run_round(params, T.Layout(Path("."), home=str(Path.cwd())), round, init_from, until, overridden=bool(overrides))
+        layout = T.Layout(Path("."), home=str(Path.cwd()))
+        return run_round(params, layout, round, init_from, until, overridden=T.tracked_overrides(overrides))
 
 
 def run_bootstrap(params_path: str = "params.yaml", overrides: Sequence[str] = (), round: int = 0,

@@ -45,7 +45,7 @@ def cycles_flow(rounds: Optional[int] = None, params_path: str = "params.yaml", 
         out: dict[str, Any] = {}
         for k in range(start_round, n):
             out[f"round{k}"] = run_round(params, layout, k, init_from if k == 0 else None,
-                                         overridden=bool(overrides))
+                                         overridden=T.tracked_overrides(overrides))
         report = write_report_if_possible(params, layout)
         if report is not None:
             from prefect.artifacts import create_markdown_artifact

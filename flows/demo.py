@@ -53,13 +53,13 @@ def demo_flow(params_path: str = "params.yaml", overrides: Sequence[str] = (), w
         params = load_params(params_path, list(overrides))
         layout = T.Layout(Path("."), home=str(Path.cwd()))
         out: dict[str, Any] = {"synthetic": synthetic_task(params, layout)}
-        if V.is_dvc_repo(".") and params.orchestration.dvc_commit and not overrides:
+        if V.is_dvc_repo(".") and params.orchestration.dvc_commit and not T.tracked_overrides(overrides):
             V.dvc_commit(".", ["synthetic"])
         n = params.orchestration.rounds if rounds is None else rounds
         with serve_world(layout.world, port=port) as srv:
             write_urls_if_changed(layout, srv.base_url)
             for k in range(n):
-                out[f"round{k}"] = run_round(params, layout, k, overridden=bool(overrides))
+                out[f"round{k}"] = run_round(params, layout, k, overridden=T.tracked_overrides(overrides))
         report = write_report_if_possible(params, layout)
         out["report"] = str(report) if report else None
         return out

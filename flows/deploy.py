@@ -53,7 +53,8 @@ def deploy_nightly(params: Params, params_path: str = "params.yaml", workdir: st
     pp = Path(params_path)
     params_arg = str(pp if pp.is_absolute() else (wd / pp))
     return flow.deploy(
-        name=name, work_pool_name=pool, cron=cron or None, build=False, push=False, print_next_steps=False, ignore_warnings=True,
+        name=name, work_pool_name=pool, cron=cron or None, build=False, push=False, print_next_steps=False,
+        ignore_warnings=True,
         parameters=parameters if parameters is not None else {"params_path": params_arg, "workdir": str(wd)},
         description="vlp: incremental ingest of the web URL list, then CapFilt of the new shards",
         tags=["vlp"],

@@ -93,6 +93,15 @@ class Layout:
         return self.root / "report" / "index.html"
 
 
+UNTRACKED_SECTIONS = ("orchestration",)  # how to run, not what is computed
+
+
+def tracked_overrides(overrides: Sequence[str]) -> bool:
+    """True when a ``-S`` override changes a setting that dvc.lock tracks (any section but
+    orchestration): such a run must not be recorded as params.yaml's result."""
+    return any(o.split("=", 1)[0].split(".", 1)[0].strip() not in UNTRACKED_SECTIONS for o in overrides)
+
+
 def stage_id(name: str, round: Optional[int] = None) -> str:
     """``ingest_web`` or ``round1-capfilt``: the cache marker's name."""
     return name if round is None else f"round{round}-{name}"
@@ -362,5 +371,5 @@ def record_task(params: Params, layout: Layout, round: int, upstream: Sequence[d
 __all__ = [
     "FlowStageError", "Layout", "SPLITS", "cached_stage", "capfilt_shard_task", "capfilt_task", "digest_path",
     "dvc_stage_name", "evaluate_task", "features_task", "finetune_task", "import_task", "ingest_task",
-    "input_key", "pretrain_task", "record_task", "retrain_task", "stage_id",
+    "input_key", "pretrain_task", "record_task", "retrain_task", "stage_id", "tracked_overrides",
 ]

@@ -59,6 +59,12 @@ def dvc_repo(tmp_path, tiny_world, world_server):
     return root
 
 
+def test_only_tracked_overrides_block_dvc_commit():
+    assert not T.tracked_overrides(["orchestration.fail_before=x", "orchestration.task_runner=dask"])
+    assert T.tracked_overrides(["orchestration.retries=1", "capfilt.itm_threshold=0.7"])
+    assert T.tracked_overrides(["catalog.path=x.duckdb"])  # the record stage reads it
+
+
 def test_until_names():
     assert not _after("ingest", "ingest") and _after("pretrain", "ingest")
     assert not _after("finetune", "finetune_filter") and _after("capfilt", "finetune_captioner")
@@ -147,7 +153,8 @@ def test_flow_resumes_and_dvc_status_is_clean(harness, dvc_repo):
 
     async def artifacts():
         async with get_client() as c:
-            return await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["round-0-summary"])))
+            flt = ArtifactFilter(key=ArtifactFilterKey(any_=["round-0-summary"]))
+            return await c.read_artifacts(artifact_filter=flt)
 
     arts = run_coro_as_sync(artifacts())
     assert arts and "| ingest_test | False | 100 | 100 |" in arts[0].data
