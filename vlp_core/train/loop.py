@@ -117,10 +117,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def state_sha256(model: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer (to check that DDP ranks agree)."""
+def state_sha256(model: torch.nn.Module, params_only: bool = False) -> str:
+    """A hash of every parameter and buffer, or of the parameters only (to check that DDP
+    ranks agree)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    items = dict(model.named_parameters()) if params_only else model.state_dict()
+    for name, t in sorted(items.items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -147,7 +149,13 @@ def _new_model(params: Params, captions: Sequence[str]):
     if mp.tokenizer:
         tokenizer = models.load_tokenizer(mp.tokenizer)
     else:
-        tokenizer = models.train_tokenizer(captions, vocab_size=mp.vocab_size)
+        dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if dist_on else 0
+        tokenizer = models.train_tokenizer(captions, vocab_size=mp.vocab_size) if rank == 0 else None
+        if dist_on:  # WordPiece training is not bit-stable: every rank takes rank 0's
+            box = [tokenizer]
+            torch.distributed.broadcast_object_list(box, src=0)
+            tokenizer = box[0]
     return models.create_model(mp.arch, tokenizer=tokenizer, max_text_len=mp.max_text_len)
 
 
@@ -156,6 +164,12 @@ def _image_size(model) -> int:
 
 
 # --------------------------------------------------------------------------- checkpoints
+def _sync_buffers(model: torch.nn.Module) -> None:
+    """Take rank 0's buffers (BatchNorm statistics, queues), as DDP does before each forward."""
+    for b in model.buffers():
+        torch.distributed.broadcast(b.data, src=0)
+
+
 def _save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, extra: dict[str, Any]) -> None:
     """Write ``checkpoint/`` atomically: build it beside, then swap it in."""
     final = out_dir / CHECKPOINT_DIR
@@ -235,6 +249,9 @@ def _train(stage: str, params: Params, tp: TrainParams, sources: Sequence[Source
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if dist.device.type == "cpu":
+        # CPU index_put/scatter backward (ITM hard negatives) is otherwise not bit-reproducible
+        torch.use_deterministic_algorithms(True)
     seed_everything(tp.seed)
 
     table = load_pairs(sources)
@@ -276,7 +293,7 @@ def _train(stage: str, params: Params, tp: TrainParams, sources: Sequence[Source
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=any(w == 0 for w in weights.values()))
+            broadcast_buffers=True, find_unused_parameters=any(w == 0 for w in weights.values()))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda"
                 else contextlib.nullcontext())
     log = LossLog(out_dir / LOSS_CSV, start, dist.is_main)
@@ -307,6 +324,8 @@ def _train(stage: str, params: Params, tp: TrainParams, sources: Sequence[Source
             means = log.flush(done, scheduler.get_last_lr()[0]) or means
             bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
         if done % tp.checkpoint_every == 0 or done == last:
+            if dist.enabled:
+                _sync_buffers(model)
             if dist.is_main:
                 _save_checkpoint(out_dir, model, optimizer, scheduler, done, {"stage": stage})
             if dist.enabled:
@@ -327,10 +346,14 @@ def _train(stage: str, params: Params, tp: TrainParams, sources: Sequence[Source
         "final_losses": {k: round(v, 6) for k, v in means.items()},
         "sources": [[str(p), n] for p, n in sources],
     }
-    hashes = [state_sha256(model)]
+    param_hashes, hashes = [state_sha256(model, params_only=True)], [state_sha256(model)]
     if dist.enabled:
+        param_hashes = [None] * dist.world_size
+        torch.distributed.all_gather_object(param_hashes, state_sha256(model, params_only=True))
+        _sync_buffers(model)
         hashes = [None] * dist.world_size
         torch.distributed.all_gather_object(hashes, state_sha256(model))
+    stats.extra["rank_param_sha256"] = param_hashes
     stats.extra["rank_state_sha256"] = hashes
     if dist.is_main:
         if step_done >= tp.steps:
