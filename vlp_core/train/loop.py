@@ -245,13 +245,21 @@ def _train(stage: str, params: Params, tp: TrainParams, sources: Sequence[Source
            build_model, stop_after_step: Optional[int]) -> StageStats:
     set_entry_threads()
     dist = setup_distributed()
-    out_dir = Path(out_dir)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    before = torch.are_deterministic_algorithms_enabled()
     if dist.device.type == "cpu":
         # CPU index_put/scatter backward (ITM hard negatives) is otherwise not bit-reproducible
         torch.use_deterministic_algorithms(True)
+    try:
+        return _train_run(stage, tp, sources, Path(out_dir), build_model, stop_after_step, dist)
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: Path, build_model,
+               stop_after_step: Optional[int], dist: DistInfo) -> StageStats:
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     seed_everything(tp.seed)
 
     table = load_pairs(sources)
