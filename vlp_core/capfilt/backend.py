@@ -1,0 +1,335 @@
+"""Model backends behind :class:`~vlp_core.capfilt.captioner.Captioner` and
+:class:`~vlp_core.capfilt.filter.ItmFilter`, and the one-image-pass encoder.
+
+A *model folder* is either
+
+* a vlp_core checkpoint (``config.json`` with ``model_type: vlp-blip-med`` +
+  ``model.safetensors`` + ``tokenizer/``), loaded with ``BlipMED.from_pretrained``; a folder
+  holding such a checkpoint in ``model/`` (a training stage's output) works too; or
+* a local Hugging Face BLIP folder (``config.json`` with ``model_type: blip``; the official
+  ``blip-image-captioning-*`` and ``blip-itm-*`` layouts: weights, tokenizer files and
+  ``preprocessor_config.json`` side by side), loaded with transformers'
+  ``BlipForConditionalGeneration`` (captioner) or ``BlipForImageTextRetrieval`` (filter).
+
+Every backend exposes the same image side: ``preprocess`` (uint8 ``(B, H, W, 3)`` -> float
+``(B, 3, S, S)``), ``encode_image`` (-> ``(B, 1 + N, Dv)``) and a ``vision_key``: a hash of
+the vision weights and the preprocessing.  :class:`ImagePass` encodes a batch once per
+DISTINCT ``vision_key``, so a captioner and a filter that share a frozen vision encoder (or
+are the same checkpoint) cost one vision pass per image.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlp_core.errors import VlpError
+
+Role = Literal["captioner", "filter"]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VLP_MODEL_TYPE = "vlp-blip-med"
+HF_CLASSES = {"captioner": "BlipForConditionalGeneration", "filter": "BlipForImageTextRetrieval"}
+
+
+class CapfiltError(VlpError, ValueError):
+    """A model folder or a setting that CapFilt cannot use (names the path or the key)."""
+
+
+# --------------------------------------------------------------------------- ids
+def dir_content_hash(directory: str | Path, length: int = 12) -> str:
+    """Short sha256 over every file's relative path and bytes (a model folder's identity)."""
+    d = Path(directory)
+    h = hashlib.sha256()
+    for p in sorted(x for x in d.rglob("*") if x.is_file() and not x.name.startswith(".")):
+        h.update(str(p.relative_to(d)).encode())
+        h.update(b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def state_hash(module: torch.nn.Module, extra: Any = None) -> str:
+    """sha256 of a module's tensors (names, shapes, values) plus ``extra`` (e.g. preprocessing)."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resolve_model_dir(path: str | Path) -> tuple[Path, str]:
+    """``(folder, kind)`` with kind ``"vlp"`` or ``"hf"``; a folder with ``model/`` inside works."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CapfiltError(f"{p}: model folder not found")
+    cfg = p / "config.json"
+    if not cfg.is_file() and (p / "model" / "config.json").is_file():
+        p, cfg = p / "model", p / "model" / "config.json"
+    if not cfg.is_file():
+        raise CapfiltError(f"{p}: not a model folder (no config.json)")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except json.JSONDecodeError as exc:
+        raise CapfiltError(f"{cfg}: not valid JSON ({exc})") from None
+    if model_type == VLP_MODEL_TYPE:
+        return p, "vlp"
+    if model_type == "blip":
+        return p, "hf"
+    raise CapfiltError(f"{cfg}: model_type is {model_type!r}; expected {VLP_MODEL_TYPE!r} (a vlp checkpoint) "
+                       "or 'blip' (a Hugging Face BLIP folder)")
+
+
+def pick_device(device: Optional[str] = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing on CPU (fp32 there is both faster and exact)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- backends
+@dataclass(frozen=True)
+class ImageSpec:
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def preprocess(self, images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 ``(B, H, W, 3)`` -> normalised float ``(B, 3, size, size)`` on ``device``."""
+        x = images if torch.is_tensor(images) else torch.from_numpy(np.ascontiguousarray(images))
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        x = x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+class Backend:
+    """What captioner and filter need from a model; subclasses wrap one model family."""
+
+    kind: str
+    role: Role
+    model_dir: Path
+    model_id: str
+    spec: ImageSpec
+    vision_key: str
+    device: torch.device
+    tokenizer: Any
+    max_text_len: int
+
+    @torch.no_grad()
+    def preprocess(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.spec.preprocess(images, self.device)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B,3,S,S) -> (B,1+N,Dv)
+        raise NotImplementedError
+
+    # filter side
+    def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:  # (B,1+N,Dv) -> (B,E)
+        raise NotImplementedError
+
+    def text_feat(self, texts: Sequence[str]) -> torch.Tensor:  # -> (N,E)
+        raise NotImplementedError
+
+    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:  # -> (N,)
+        raise NotImplementedError
+
+    # captioner side
+    def generate(self, image_embeds: torch.Tensor, *, sample: bool, top_p: float, num_beams: int, max_length: int,
+                 min_length: int, prompt: str, num_return_sequences: int) -> list[str]:
+        raise NotImplementedError
+
+
+class VlpBackend(Backend):
+    """A vlp_core :class:`~vlp_core.models.BlipMED` checkpoint (serves both roles)."""
+
+    kind = "vlp"
+
+    def __init__(self, model_dir: Path, role: Role, device: torch.device, model_id: Optional[str] = None):
+        from vlp_core.models import BlipMED
+
+        self.role, self.model_dir, self.device = role, model_dir, device
+        self.model_id = model_id or dir_content_hash(model_dir)
+        self.model = BlipMED.from_pretrained(model_dir).to(device).eval()
+        cfg = self.model.config
+        self.spec = ImageSpec(int(cfg.image_size), tuple(cfg.image_mean), tuple(cfg.image_std))
+        self.vision_key = "vlp:" + state_hash(self.model.visual_encoder, [self.spec, cfg.vision, cfg.vision_kwargs])
+        self.tokenizer = self.model.tokenizer
+        self.max_text_len = int(cfg.max_text_len)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+    def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.model.image_feat(image_embeds)
+
+    def text_feat(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.text_feat(list(texts))
+
+    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.itm_probs(image_embeds, list(texts))
+
+    def generate(self, image_embeds: torch.Tensor, *, sample: bool, top_p: float, num_beams: int, max_length: int,
+                 min_length: int, prompt: str, num_return_sequences: int) -> list[str]:
+        return self.model.generate(image_embeds=image_embeds, sample=sample, top_p=top_p, num_beams=num_beams,
+                                   max_length=max_length, min_length=min_length, prompt=prompt,
+                                   num_return_sequences=num_return_sequences, strip_prompt=True)
+
+
+def _hf_image_spec(model_dir: Path, config: Any) -> ImageSpec:
+    size = int(config.vision_config.image_size)
+    mean, std = CLIP_MEAN, CLIP_STD
+    pp = model_dir / "preprocessor_config.json"
+    if pp.is_file():
+        d = json.loads(pp.read_text())
+        s = d.get("size", size)
+        size = int(s.get("height", s.get("shortest_edge", size))) if isinstance(s, dict) else int(s)
+        mean = tuple(d.get("image_mean", mean))
+        std = tuple(d.get("image_std", std))
+    return ImageSpec(size, mean, std)
+
+
+class HfBackend(Backend):
+    """A local Hugging Face BLIP folder: ``BlipForConditionalGeneration`` for the captioner
+    role, ``BlipForImageTextRetrieval`` for the filter role (mirrors their ``forward``)."""
+
+    kind = "hf"
+
+    def __init__(self, model_dir: Path, role: Role, device: torch.device, model_id: Optional[str] = None):
+        import transformers
+        from transformers import AutoTokenizer
+
+        self.role, self.model_dir, self.device = role, model_dir, device
+        self.model_id = model_id or dir_content_hash(model_dir)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        archs = cfg.get("architectures") or []
+        want = HF_CLASSES[role]
+        if archs and want not in archs:
+            raise CapfiltError(f"{model_dir}/config.json: architectures is {archs}; the {role} needs {want} "
+                               f"(an official {'blip-image-captioning-*' if role == 'captioner' else 'blip-itm-*'} folder)")
+        cls = getattr(transformers, want)
+        try:
+            self.model = cls.from_pretrained(str(model_dir), local_files_only=True).to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CapfiltError(f"{model_dir}: cannot load {want} ({exc})") from None
+        config = self.model.config
+        self.spec = _hf_image_spec(model_dir, config)
+        self.vision_key = "hf:" + state_hash(self.model.vision_model, [self.spec])
+        self.max_text_len = min(35, int(config.text_config.max_position_embeddings))
+        self.text_config = config.text_config
+
+    def _tok(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer([t if isinstance(t, str) else "" for t in texts], padding="longest", truncation=True,
+                             max_length=self.max_text_len, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+    def text_feat(self, texts: Sequence[str]) -> torch.Tensor:
+        ids, mask = self._tok(texts)
+        out = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return F.normalize(self.model.text_proj(out[:, 0, :]), dim=-1)
+
+    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        ids, mask = self._tok(texts)
+        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        out = self.model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+                                      encoder_attention_mask=atts).last_hidden_state
+        return self.model.itm_head(out[:, 0, :]).float().softmax(dim=-1)[:, 1]
+
+    def generate(self, image_embeds: torch.Tensor, *, sample: bool, top_p: float, num_beams: int, max_length: int,
+                 min_length: int, prompt: str, num_return_sequences: int) -> list[str]:
+        # what BlipForConditionalGeneration.generate does after its vision pass
+        bs = image_embeds.shape[0]
+        tc = self.text_config
+        ids = self.tokenizer([prompt] * bs, return_tensors="pt")["input_ids"].to(self.device)
+        ids[:, 0] = tc.bos_token_id
+        ids = ids[:, :-1]  # drop [SEP]
+        n_prompt = ids.shape[1]
+        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        kw: dict[str, Any] = dict(max_length=n_prompt + max_length, min_length=n_prompt + min_length,
+                                  num_return_sequences=num_return_sequences)
+        kw.update(dict(do_sample=True, top_p=top_p, top_k=0, num_beams=1) if sample
+                  else dict(do_sample=False, num_beams=num_beams))
+        out = self.model.text_decoder.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                               eos_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id,
+                                               encoder_hidden_states=image_embeds, encoder_attention_mask=atts, **kw)
+        return [c.strip() for c in self.tokenizer.batch_decode(out[:, n_prompt:], skip_special_tokens=True)]
+
+
+_CACHE: dict[tuple[str, str, str], Backend] = {}
+
+
+def load_backend(model_dir: str | Path, role: Role, device: Optional[str | torch.device] = None,
+                 cache: bool = True) -> Backend:
+    """The backend for ``model_dir`` in ``role`` (cached per process: a Prefect worker that
+    runs many shards loads each model once)."""
+    d, kind = resolve_model_dir(model_dir)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    model_id = dir_content_hash(d)
+    # a vlp checkpoint serves both roles with one object (one set of weights in memory)
+    key = (model_id, role if kind == "hf" else "any", str(dev))
+    if cache and key in _CACHE:
+        return _CACHE[key]
+    backend: Backend = (VlpBackend if kind == "vlp" else HfBackend)(d, role, dev, model_id)
+    if cache:
+        _CACHE[key] = backend
+    return backend
+
+
+def clear_backend_cache() -> None:
+    _CACHE.clear()
+
+
+# --------------------------------------------------------------------------- one image pass
+class ImagePass:
+    """Encode a uint8 batch once per distinct vision encoder among ``backends``."""
+
+    def __init__(self, backends: Sequence[Backend]):
+        self.groups: dict[str, Backend] = {}
+        for b in backends:
+            self.groups.setdefault(b.vision_key, b)
+        self.decode_size = max(b.spec.size for b in backends)
+        self.passes = 0  # vision passes run (batches x distinct encoders), for tests and stats
+
+    @property
+    def n_encoders(self) -> int:
+        return len(self.groups)
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> dict[str, torch.Tensor]:
+        """uint8 ``(B, H, W, 3)`` -> ``{vision_key: image_embeds (B, 1 + N, Dv)}``."""
+        out = {}
+        for key, b in self.groups.items():
+            with autocast(b.device):
+                out[key] = b.encode_image(b.preprocess(images))
+            self.passes += 1
+        return out
+
+
+def iter_batches(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, max(1, size)):
+        yield slice(i, min(n, i + size))

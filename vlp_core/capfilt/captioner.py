@@ -1,0 +1,71 @@
+"""The captioner: ``K`` synthetic captions per image (BLIP's CapFilt "Cap").
+
+Decoding follows BLIP: nucleus sampling (``top_p`` 0.9, no top-k) after the prompt
+``"a picture of "``, with a minimum and maximum length counted after the prompt; beam search
+and greedy decoding are options.  Generation is batched and KV-cached (``transformers``'
+``generate`` on the image-grounded decoder).  Captions come back without the prompt, as
+BLIP's CapFilt stores them.  Two backends sit behind the same interface: vlp_core
+checkpoints and local Hugging Face ``BlipForConditionalGeneration`` folders
+(:mod:`vlp_core.capfilt.backend`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vlp_core.capfilt.backend import Backend, CapfiltError, autocast, load_backend
+from vlp_core.config import CapfiltParams
+
+
+class Captioner:
+    """``Captioner(model_dir, params.capfilt).caption(images, k) -> list[list[str]]``."""
+
+    def __init__(self, model_dir: str | Path, params: CapfiltParams = CapfiltParams(),
+                 device: Optional[str] = None, backend: Optional[Backend] = None):
+        self.params = params
+        self.backend = backend or load_backend(model_dir, "captioner", device)
+        if params.decode == "beam" and params.num_captions > params.num_beams:
+            raise CapfiltError(f"capfilt.num_captions ({params.num_captions}) must not exceed capfilt.num_beams "
+                               f"({params.num_beams}) with decode=beam")
+
+    @property
+    def model_id(self) -> str:
+        return self.backend.model_id
+
+    @property
+    def vision_key(self) -> str:
+        return self.backend.vision_key
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 ``(B, H, W, 3)`` -> ``image_embeds (B, 1 + N, Dv)``."""
+        b = self.backend
+        with autocast(b.device):
+            return b.encode_image(b.preprocess(images))
+
+    @torch.no_grad()
+    def caption(self, images: np.ndarray | torch.Tensor, k: Optional[int] = None) -> list[list[str]]:
+        """``k`` captions (default ``num_captions``) for each image of a batch.
+
+        ``images``: uint8 pixels ``(B, H, W, 3)`` (numpy or tensor), or image embeddings
+        ``(B, 1 + N, Dv)`` from this captioner's vision encoder (the one image pass)."""
+        k = self.params.num_captions if k is None else k
+        if k <= 0:
+            return [[] for _ in range(len(images))]
+        embeds = images if torch.is_tensor(images) and images.is_floating_point() else self.encode(images)
+        p = self.params
+        if p.decode == "greedy" and k > 1:
+            raise CapfiltError("capfilt.decode=greedy gives one caption per image; set capfilt.num_captions=1 "
+                               "or decode to nucleus or beam")
+        with autocast(self.backend.device):
+            flat = self.backend.generate(
+                embeds, sample=p.decode == "nucleus", top_p=p.top_p,
+                num_beams=max(p.num_beams, k) if p.decode == "beam" else 1,
+                max_length=p.max_length, min_length=p.min_length, prompt=p.prompt, num_return_sequences=k)
+        return [flat[i * k:(i + 1) * k] for i in range(embeds.shape[0])]
+
+
+__all__ = ["Captioner"]

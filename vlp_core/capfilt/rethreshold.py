@@ -1,0 +1,105 @@
+"""``rethreshold``: apply a new ITM threshold to a CapFilt corpus from its stored scores.
+
+No model pass: one DuckDB query per corpus shard recomputes ``kept`` and ``reason`` from the
+stored ``itm`` column.  Rows rejected for other reasons (``empty_text``, ``itc_prescreen``,
+``image_decode_error: ...``) keep them.  The threshold is either given
+(``itm_threshold``) or the ``percentile``-th percentile of the filter's ITM on the clean
+pairs stored by the calibrated run (``calibration.parquet``), so
+``rethreshold(corpus, out, t)`` equals a full CapFilt run with the fixed threshold ``t``.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import pyarrow.parquet as pq
+
+from vlp_core.errors import VlpError
+from vlp_core.io import StageStats, read_json, write_json, write_parquet
+from vlp_core.schema import CORPUS_SCHEMA, C, conform, require_columns
+
+from vlp_core.capfilt.stage import CALIBRATION_FILE, CORPUS_DIR, R_BELOW, THRESHOLD_FILE
+
+_QUERY = f"""
+SELECT {C.KEY}, {C.URL}, {C.SHARD}, {C.CANDIDATE}, {C.TEXT}, {C.SOURCE}, {C.ITC}, {C.ITM},
+       CASE WHEN {C.REASON} IS NULL OR {C.REASON} = '{R_BELOW}'
+            THEN coalesce(CAST({C.ITM} AS DOUBLE) > $t, false) ELSE false END AS {C.KEPT},
+       CASE WHEN {C.REASON} IS NULL OR {C.REASON} = '{R_BELOW}'
+            THEN CASE WHEN CAST({C.ITM} AS DOUBLE) > $t THEN NULL ELSE '{R_BELOW}' END
+            ELSE {C.REASON} END AS {C.REASON},
+       {C.CAPTIONER_ID}, {C.FILTER_ID}, {C.ROUND}
+FROM read_parquet($path)
+"""
+
+
+def corpus_folder(corpus_dir: str | Path) -> Path:
+    """A CapFilt stage folder (holding ``corpus/``) or the corpus folder itself."""
+    p = Path(corpus_dir)
+    folder = p / CORPUS_DIR if (p / CORPUS_DIR).is_dir() else p
+    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+        raise VlpError(f"{p}: no CapFilt corpus (no {CORPUS_DIR}/*.parquet)")
+    return folder
+
+
+def percentile_threshold(calibration: str | Path, percentile: float) -> float:
+    """The ``percentile``-th percentile (linear, as numpy) of the stored clean-pair ITM scores."""
+    import duckdb
+
+    path = Path(calibration)
+    if not path.is_file():
+        raise VlpError(f"{path}: no stored calibration scores (run capfilt with threshold_mode=calibrated "
+                       "and --calibration first, or give an ITM threshold)")
+    with duckdb.connect() as con:
+        return float(con.execute(f"SELECT quantile_cont({C.ITM}, $q) FROM read_parquet($p)",
+                                 {"q": percentile / 100.0, "p": str(path)}).fetchone()[0])
+
+
+def rethreshold(corpus_dir: str | Path, out_dir: str | Path, itm_threshold: Optional[float] = None,
+                percentile: Optional[float] = None, calibration: Optional[str | Path] = None) -> StageStats:
+    """Write ``out_dir/corpus/<shard>.parquet`` = the corpus of ``corpus_dir`` with ``kept``
+    and ``reason`` recomputed at the new threshold (``itm_threshold``, or ``percentile`` of
+    ``calibration`` / the stage folder's ``calibration.parquet``)."""
+    import duckdb
+
+    t0 = time.perf_counter()
+    folder = corpus_folder(corpus_dir)
+    stage_dir = folder.parent if folder.name == CORPUS_DIR else folder
+    if (itm_threshold is None) == (percentile is None):
+        raise VlpError("rethreshold: give exactly one of an ITM threshold or a calibration percentile")
+    if itm_threshold is None:
+        cal = Path(calibration) if calibration else stage_dir / CALIBRATION_FILE
+        itm_threshold = percentile_threshold(cal, float(percentile))
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == stage_dir.resolve():
+        raise VlpError(f"{out_dir}: rethreshold writes a new corpus; choose another --out than the input")
+    stats = StageStats(stage="capfilt_rethreshold")
+    with duckdb.connect() as con:
+        for f in sorted(folder.glob("*.parquet")):
+            require_columns(pq.read_schema(f), CORPUS_SCHEMA.names, f)
+            table = con.sql(_QUERY, params={"t": float(itm_threshold), "path": str(f)}).to_arrow_table()
+            table = conform(table, CORPUS_SCHEMA)
+            stats.rows_in += pq.read_metadata(f).num_rows
+            stats.rows_out += table.num_rows
+            write_parquet(table, out_dir / CORPUS_DIR / f.name)
+            for source, kept, reason in zip(table[C.SOURCE].to_pylist(), table[C.KEPT].to_pylist(),
+                                            table[C.REASON].to_pylist()):
+                stats.add(f"kept:{source}" if kept else f"reason:{(reason or '').split(':')[0]}")
+            marker = folder / f"{f.stem}_stats.json"
+            old = read_json(marker) if marker.is_file() else {}
+            write_json({**old, "rethreshold": {"from": str(f), "itm_threshold": itm_threshold}},
+                       out_dir / CORPUS_DIR / f"{f.stem}_stats.json")
+            stats.shards_done += 1
+        if (stage_dir / CALIBRATION_FILE).is_file():  # so a later rethreshold by percentile works on the output
+            shutil.copyfile(stage_dir / CALIBRATION_FILE, out_dir / CALIBRATION_FILE)
+    old_thr = read_json(stage_dir / THRESHOLD_FILE) if (stage_dir / THRESHOLD_FILE).is_file() else {}
+    write_json({"mode": "rethreshold", "itm_threshold": itm_threshold, "percentile": percentile,
+                "from": str(stage_dir), "previous": old_thr}, out_dir / THRESHOLD_FILE)
+    stats.seconds = time.perf_counter() - t0
+    stats.extra = {"itm_threshold": itm_threshold, "percentile": percentile, "from": str(stage_dir)}
+    stats.check().write(out_dir)
+    return stats
+
+
+__all__ = ["corpus_folder", "percentile_threshold", "rethreshold"]

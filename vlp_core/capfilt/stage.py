@@ -1,0 +1,429 @@
+"""``run_capfilt``: caption every web image and filter every candidate text (BLIP's CapFilt).
+
+Inputs: an ingest manifest (``manifest.parquet`` or the ingest folder holding it), a
+captioner and a filter model folder (vlp_core checkpoints or local HF BLIP folders), and for
+``threshold_mode: calibrated`` a clean (human) manifest.  Output, in ``out_dir``::
+
+    corpus/<shard>.parquet      CORPUS_SCHEMA: one row per (image, candidate text)
+    corpus/<shard>_stats.json   the shard's done marker (its counts and fingerprint)
+    threshold.json              the ITM threshold used and how it was chosen
+    calibration.parquet         the filter's scores on the clean pairs (calibrated mode)
+    stats.json                  StageStats
+
+Candidate 0 of an image is its web alt-text (``source=web``), candidates ``1..K`` are the
+captioner's samples (``source=synthetic``).  Every candidate becomes a row; a rejected one
+has ``kept=false`` and a reason (``itm_below_threshold``, ``itc_prescreen``, ``empty_text``,
+``image_decode_error: ...``).  Manifest rows whose status is not ``success`` are not
+candidates; they are counted in ``stats.counts`` as ``skipped:<status>``.
+
+Work is per shard (:func:`run_capfilt_shard`, the unit a Prefect flow fans out over, from
+:func:`list_capfilt_shards`): images stream in bounded batches, each image is decoded once
+and encoded once per distinct vision encoder (:class:`~vlp_core.capfilt.backend.ImagePass`),
+rows stream into a temp Parquet file renamed into place at the end, then the done marker is
+written.  A rerun skips shards whose marker matches this run's fingerprint.  A shard tar
+that is truncated or damaged fails alone with an error naming it (``stats.shards_failed``).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vlp_core.config import Params, section_dict
+from vlp_core.errors import VlpError
+from vlp_core.io import StageStats, atomic_path, done_marker, mark_done, read_json, write_json, write_parquet
+from vlp_core.schema import CORPUS_SCHEMA, C, require_columns
+from vlp_core.shards import ShardReader
+
+log = logging.getLogger(__name__)
+
+CORPUS_DIR = "corpus"
+THRESHOLD_FILE = "threshold.json"
+CALIBRATION_FILE = "calibration.parquet"
+MANIFEST_FILE = "manifest.parquet"
+SUCCESS = "success"
+R_BELOW = "itm_below_threshold"
+R_PRESCREEN = "itc_prescreen"
+R_EMPTY = "empty_text"
+R_IMAGE = "image_decode_error"
+CALIBRATION_SCHEMA = pa.schema([pa.field(C.KEY, pa.string()), pa.field(C.TEXT, pa.string()),
+                                pa.field(C.ITC, pa.float32()), pa.field(C.ITM, pa.float32())])
+
+Calibration = Union[None, str, Path, float]
+
+
+class CapfiltShardError(VlpError, OSError):
+    """A shard that cannot be processed (truncated or damaged tar); names the file."""
+
+
+@dataclass(frozen=True)
+class CapfiltShard:
+    """One fan-out unit: the manifest, the shard reference as stored in it, and the output name."""
+
+    manifest: str
+    shard: str
+    name: str
+
+
+# --------------------------------------------------------------------------- manifests
+def manifest_path(manifest: str | Path) -> Path:
+    """A manifest file, or an ingest folder holding ``manifest.parquet``."""
+    p = Path(manifest)
+    if p.is_dir():
+        p = p / MANIFEST_FILE
+    if not p.is_file():
+        raise VlpError(f"{p}: manifest not found")
+    return p
+
+
+def read_manifest(manifest: str | Path, columns: Sequence[str] = (C.KEY, C.URL, C.CAPTION, C.STATUS, C.SHARD)) -> pa.Table:
+    p = manifest_path(manifest)
+    schema = pq.read_schema(p)
+    require_columns(schema, columns, p)
+    return pq.read_table(p, columns=list(columns))
+
+
+def shard_name(ref: str) -> str:
+    """``.../00003.tar`` -> ``00003``; a plain image path -> its folder's name."""
+    p = Path(ref)
+    return p.stem if p.suffix == ".tar" else (p.parent.name or "images")
+
+
+def resolve_ref(ref: str, base: Path) -> str:
+    """Shard references are relative to the working directory; fall back to the manifest's
+    folder, then to its parent (an ingest folder's ``shards/``), when the file is there."""
+    p = Path(ref)
+    if p.is_absolute() or p.exists():
+        return ref
+    for b in (base, base.parent):
+        if (b / p).exists():
+            return str(b / p)
+    return ref
+
+
+def list_capfilt_shards(params_or_manifest: Any, manifest: Optional[str | Path] = None) -> list[CapfiltShard]:
+    """The shards of ``manifest`` that hold successful rows, in name order.  Accepts
+    ``list_capfilt_shards(manifest)`` or ``list_capfilt_shards(params, manifest)``."""
+    m = manifest if manifest is not None else params_or_manifest
+    mp = manifest_path(m)
+    table = read_manifest(mp, (C.STATUS, C.SHARD))
+    ok = table.filter(pc.equal(table[C.STATUS], SUCCESS))
+    refs = sorted(set(r for r in ok[C.SHARD].to_pylist() if r))
+    by_name: dict[str, list[str]] = {}
+    for r in refs:
+        by_name.setdefault(shard_name(r), []).append(r)
+    out = []
+    for name, rs in sorted(by_name.items()):
+        if len(rs) == 1 and rs[0].endswith(".tar"):
+            out.append(CapfiltShard(str(mp), rs[0], name))
+        else:  # plain image files grouped by folder: the unit is the folder
+            out.append(CapfiltShard(str(mp), str(Path(rs[0]).parent), name))
+    return out
+
+
+def _shard_rows(shard: CapfiltShard) -> pa.Table:
+    table = read_manifest(shard.manifest)
+    ok = table.filter(pc.equal(table[C.STATUS], SUCCESS))
+    refs = ok[C.SHARD].to_pylist()
+    if shard.shard.endswith(".tar"):
+        mask = [r == shard.shard for r in refs]
+    else:
+        mask = [r is not None and not r.endswith(".tar") and str(Path(r).parent) == shard.shard for r in refs]
+    return ok.filter(pa.array(mask, pa.bool_()))
+
+
+# --------------------------------------------------------------------------- threshold
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def calibration_scores(params: Params, filter_dir: str | Path, calibration: str | Path) -> pa.Table:
+    """The filter's ITC and ITM on every clean pair of the ``calibration`` manifest."""
+    from vlp_core.capfilt.filter import ItmFilter
+    from vlp_core.shards import load_images
+
+    mp = manifest_path(calibration)
+    t = read_manifest(mp)
+    t = t.filter(pc.equal(t[C.STATUS], SUCCESS))
+    flt = ItmFilter(filter_dir, batch_size=params.capfilt.batch_size)
+    keys, texts, itcs, itms = [], [], [], []
+    bs = params.capfilt.batch_size
+    rows = t.to_pylist()
+    base = mp.parent
+    for i in range(0, len(rows), bs):
+        chunk = [r for r in rows[i:i + bs] if (r[C.CAPTION] or "").strip()]
+        if not chunk:
+            continue
+        imgs, reasons = load_images([(resolve_ref(r[C.SHARD], base), r[C.KEY]) for r in chunk],
+                                    flt.backend.spec.size)
+        good = [j for j, why in enumerate(reasons) if why is None]
+        if not good:
+            continue
+        emb = flt.encode(imgs[good])
+        itc, itm = flt.scores(emb, [chunk[j][C.CAPTION] for j in good])
+        keys += [chunk[j][C.KEY] for j in good]
+        texts += [chunk[j][C.CAPTION] for j in good]
+        itcs.append(itc)
+        itms.append(itm)
+    if not keys:
+        raise VlpError(f"{mp}: no clean pair to calibrate the threshold on (no success row with an image and a caption)")
+    return pa.table({C.KEY: keys, C.TEXT: texts, C.ITC: np.concatenate(itcs), C.ITM: np.concatenate(itms)},
+                    schema=CALIBRATION_SCHEMA)
+
+
+def calibrate_threshold(params: Params, filter_dir: str | Path, calibration: Calibration,
+                        out_dir: str | Path) -> float:
+    """The ITM threshold of this run, recorded in ``out_dir/threshold.json``.
+
+    ``fixed``: ``capfilt.itm_threshold``.  ``calibrated``: the ``calibrate_percentile``-th
+    percentile of the filter's ITM on the clean pairs of the ``calibration`` manifest (the
+    scores are kept in ``calibration.parquet`` so :func:`~vlp_core.capfilt.rethreshold.rethreshold`
+    can re-derive it without a model pass).  A float ``calibration`` is taken as the
+    threshold already decided (the Prefect fan-out computes it once for all shards)."""
+    from vlp_core.capfilt.backend import dir_content_hash, resolve_model_dir
+
+    cp = params.capfilt
+    out_dir = Path(out_dir)
+    if isinstance(calibration, (float, int)) and not isinstance(calibration, bool):
+        return float(calibration)
+    filter_id = dir_content_hash(resolve_model_dir(filter_dir)[0])
+    if cp.threshold_mode == "fixed":
+        rec = {"mode": "fixed", "itm_threshold": cp.itm_threshold, "filter_id": filter_id}
+        write_json(rec, out_dir / THRESHOLD_FILE)
+        return float(cp.itm_threshold)
+    if calibration is None:
+        raise VlpError("capfilt.threshold_mode is calibrated but no calibration manifest was given "
+                       "(pass --calibration M, or set -S capfilt.threshold_mode=fixed)")
+    mp = manifest_path(calibration)
+    fp = {"mode": "calibrated", "percentile": cp.calibrate_percentile, "filter_id": filter_id,
+          "calibration": str(mp), "calibration_sha": _file_sha(mp)}
+    tpath = out_dir / THRESHOLD_FILE
+    if tpath.is_file() and (out_dir / CALIBRATION_FILE).is_file():
+        old = read_json(tpath)
+        if all(old.get(k) == v for k, v in fp.items()):
+            return float(old["itm_threshold"])
+    scores = calibration_scores(params, filter_dir, mp)
+    write_parquet(scores, out_dir / CALIBRATION_FILE)
+    itm = scores[C.ITM].to_numpy()
+    thr = float(np.percentile(itm, cp.calibrate_percentile))
+    write_json({**fp, "itm_threshold": thr, "n_calibration": len(itm),
+                "calibration_itm_quantiles": {str(q): float(np.percentile(itm, q)) for q in (1, 5, 10, 25, 50, 75, 90)}},
+               tpath)
+    return thr
+
+
+# --------------------------------------------------------------------------- one shard
+def _fingerprint(params: Params, captioner_id: str, filter_id: str, threshold: float, round: int) -> dict[str, Any]:
+    return {"capfilt": section_dict(params, "capfilt"), "captioner_id": captioner_id, "filter_id": filter_id,
+            "itm_threshold": round_float(threshold), "round": round}
+
+
+def round_float(x: float) -> float:
+    return float(f"{x:.9g}")
+
+
+def _is_text(t: Any) -> bool:
+    return isinstance(t, str) and bool(t.strip())
+
+
+def _image_reason(reason: str) -> str:
+    detail = reason.split(": ", 1)[1] if reason.startswith("decode_error: ") else reason
+    return f"{R_IMAGE}: {detail}"
+
+
+def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path, filter: str | Path,
+                      out_dir: str | Path, round: int = 0, calibration: Calibration = None,
+                      device: Optional[str] = None) -> dict[str, Any]:
+    """Caption and filter ONE shard into ``out_dir/corpus/<shard.name>.parquet``; returns the
+    shard's stats (also its done marker).  Idempotent: a shard whose marker matches this
+    run's fingerprint is skipped.  Raises :class:`CapfiltShardError` for a damaged tar."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from vlp_core.capfilt.backend import ImagePass
+    from vlp_core.capfilt.captioner import Captioner
+    from vlp_core.capfilt.filter import ItmFilter
+
+    t0 = time.perf_counter()
+    cp = params.capfilt
+    out_dir = Path(out_dir)
+    corpus = out_dir / CORPUS_DIR
+    threshold = calibrate_threshold(params, filter, calibration, out_dir)
+    cap = Captioner(captioner, cp, device=device)
+    flt = ItmFilter(filter, device=device, batch_size=max(cp.batch_size, 1) * (cp.num_captions + 1))
+    fp = _fingerprint(params, cap.model_id, flt.model_id, threshold, round)
+    marker = done_marker(corpus, shard.name)
+    if marker.is_file():
+        old = read_json(marker)
+        if old.get("fingerprint") == fp:
+            return {**old, "skipped": True}
+        log.info("%s: done marker is from other settings or models; redoing the shard", marker)
+
+    rows = _shard_rows(shard)
+    base = Path(shard.manifest).parent
+    k = cp.num_captions
+    n_img = rows.num_rows
+    stats: dict[str, Any] = {"shard": shard.name, "images": n_img, "rows_in": n_img * (1 + k), "rows_out": 0,
+                             "counts": {}, "fingerprint": fp}
+    counts: dict[str, int] = stats["counts"]
+    imgpass = ImagePass([cap.backend, flt.backend])
+    reader = ShardReader()
+    torch.manual_seed(cp.seed + zlib.crc32(shard.name.encode()))  # the shard's samples do not depend on order
+    keys, urls, refs, caps_web = (rows[c].to_pylist() for c in (C.KEY, C.URL, C.SHARD, C.CAPTION))
+    bs = max(1, cp.batch_size)
+    dsize = imgpass.decode_size
+    out_path = corpus / f"{shard.name}.parquet"
+    with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, CORPUS_SCHEMA) as writer, \
+            tqdm(total=n_img, desc=f"capfilt {shard.name}", unit="img", disable=None, leave=False) as bar:
+        for s in range(0, n_img, bs):
+            e = min(n_img, s + bs)
+            # ---- decode once
+            imgs = np.zeros((e - s, dsize, dsize, 3), np.uint8)
+            bad: dict[int, str] = {}
+            for j in range(s, e):
+                ref = resolve_ref(refs[j], base)
+                arr, why = reader.read(ref, keys[j], dsize)
+                if why is not None:
+                    if why.startswith(("unreadable_shard", "missing_image")) and ref.endswith(".tar"):
+                        raise CapfiltShardError(f"{ref}: truncated or damaged shard ({why}); the manifest "
+                                                f"lists key {keys[j]} as {SUCCESS}. Re-ingest this shard")
+                    bad[j - s] = _image_reason(why)
+                else:
+                    imgs[j - s] = arr
+            good = [i for i in range(e - s) if i not in bad]
+            # ---- encode once per distinct vision encoder, caption, score
+            texts: list[list[Optional[str]]] = [[caps_web[s + i]] + [None] * k for i in range(e - s)]
+            cand_src = ["web"] + ["synthetic"] * k
+            n = (e - s) * (1 + k)
+            itc = np.full(n, np.nan, np.float32)
+            itm = np.full(n, np.nan, np.float32)
+            if good:
+                emb = imgpass.encode(imgs[good])
+                if k > 0:
+                    for gi, caps in zip(good, cap.caption(emb[cap.vision_key], k)):
+                        texts[gi][1:] = caps
+                flat_rows = [(gi, gpos, c) for gpos, gi in enumerate(good) for c in range(1 + k)
+                             if _is_text(texts[gi][c])]
+                if flat_rows:
+                    sc_itc, sc_itm = flt.scores(emb[flt.vision_key], [texts[gi][c] for gi, _, c in flat_rows],
+                                                image_index=[gpos for _, gpos, _ in flat_rows],
+                                                itc_prescreen=cp.itc_prescreen)
+                    pos = np.array([gi * (1 + k) + c for gi, _, c in flat_rows])
+                    itc[pos], itm[pos] = sc_itc, sc_itm
+            # ---- rows
+            col_key, col_url, col_ref, col_cand, col_text, col_src, col_kept, col_reason = ([] for _ in range(8))
+            for i in range(e - s):
+                for c in range(1 + k):
+                    p = i * (1 + k) + c
+                    t = texts[i][c]
+                    if i in bad:
+                        kept, reason = False, bad[i]
+                    elif not _is_text(t):
+                        kept, reason = False, R_EMPTY
+                    elif np.isnan(itm[p]):
+                        kept, reason = False, R_PRESCREEN
+                    elif float(itm[p]) > threshold:
+                        kept, reason = True, None
+                    else:
+                        kept, reason = False, R_BELOW
+                    col_key.append(keys[s + i])
+                    col_url.append(urls[s + i])
+                    col_ref.append(refs[s + i])
+                    col_cand.append(c)
+                    col_text.append(t)
+                    col_src.append(cand_src[c])
+                    col_kept.append(kept)
+                    col_reason.append(reason)
+                    tag = f"kept:{cand_src[c]}" if kept else f"reason:{reason.split(':')[0]}"
+                    counts[tag] = counts.get(tag, 0) + 1
+            m = len(col_key)
+            table = pa.table({
+                C.KEY: col_key, C.URL: col_url, C.SHARD: col_ref, C.CANDIDATE: pa.array(col_cand, pa.int16()),
+                C.TEXT: pa.array(col_text, pa.string()), C.SOURCE: col_src,
+                C.ITC: pa.array(itc, pa.float32(), mask=np.isnan(itc)), C.ITM: pa.array(itm, pa.float32(), mask=np.isnan(itm)),
+                C.KEPT: pa.array(col_kept, pa.bool_()), C.REASON: pa.array(col_reason, pa.string()),
+                C.CAPTIONER_ID: [cap.model_id] * m, C.FILTER_ID: [flt.model_id] * m,
+                C.ROUND: pa.array([round] * m, pa.int32())}, schema=CORPUS_SCHEMA)
+            writer.write_table(table)
+            stats["rows_out"] += m
+            bar.update(e - s)
+    stats["vision_passes"] = imgpass.passes
+    stats["vision_encoders"] = imgpass.n_encoders
+    stats["seconds"] = round_float(time.perf_counter() - t0)
+    mark_done(corpus, shard.name, stats)
+    return {**stats, "skipped": False}
+
+
+# --------------------------------------------------------------------------- the stage
+def _clean_stale_temps(corpus: Path) -> None:
+    if corpus.is_dir():
+        for p in corpus.glob(".*.tmp"):  # left by a killed run (atomic_path never renamed them)
+            p.unlink(missing_ok=True)
+
+
+def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, filter: str | Path,
+                out_dir: str | Path, round: int = 0, calibration: Calibration = None,
+                device: Optional[str] = None) -> StageStats:
+    """CapFilt over every shard of ``manifest`` into ``out_dir`` (see the module docstring).
+
+    ``stats.rows_in`` counts candidates (successful images x (1 + K)) and equals
+    ``stats.rows_out``, the corpus rows; ``stats.extra["manifest_rows"]`` equals
+    ``extra["images"]`` plus the ``skipped:<status>`` counts."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    _clean_stale_temps(out_dir / CORPUS_DIR)
+    stats = StageStats(stage="capfilt")
+    table = read_manifest(manifest, (C.STATUS, C.SHARD))
+    status_counts: dict[str, int] = {}
+    for st in table[C.STATUS].to_pylist():
+        status_counts[st] = status_counts.get(st, 0) + 1
+    for st, n in sorted(status_counts.items()):
+        if st != SUCCESS:
+            stats.add(f"skipped:{st}", n)
+    threshold = calibrate_threshold(params, filter, calibration, out_dir)
+    images = 0
+    ids: dict[str, str] = {}
+    for shard in list_capfilt_shards(manifest):
+        try:
+            res = run_capfilt_shard(params, shard, captioner, filter, out_dir, round=round, calibration=threshold,
+                                    device=device)
+        except CapfiltShardError as exc:
+            log.error("capfilt: shard %s failed: %s", shard.name, exc)
+            stats.shards_failed.append(shard.name)
+            stats.add("failed_shard_images", int(_shard_rows(shard).num_rows))
+            stats.extra.setdefault("shard_errors", {})[shard.name] = str(exc)
+            continue
+        if res.get("skipped"):
+            stats.shards_skipped += 1
+        else:
+            stats.shards_done += 1
+        images += res["images"]
+        stats.rows_in += res["rows_in"]
+        stats.rows_out += res["rows_out"]
+        for key, n in res["counts"].items():
+            stats.add(key, n)
+        ids = {"captioner_id": res["fingerprint"]["captioner_id"], "filter_id": res["fingerprint"]["filter_id"]}
+        stats.extra["vision_passes"] = stats.extra.get("vision_passes", 0) + int(res.get("vision_passes", 0))
+    stats.seconds = time.perf_counter() - t0
+    stats.extra.update({"manifest": str(manifest_path(manifest)), "manifest_rows": table.num_rows, "images": images,
+                        "candidates_per_image": 1 + params.capfilt.num_captions, "itm_threshold": threshold,
+                        "threshold_mode": params.capfilt.threshold_mode, "round": round, **ids})
+    stats.check().write(out_dir)
+    return stats
+
+
+__all__ = ["CapfiltShard", "CapfiltShardError", "calibrate_threshold", "calibration_scores", "list_capfilt_shards",
+           "read_manifest", "run_capfilt", "run_capfilt_shard"]
