@@ -38,6 +38,14 @@ class C:
     CAPTIONER_ID = "captioner_id"
     FILTER_ID = "filter_id"
     ROUND = "round"
+    # features (run_features)
+    IMAGE_EMB = "image_embedding"  # the filter's ITC image projection, fixed-size float32 list
+    TEXT_EMB = "text_embedding"  # the filter's ITC text projection
+    BACKBONE_EMB = "backbone_embedding"  # optional timm backbone pooled features
+    EXACT_DUP = "exact_dup"  # an earlier image has the same sha256
+    NEAR_DUP = "near_dup"  # an earlier image's embedding cosine is above features.near_dup_threshold
+    DUP_OF = "dup_of"  # the key of that earlier image
+    DUP_COSINE = "dup_cosine"  # cosine to the most similar earlier image
     # ground truth (never read by the pipeline, only by evaluation)
     IS_NOISE = "is_noise"
     NOISE_KIND = "noise_kind"
@@ -90,6 +98,29 @@ CORPUS_SCHEMA = pa.schema(
         pa.field(C.ROUND, pa.int32(), nullable=False),
     ]
 )
+
+def features_schema(dim: int, backbone_dim: int | None = None) -> pa.Schema:
+    """``run_features``' rows: one per corpus row, embeddings as fixed-size float32 lists."""
+    fields = [
+        pa.field(C.KEY, pa.string(), nullable=False),
+        pa.field(C.SHARD, pa.string()),
+        pa.field(C.CANDIDATE, pa.int16(), nullable=False),
+        pa.field(C.SOURCE, pa.string()),
+        pa.field(C.KEPT, pa.bool_()),
+        pa.field(C.SHA256, pa.string()),
+        pa.field(C.IMAGE_EMB, pa.list_(pa.float32(), dim)),
+        pa.field(C.TEXT_EMB, pa.list_(pa.float32(), dim)),
+    ]
+    if backbone_dim:
+        fields.append(pa.field(C.BACKBONE_EMB, pa.list_(pa.float32(), backbone_dim)))
+    fields += [
+        pa.field(C.EXACT_DUP, pa.bool_(), nullable=False),
+        pa.field(C.NEAR_DUP, pa.bool_(), nullable=False),
+        pa.field(C.DUP_OF, pa.string()),
+        pa.field(C.DUP_COSINE, pa.float32()),
+    ]
+    return pa.schema(fields)
+
 
 GROUND_TRUTH_SCHEMA = pa.schema(
     [

@@ -305,6 +305,22 @@ def clear_backend_cache() -> None:
 
 
 # --------------------------------------------------------------------------- one image pass
+def decode_image(data: bytes, size: Optional[int]) -> np.ndarray:
+    """Image bytes -> ``(size, size, 3)`` uint8 RGB (bicubic resize when needed); raises on
+    corrupt data (the caller turns that into a row reason)."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    img = img.convert("RGB")
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+
 class ImagePass:
     """Encode a uint8 batch once per distinct vision encoder among ``backends``."""
 

@@ -59,12 +59,13 @@ class ItmFilter:
 
     @torch.no_grad()
     def scores(self, image_embeds: torch.Tensor, texts: Sequence[str], image_index: Optional[Sequence[int]] = None,
-               itc_prescreen: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
+               itc_prescreen: Optional[float] = None, return_feats: bool = False):
         """ITC cosine and ITM probability for each text, ``(N,)`` float32 each.
 
         ``image_embeds (B, 1 + N_tok, Dv)``; text ``i`` is paired with image
         ``image_index[i]`` (default: ``i``, so ``len(texts) == B``).  With ``itc_prescreen``,
-        texts whose ITC is below it get ``itm = nan`` and skip the ITM pass."""
+        texts whose ITC is below it get ``itm = nan`` and skip the ITM pass.  With
+        ``return_feats`` also the ITC features ``image (B, E)`` and ``text (N, E)`` (numpy)."""
         n = len(texts)
         idx = torch.arange(n) if image_index is None else torch.as_tensor(list(image_index), dtype=torch.long)
         if image_index is None and n != image_embeds.shape[0]:
@@ -72,7 +73,7 @@ class ItmFilter:
         itc = np.full(n, np.nan, np.float32)
         itm = np.full(n, np.nan, np.float32)
         if n == 0:
-            return itc, itm
+            return (itc, itm, None, None) if return_feats else (itc, itm)
         idx = idx.to(image_embeds.device)
         img_f = self.image_feat(image_embeds)  # (B, E)
         txt_f = self.text_feat(texts).to(img_f.device)  # (N, E)
@@ -83,6 +84,8 @@ class ItmFilter:
                 rows = todo[sl]
                 emb = image_embeds[idx[torch.as_tensor(rows, device=idx.device)]]
                 itm[rows] = self.backend.itm_probs(emb, [texts[i] for i in rows]).float().cpu().numpy()
+        if return_feats:
+            return itc, itm, img_f.cpu().numpy(), txt_f.cpu().numpy()
         return itc, itm
 
 

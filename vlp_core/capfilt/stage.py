@@ -41,14 +41,15 @@ import pyarrow.parquet as pq
 from vlp_core.config import Params, section_dict
 from vlp_core.errors import VlpError
 from vlp_core.io import StageStats, atomic_path, done_marker, mark_done, read_json, write_json, write_parquet
-from vlp_core.schema import CORPUS_SCHEMA, C, require_columns
-from vlp_core.shards import ShardReader
+from vlp_core.schema import CORPUS_SCHEMA, C, features_schema, require_columns
+from vlp_core.shards import ShardError, ShardReader
 
 log = logging.getLogger(__name__)
 
 CORPUS_DIR = "corpus"
 THRESHOLD_FILE = "threshold.json"
 CALIBRATION_FILE = "calibration.parquet"
+FEATS_DIR = "feats"  # the filter's ITC features per corpus row, reused by run_features
 MANIFEST_FILE = "manifest.parquet"
 SUCCESS = "success"
 R_BELOW = "itm_below_threshold"
@@ -226,6 +227,66 @@ def calibrate_threshold(params: Params, filter_dir: str | Path, calibration: Cal
 
 
 # --------------------------------------------------------------------------- one shard
+class _FeatsSidecar:
+    """Streams the filter's ITC features of every corpus row to ``feats/<shard>.parquet``
+    (``features_schema``, flags unset) so ``run_features`` needs no second image pass.
+    Written atomically; best effort (the features stage recomputes when it is absent)."""
+
+    def __init__(self, path: Path, model_id: str):
+        self.path, self.model_id = path, model_id
+        self.writer: Optional[pq.ParquetWriter] = None
+        self._ctx = atomic_path(path)
+        self.tmp: Optional[Path] = None
+        self.pending: list[tuple] = []
+
+    def __enter__(self) -> "_FeatsSidecar":
+        self.tmp = self._ctx.__enter__()
+        return self
+
+    def write(self, table: pa.Table, shas: list, img_feat: np.ndarray, txt_feat: np.ndarray, k: int) -> None:
+        n = table.num_rows
+        if img_feat.shape[1] == 0:  # no feature dimension known yet (a batch of only failed images)
+            self.pending.append((table, shas, n))
+            return
+        dim = img_feat.shape[1]
+        if self.writer is None:
+            schema = features_schema(dim).with_metadata({b"vlp.model_id": self.model_id.encode()})
+            self.writer = pq.ParquetWriter(self.tmp, schema)
+            for t, sh, m in self.pending:
+                self._write(t, sh, np.zeros((m // (1 + k), dim), np.float32), np.zeros((m, dim), np.float32), k)
+            self.pending = []
+        self._write(table, shas, img_feat, txt_feat, k)
+
+    def _write(self, table: pa.Table, shas: list, img_feat: np.ndarray, txt_feat: np.ndarray, k: int) -> None:
+        from vlp_core.features.stage import fixed_list
+
+        n, dim = table.num_rows, img_feat.shape[1]
+        reasons = table[C.REASON].to_pylist()
+        texts = table[C.TEXT].to_pylist()
+        img_ok = np.array([not (r or "").startswith(R_IMAGE) for r in reasons], bool)
+        txt_ok = img_ok & np.array([_is_text(t) and r != R_EMPTY for t, r in zip(texts, reasons)], bool)
+        rows_img = np.repeat(np.arange(n // (1 + k)), 1 + k)
+        cols = {C.KEY: table[C.KEY], C.SHARD: table[C.SHARD], C.CANDIDATE: table[C.CANDIDATE],
+                C.SOURCE: table[C.SOURCE], C.KEPT: table[C.KEPT],
+                C.SHA256: pa.array([shas[i] for i in rows_img], pa.string()),
+                C.IMAGE_EMB: fixed_list(img_feat[rows_img], img_ok, dim), C.TEXT_EMB: fixed_list(txt_feat, txt_ok, dim),
+                C.EXACT_DUP: pa.array(np.zeros(n, bool)), C.NEAR_DUP: pa.array(np.zeros(n, bool)),
+                C.DUP_OF: pa.nulls(n, pa.string()), C.DUP_COSINE: pa.nulls(n, pa.float32())}
+        self.writer.write_table(pa.table(cols, schema=self.writer.schema))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if exc_type is None and self.writer is not None:
+            self._ctx.__exit__(None, None, None)
+        else:  # nothing written (or an error): no sidecar
+            try:
+                self._ctx.__exit__(RuntimeError, RuntimeError("no sidecar"), None)
+            except RuntimeError:
+                pass
+
+
+
 def _fingerprint(params: Params, captioner_id: str, filter_id: str, threshold: float, round: int) -> dict[str, Any]:
     return {"capfilt": section_dict(params, "capfilt"), "captioner_id": captioner_id, "filter_id": filter_id,
             "itm_threshold": round_float(threshold), "round": round}
@@ -239,11 +300,6 @@ def _is_text(t: Any) -> bool:
     return isinstance(t, str) and bool(t.strip())
 
 
-def _image_reason(reason: str) -> str:
-    detail = reason.split(": ", 1)[1] if reason.startswith("decode_error: ") else reason
-    return f"{R_IMAGE}: {detail}"
-
-
 def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path, filter: str | Path,
                       out_dir: str | Path, round: int = 0, calibration: Calibration = None,
                       device: Optional[str] = None) -> dict[str, Any]:
@@ -253,7 +309,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     import torch
     from tqdm.auto import tqdm
 
-    from vlp_core.capfilt.backend import ImagePass
+    from vlp_core.capfilt.backend import ImagePass, decode_image
     from vlp_core.capfilt.captioner import Captioner
     from vlp_core.capfilt.filter import ItmFilter
 
@@ -286,23 +342,31 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     bs = max(1, cp.batch_size)
     dsize = imgpass.decode_size
     out_path = corpus / f"{shard.name}.parquet"
+    feat_dim: Optional[int] = None
     with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, CORPUS_SCHEMA) as writer, \
+            _FeatsSidecar(out_dir / FEATS_DIR / f"{shard.name}.parquet", flt.model_id) as feats, \
             tqdm(total=n_img, desc=f"capfilt {shard.name}", unit="img", disable=None, leave=False) as bar:
         for s in range(0, n_img, bs):
             e = min(n_img, s + bs)
-            # ---- decode once
+            # ---- read + decode once (the bytes' sha256 goes to the features sidecar)
             imgs = np.zeros((e - s, dsize, dsize, 3), np.uint8)
             bad: dict[int, str] = {}
+            shas: list[Optional[str]] = [None] * (e - s)
             for j in range(s, e):
                 ref = resolve_ref(refs[j], base)
-                arr, why = reader.read(ref, keys[j], dsize)
-                if why is not None:
-                    if why.startswith(("unreadable_shard", "missing_image")) and ref.endswith(".tar"):
-                        raise CapfiltShardError(f"{ref}: truncated or damaged shard ({why}); the manifest "
-                                                f"lists key {keys[j]} as {SUCCESS}. Re-ingest this shard")
-                    bad[j - s] = _image_reason(why)
-                else:
-                    imgs[j - s] = arr
+                try:
+                    data = reader.read_bytes(ref, keys[j])
+                except (ShardError, KeyError, FileNotFoundError) as exc:
+                    if ref.endswith(".tar"):
+                        raise CapfiltShardError(f"{ref}: truncated or damaged shard ({exc}); the manifest lists "
+                                                f"key {keys[j]} as {SUCCESS}. Re-ingest this shard") from None
+                    bad[j - s] = f"{R_IMAGE}: {exc.__class__.__name__}: {exc}"
+                    continue
+                shas[j - s] = hashlib.sha256(data).hexdigest()
+                try:
+                    imgs[j - s] = decode_image(data, dsize)
+                except Exception as exc:  # PIL raises many types for corrupt data
+                    bad[j - s] = f"{R_IMAGE}: {exc.__class__.__name__}: {exc}"
             good = [i for i in range(e - s) if i not in bad]
             # ---- encode once per distinct vision encoder, caption, score
             texts: list[list[Optional[str]]] = [[caps_web[s + i]] + [None] * k for i in range(e - s)]
@@ -310,6 +374,8 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
             n = (e - s) * (1 + k)
             itc = np.full(n, np.nan, np.float32)
             itm = np.full(n, np.nan, np.float32)
+            img_feat = np.zeros((e - s, feat_dim or 0), np.float32)
+            txt_feat = np.zeros((n, feat_dim or 0), np.float32)
             if good:
                 emb = imgpass.encode(imgs[good])
                 if k > 0:
@@ -318,11 +384,18 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
                 flat_rows = [(gi, gpos, c) for gpos, gi in enumerate(good) for c in range(1 + k)
                              if _is_text(texts[gi][c])]
                 if flat_rows:
-                    sc_itc, sc_itm = flt.scores(emb[flt.vision_key], [texts[gi][c] for gi, _, c in flat_rows],
-                                                image_index=[gpos for _, gpos, _ in flat_rows],
-                                                itc_prescreen=cp.itc_prescreen)
+                    sc_itc, sc_itm, f_img, f_txt = flt.scores(
+                        emb[flt.vision_key], [texts[gi][c] for gi, _, c in flat_rows],
+                        image_index=[gpos for _, gpos, _ in flat_rows], itc_prescreen=cp.itc_prescreen,
+                        return_feats=True)
                     pos = np.array([gi * (1 + k) + c for gi, _, c in flat_rows])
                     itc[pos], itm[pos] = sc_itc, sc_itm
+                    if feat_dim is None:
+                        feat_dim = f_img.shape[1]
+                        img_feat = np.zeros((e - s, feat_dim), np.float32)
+                        txt_feat = np.zeros((n, feat_dim), np.float32)
+                    img_feat[good] = f_img
+                    txt_feat[pos] = f_txt
             # ---- rows
             col_key, col_url, col_ref, col_cand, col_text, col_src, col_kept, col_reason = ([] for _ in range(8))
             for i in range(e - s):
@@ -359,6 +432,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
                 C.ROUND: pa.array([round] * m, pa.int32())}, schema=CORPUS_SCHEMA)
             writer.write_table(table)
             stats["rows_out"] += m
+            feats.write(table, shas, img_feat, txt_feat, k)
             bar.update(e - s)
     stats["vision_passes"] = imgpass.passes
     stats["vision_encoders"] = imgpass.n_encoders
@@ -368,10 +442,11 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
 
 
 # --------------------------------------------------------------------------- the stage
-def _clean_stale_temps(corpus: Path) -> None:
-    if corpus.is_dir():
-        for p in corpus.glob(".*.tmp"):  # left by a killed run (atomic_path never renamed them)
-            p.unlink(missing_ok=True)
+def _clean_stale_temps(*folders: Path) -> None:
+    for folder in folders:
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):  # left by a killed run (atomic_path never renamed them)
+                p.unlink(missing_ok=True)
 
 
 def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, filter: str | Path,
@@ -384,7 +459,7 @@ def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, fil
     ``extra["images"]`` plus the ``skipped:<status>`` counts."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    _clean_stale_temps(out_dir / CORPUS_DIR)
+    _clean_stale_temps(out_dir / CORPUS_DIR, out_dir / FEATS_DIR)
     stats = StageStats(stage="capfilt")
     table = read_manifest(manifest, (C.STATUS, C.SHARD))
     status_counts: dict[str, int] = {}

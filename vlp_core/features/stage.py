@@ -1,0 +1,308 @@
+"""``run_features``: embeddings and duplicate flags for every row of a CapFilt corpus.
+
+Output, in ``out_dir``::
+
+    embeddings/<shard>.parquet      features_schema: one row per corpus row (never dropped)
+    embeddings/<shard>_stats.json   the shard's done marker
+    stats.json                      StageStats (duplicate counts in ``counts``)
+
+Per row: the image's sha256, the model's ITC image projection (``image_embedding``, the
+same for every candidate of an image), the candidate text's ITC projection
+(``text_embedding``, null for an empty text), optionally a timm backbone's pooled features
+(``features.backbone``: a timm model name, or ``name@weights.safetensors`` for local
+weights), and the flags ``exact_dup`` (an earlier image has the same sha256), ``near_dup``
+(an earlier image's embedding cosine is above ``features.near_dup_threshold``), ``dup_of``
+and ``dup_cosine``.  "Earlier" is corpus order (shard name, then row).
+
+One image pass: when the CapFilt stage already computed the filter's projections
+(``<capfilt>/feats/<shard>.parquet``, written by the same filter model), they are reused and
+no image is decoded again; otherwise images are read from the ingest shards in bounded
+batches.  Duplicate search is global (across shards) with blocked matrix products
+(:mod:`vlp_core.features.dedup`), after every shard's embeddings are on disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlp_core.config import Params, section_dict
+from vlp_core.errors import VlpError
+from vlp_core.io import StageStats, done_marker, mark_done, read_json, write_parquet
+from vlp_core.schema import C, features_schema, require_columns
+
+log = logging.getLogger(__name__)
+
+EMB_DIR = "embeddings"
+FEATS_DIR = "feats"  # the CapFilt stage's sidecar (same schema, flags unset)
+META_MODEL_ID = b"vlp.model_id"
+
+
+def _corpus_files(corpus_dir: str | Path) -> tuple[Path, list[Path]]:
+    from vlp_core.capfilt.rethreshold import corpus_folder
+
+    folder = corpus_folder(corpus_dir)
+    return folder, sorted(folder.glob("*.parquet"))
+
+
+def fixed_list(arr: np.ndarray, valid: np.ndarray, dim: int) -> pa.Array:
+    """``(n, dim)`` float32 rows -> ``FixedSizeList<float32, dim>`` with nulls where not ``valid``."""
+    flat = pa.array(np.ascontiguousarray(arr, np.float32).reshape(-1), pa.float32())
+    out = pa.FixedSizeListArray.from_arrays(flat, dim)
+    if valid.all():
+        return out
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
+
+
+def to_numpy_list(col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-size list column -> ``((n, dim) float32, valid (n,))`` (zeros where null)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), bool)
+    values = arr.values.slice(arr.offset * dim, n * dim).to_numpy(zero_copy_only=False)
+    out = np.nan_to_num(np.asarray(values, np.float32)).reshape(n, dim)
+    out[~valid] = 0.0
+    return out, valid
+
+
+# --------------------------------------------------------------------------- backbone
+class Backbone:
+    """A timm model's pooled features (``num_classes=0``), from ``name`` or ``name@weights``."""
+
+    def __init__(self, spec: str, device):
+        import timm
+        import torch
+
+        name, _, weights = spec.partition("@")
+        kw: dict[str, Any] = {"num_classes": 0}
+        if weights:
+            kw.update(pretrained=True, pretrained_cfg_overlay={"file": weights})
+        try:
+            self.model = timm.create_model(name, **kw).to(device).eval()
+        except Exception as exc:
+            raise VlpError(f"features.backbone: cannot create timm model {spec!r} ({exc})") from None
+        cfg = timm.data.resolve_data_config({}, model=self.model)
+        from vlp_core.capfilt.backend import ImageSpec
+
+        self.spec = ImageSpec(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]))
+        self.device = device
+        self.dim = int(self.model.num_features)
+        self.torch = torch
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.model(self.spec.preprocess(images, self.device)).float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- one shard
+def _reuse_sidecar(sidecar: Path, corpus: pa.Table, model_id: str) -> Optional[pa.Table]:
+    if not sidecar.is_file():
+        return None
+    meta = pq.read_schema(sidecar).metadata or {}
+    if meta.get(META_MODEL_ID, b"").decode() != model_id:
+        return None
+    t = pq.read_table(sidecar)
+    if t.num_rows != corpus.num_rows or t[C.KEY] != corpus[C.KEY] or t[C.CANDIDATE] != corpus[C.CANDIDATE]:
+        return None
+    return t
+
+
+def _compute_shard(params: Params, corpus: pa.Table, flt, backbone: Optional[Backbone], base: Path,
+                   name: str) -> tuple[pa.Table, dict[str, int]]:
+    from tqdm.auto import tqdm
+
+    from vlp_core.capfilt.stage import resolve_ref
+    from vlp_core.capfilt.backend import decode_image
+    from vlp_core.shards import ShardReader
+
+    fp = params.features
+    n = corpus.num_rows
+    keys, refs, texts = corpus[C.KEY].to_pylist(), corpus[C.SHARD].to_pylist(), corpus[C.TEXT].to_pylist()
+    # distinct images in corpus order
+    img_of_row = np.zeros(n, np.int64)
+    images: dict[tuple, int] = {}
+    for i, (r, k) in enumerate(zip(refs, keys)):
+        img_of_row[i] = images.setdefault((r, k), len(images))
+    img_list = list(images)
+    m = len(img_list)
+    dim = None
+    img_emb: Optional[np.ndarray] = None
+    bb_emb = np.zeros((m, backbone.dim), np.float32) if backbone else None
+    img_ok = np.zeros(m, bool)
+    shas: list[Optional[str]] = [None] * m
+    reader = ShardReader()
+    size = flt.backend.spec.size
+    counts: dict[str, int] = {}
+    bs = max(1, fp.batch_size)
+    with tqdm(total=m, desc=f"features {name}", unit="img", disable=None, leave=False) as bar:
+        for s in range(0, m, bs):
+            e = min(m, s + bs)
+            arrs, idx = [], []
+            for j in range(s, e):
+                ref, key = img_list[j]
+                try:
+                    data = reader.read_bytes(resolve_ref(ref, base), key)
+                    shas[j] = hashlib.sha256(data).hexdigest()
+                    arrs.append(decode_image(data, size))
+                    idx.append(j)
+                except Exception as exc:  # unreadable/corrupt: the rows stay, without embeddings
+                    counts["image_unreadable"] = counts.get("image_unreadable", 0) + 1
+                    log.debug("%s/%s: %s", ref, key, exc)
+            if arrs:
+                batch = np.stack(arrs)
+                f = flt.image_feat(flt.encode(batch)).cpu().numpy()
+                if img_emb is None:
+                    dim = f.shape[1]
+                    img_emb = np.zeros((m, dim), np.float32)
+                img_emb[idx] = f
+                img_ok[idx] = True
+                if backbone is not None:
+                    bb_emb[idx] = backbone(batch)
+            bar.update(e - s)
+    has_text = np.array([isinstance(t, str) and bool(t.strip()) for t in texts], bool)
+    rows_t = np.flatnonzero(has_text)
+    txt = flt.text_feat([texts[i] for i in rows_t]).cpu().numpy() if len(rows_t) else np.zeros((0, 0), np.float32)
+    if dim is None:
+        dim = txt.shape[1] if txt.size else int(flt.image_feat(flt.encode(np.zeros((1, size, size, 3), np.uint8))).shape[1])
+        img_emb = np.zeros((m, dim), np.float32)
+    txt_emb = np.zeros((n, dim), np.float32)
+    if len(rows_t):
+        txt_emb[rows_t] = txt
+    row_ok = img_ok[img_of_row]
+    cols: dict[str, Any] = {
+        C.KEY: corpus[C.KEY], C.SHARD: corpus[C.SHARD], C.CANDIDATE: corpus[C.CANDIDATE],
+        C.SOURCE: corpus[C.SOURCE], C.KEPT: corpus[C.KEPT],
+        C.SHA256: pa.array([shas[j] for j in img_of_row], pa.string()),
+        C.IMAGE_EMB: fixed_list(img_emb[img_of_row], row_ok, dim),
+        C.TEXT_EMB: fixed_list(txt_emb, has_text, dim),
+    }
+    if backbone is not None:
+        cols[C.BACKBONE_EMB] = fixed_list(bb_emb[img_of_row], row_ok, backbone.dim)
+    cols.update({C.EXACT_DUP: pa.array(np.zeros(n, bool)), C.NEAR_DUP: pa.array(np.zeros(n, bool)),
+                 C.DUP_OF: pa.nulls(n, pa.string()), C.DUP_COSINE: pa.nulls(n, pa.float32())})
+    schema = features_schema(dim, backbone.dim if backbone else None)
+    return pa.table(cols, schema=schema), counts
+
+
+# --------------------------------------------------------------------------- dedup
+def _flag_duplicates(files: list[Path], threshold: float, block_size: int) -> dict[str, int]:
+    """Global exact + near duplicate flags, written back into each shard file (atomically)."""
+    from vlp_core.features.dedup import exact_duplicates, near_duplicates
+
+    # one entry per distinct image, in corpus order
+    img_keys: list[str] = []
+    img_shas: list[Optional[str]] = []
+    embs, oks = [], []
+    per_file_img: list[np.ndarray] = []
+    seen: dict[tuple, int] = {}
+    for f in files:
+        t = pq.read_table(f, columns=[C.KEY, C.SHARD, C.SHA256, C.IMAGE_EMB])
+        dim = t.schema.field(C.IMAGE_EMB).type.list_size
+        e, ok = to_numpy_list(t[C.IMAGE_EMB], dim)
+        rows_img = np.zeros(t.num_rows, np.int64)
+        first_rows = []
+        for i, (r, k) in enumerate(zip(t[C.SHARD].to_pylist(), t[C.KEY].to_pylist())):
+            j = seen.get((r, k))
+            if j is None:
+                j = seen[(r, k)] = len(img_keys)
+                img_keys.append(k)
+                first_rows.append(i)
+            rows_img[i] = j
+        shas = t[C.SHA256].to_pylist()
+        img_shas += [shas[i] for i in first_rows]
+        embs.append(e[first_rows])
+        oks.append(ok[first_rows])
+        per_file_img.append(rows_img)
+    if not img_keys:
+        return {}
+    emb = np.concatenate(embs)
+    ok = np.concatenate(oks)
+    exact = exact_duplicates(img_shas)
+    near_idx, near_sim = near_duplicates(emb, block_size=block_size, valid=ok)
+    is_near = near_sim > threshold
+    dup_of = np.where(exact >= 0, exact, np.where(is_near, near_idx, -1))
+    counts = {"images": len(img_keys), "exact_dup_images": int((exact >= 0).sum()),
+              "near_dup_images": int(is_near.sum())}
+    for f, rows_img in zip(files, per_file_img):
+        t = pq.read_table(f)
+        schema = t.schema
+        d = dup_of[rows_img]
+        sim = near_sim[rows_img]
+        t = t.set_column(schema.get_field_index(C.EXACT_DUP), schema.field(C.EXACT_DUP), pa.array(exact[rows_img] >= 0))
+        t = t.set_column(schema.get_field_index(C.NEAR_DUP), schema.field(C.NEAR_DUP), pa.array(is_near[rows_img]))
+        t = t.set_column(schema.get_field_index(C.DUP_OF), schema.field(C.DUP_OF),
+                         pa.array([img_keys[j] if j >= 0 else None for j in d], pa.string()))
+        t = t.set_column(schema.get_field_index(C.DUP_COSINE), schema.field(C.DUP_COSINE),
+                         pa.array(np.where(np.isfinite(sim), sim, 0.0).astype(np.float32), mask=~np.isfinite(sim)))
+        write_parquet(t.replace_schema_metadata(schema.metadata), f)
+    return counts
+
+
+# --------------------------------------------------------------------------- the stage
+def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
+                 device: Optional[str] = None) -> StageStats:
+    """Embeddings + duplicate flags for every row of the corpus in ``corpus_dir`` (a CapFilt
+    stage folder or its ``corpus/``), with the ITC projections of ``model_dir`` (a vlp
+    checkpoint or an HF ``BlipForImageTextRetrieval`` folder).  Rows in == rows out."""
+    from vlp_core.capfilt.filter import ItmFilter
+
+    t0 = time.perf_counter()
+    fp = params.features
+    folder, files = _corpus_files(corpus_dir)
+    stage_dir = folder.parent
+    out_dir = Path(out_dir)
+    emb_dir = out_dir / EMB_DIR
+    for p in emb_dir.glob(".*.tmp") if emb_dir.is_dir() else []:
+        p.unlink(missing_ok=True)
+    flt = ItmFilter(model_dir, device=device, batch_size=fp.batch_size)
+    backbone = Backbone(fp.backbone, flt.backend.device) if fp.backbone else None
+    fingerprint = {"model_id": flt.model_id, "features": section_dict(params, "features")}
+    stats = StageStats(stage="features")
+    outs = []
+    for f in files:
+        name = f.stem
+        corpus = pq.read_table(f)
+        require_columns(corpus, [C.KEY, C.SHARD, C.CANDIDATE, C.TEXT, C.SOURCE, C.KEPT], f)
+        corpus_sha = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+        marker = done_marker(emb_dir, name)
+        out_path = emb_dir / f"{name}.parquet"
+        stats.rows_in += corpus.num_rows
+        if marker.is_file() and out_path.is_file() and read_json(marker).get("fingerprint") == {
+                **fingerprint, "corpus_sha": corpus_sha}:
+            stats.shards_skipped += 1
+            stats.rows_out += pq.read_metadata(out_path).num_rows
+            outs.append(out_path)
+            continue
+        sidecar = None if backbone else _reuse_sidecar(stage_dir / FEATS_DIR / f.name, corpus, flt.model_id)
+        if sidecar is not None:
+            table = sidecar.set_column(sidecar.schema.get_field_index(C.KEPT), C.KEPT, corpus[C.KEPT])
+            table = table.cast(sidecar.schema)
+            counts = {"reused_capfilt_embeddings": corpus.num_rows}
+        else:
+            table, counts = _compute_shard(params, corpus, flt, backbone, f.parent.parent
+                                           if f.parent.name == "corpus" else f.parent, name)
+        table = table.replace_schema_metadata({META_MODEL_ID: flt.model_id.encode()})
+        write_parquet(table, out_path)
+        mark_done(emb_dir, name, {"rows": table.num_rows, "counts": counts,
+                                  "fingerprint": {**fingerprint, "corpus_sha": corpus_sha}})
+        for k, v in counts.items():
+            stats.add(k, v)
+        stats.rows_out += table.num_rows
+        stats.shards_done += 1
+        outs.append(out_path)
+    for k, v in _flag_duplicates(outs, fp.near_dup_threshold, fp.block_size).items():
+        stats.counts[k] = v
+    stats.seconds = time.perf_counter() - t0
+    stats.extra = {"model_id": flt.model_id, "corpus": str(folder), "near_dup_threshold": fp.near_dup_threshold,
+                   "backbone": fp.backbone}
+    stats.check().write(out_dir)
+    return stats
+
+
+__all__ = ["EMB_DIR", "FEATS_DIR", "run_features"]
