@@ -153,6 +153,10 @@ class Backend:
         raise NotImplementedError
 
     # captioner side
+    def decoder_inputs(self, prompt: str, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, int, int]:
+        """``(text_decoder, prompt ids (B, P) starting with the decoder's BOS, eos id, pad id)``."""
+        raise NotImplementedError
+
     def generate(self, image_embeds: torch.Tensor, *, sample: bool, top_p: float, num_beams: int, max_length: int,
                  min_length: int, prompt: str, num_return_sequences: int) -> list[str]:
         raise NotImplementedError
@@ -186,6 +190,13 @@ class VlpBackend(Backend):
 
     def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         return self.model.itm_probs(image_embeds, list(texts))
+
+    def decoder_inputs(self, prompt: str, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, int, int]:
+        cfg = self.model.config
+        text = [prompt.strip()] * batch_size
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"][:, :-1].to(self.device)  # drop [SEP]
+        ids[:, 0] = cfg.dec_token_id
+        return self.model.text_decoder, ids, cfg.sep_token_id, cfg.pad_token_id
 
     def generate(self, image_embeds: torch.Tensor, *, sample: bool, top_p: float, num_beams: int, max_length: int,
                  min_length: int, prompt: str, num_return_sequences: int) -> list[str]:
@@ -259,6 +270,12 @@ class HfBackend(Backend):
         out = self.model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds,
                                       encoder_attention_mask=atts).last_hidden_state
         return self.model.itm_head(out[:, 0, :]).float().softmax(dim=-1)[:, 1]
+
+    def decoder_inputs(self, prompt: str, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, int, int]:
+        tc = self.text_config
+        ids = self.tokenizer([prompt] * batch_size, return_tensors="pt")["input_ids"].to(self.device)
+        ids[:, 0] = tc.bos_token_id
+        return self.model.text_decoder, ids[:, :-1], tc.sep_token_id, tc.pad_token_id
 
     def generate(self, image_embeds: torch.Tensor, *, sample: bool, top_p: float, num_beams: int, max_length: int,
                  min_length: int, prompt: str, num_return_sequences: int) -> list[str]:

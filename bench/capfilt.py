@@ -1,0 +1,329 @@
+"""Benchmark: CapFilt (`run_capfilt`, the function behind `vlp capfilt`) against plain transformers.
+
+All in one run, on a synthetic world packed into webdataset tar shards (img2dataset's layout):
+
+1. **Throughput**, images/s, K=1 caption (nucleus, top_p 0.9, BLIP's prompt) + ITC + ITM on
+   both candidates (web alt-text and the caption):
+   * ours: ``run_capfilt`` end to end (tar read, decode, one vision pass, batched KV-cached
+     generation, filter, Parquet write) on a vlp checkpoint of the exportable ``tiny-vit``
+     architecture (captioner = filter);
+   * baseline: the same weights exported to Hugging Face BLIP folders, run the way the
+     transformers docs show: ``BlipProcessor`` -> ``BlipForConditionalGeneration.generate``,
+     then ``BlipForImageTextRetrieval`` with ``use_itm_head=True`` (ITM) and ``False`` (ITC)
+     on every (image, candidate) pair;
+   same images, same batch size, same decoding settings; alternated rounds, medians.
+   (Without ``vlp_core.models.hf`` the two sides run on the same random HF BLIP folders;
+   ours then uses its HF backend.)
+2. **Memory**: peak RSS of ``run_capfilt`` in fresh subprocesses at 2k and 20k images.
+3. **Detection quality**: a small filter pretrained briefly on the clean split; precision,
+   recall and ROC-AUC of CapFilt's keep rule (calibrated threshold) per injected noise kind.
+
+    .venv/bin/python bench/capfilt.py [--n-throughput 1000] [--batch-size 64] [--rounds 2]
+        [--mem-sizes 2000,20000] [--quality-steps 600] [--skip-memory] [--skip-quality]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SMALL_ARCH = {"vision": "vlp_cnn_tiny", "vision_kwargs": {"widths": [16, 32, 64], "depth": 1, "num_heads": 2},
+              "image_size": 48, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 128, "max_position_embeddings": 64, "embed_dim": 64, "queue_size": 128}
+
+
+# --------------------------------------------------------------------------- data
+def pack_world(world: Path, split: str, out: Path, n: int, per_shard: int = 1000) -> Path:
+    """The first ``n`` rows of a world split as img2dataset-style tar shards + manifest.parquet."""
+    from vlp_core.schema import MANIFEST_SCHEMA, C, conform
+
+    out.mkdir(parents=True, exist_ok=True)
+    t = pq.read_table(world / f"{split}.parquet").slice(0, n)
+    gt = {r["url"]: r["fail_kind"] for r in pq.read_table(world / "ground_truth.parquet",
+                                                         columns=["url", "fail_kind"]).to_pylist()}
+    rows, tar, tar_path = [], None, None
+    for i, (path, cap) in enumerate(zip(t["url_path"].to_pylist(), t["caption"].to_pylist())):
+        if i % per_shard == 0:
+            if tar:
+                tar.close()
+            tar_path = out / "shards" / f"{i // per_shard:05d}.tar"
+            tar_path.parent.mkdir(parents=True, exist_ok=True)
+            tar = tarfile.open(tar_path, "w")
+        key = f"{i // per_shard:05d}{i % per_shard:04d}"
+        f = world / "www" / path.lstrip("/")
+        ok = gt.get(path) is None and f.is_file()
+        if ok:
+            tar.add(f, arcname=f"{key}.jpg")
+        rows.append({C.ROW: i, C.URL: path, C.CAPTION: cap, C.STATUS: "success" if ok else "failed_to_download",
+                     C.KEY: key, C.SHARD: str(tar_path) if ok else None})
+    if tar:
+        tar.close()
+    pq.write_table(conform(pa.Table.from_pylist(rows), MANIFEST_SCHEMA), out / "manifest.parquet")
+    return out
+
+
+def make_models(world: Path, root: Path) -> dict:
+    """A random ``tiny-vit`` vlp checkpoint and its HF export (or, without the exporter, random
+    HF BLIP folders of the same shape used by both sides)."""
+    import torch
+
+    from vlp_core.models import create_model, train_tokenizer
+
+    torch.manual_seed(0)
+    caps = [c for c in pq.read_table(world / "human.parquet")["caption"].to_pylist() if c]
+    tok = train_tokenizer(caps, vocab_size=256)
+    model = create_model("tiny-vit", tok)
+    vlp_dir = model.save_pretrained(root / "vlp_model")
+    try:
+        from vlp_core.models import hf
+    except ImportError:
+        hf = None
+    if hf is not None and hasattr(hf, "export_captioner") and hasattr(hf, "export_filter"):
+        cap_dir, itm_dir = root / "hf_captioner", root / "hf_itm"
+        hf.export_captioner(vlp_dir, cap_dir)
+        hf.export_filter(vlp_dir, itm_dir)
+        return {"ours_captioner": vlp_dir, "ours_filter": vlp_dir, "hf_captioner": cap_dir, "hf_itm": itm_dir,
+                "same_weights": "vlp tiny-vit checkpoint exported with vlp_core.models.hf"}
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_capfilt_hf import make_hf_blip
+
+    cap_dir = make_hf_blip(root / "hf_captioner", "BlipForConditionalGeneration", tok)
+    itm_dir = make_hf_blip(root / "hf_itm", "BlipForImageTextRetrieval", tok, seed=1)
+    return {"ours_captioner": cap_dir, "ours_filter": itm_dir, "hf_captioner": cap_dir, "hf_itm": itm_dir,
+            "same_weights": "random HF BLIP folders (vlp_core.models.hf not available): both sides load them"}
+
+
+# --------------------------------------------------------------------------- the two sides
+def run_ours(params, manifest: Path, models: dict, out: Path) -> tuple[int, float]:
+    from vlp_core.capfilt.stage import run_capfilt
+
+    t0 = time.perf_counter()
+    stats = run_capfilt(params, manifest, models["ours_captioner"], models["ours_filter"], out)
+    return stats.extra["images"], time.perf_counter() - t0
+
+
+class Baseline:
+    """CapFilt the transformers way (BlipProcessor + generate + BlipForImageTextRetrieval)."""
+
+    def __init__(self, models: dict, cp):
+        from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
+
+        self.cp = cp
+        self.proc = BlipProcessor.from_pretrained(str(models["hf_captioner"]))
+        self.proc_itm = BlipProcessor.from_pretrained(str(models["hf_itm"]))
+        self.cap = BlipForConditionalGeneration.from_pretrained(str(models["hf_captioner"])).eval()
+        self.itm = BlipForImageTextRetrieval.from_pretrained(str(models["hf_itm"])).eval()
+
+    def run(self, manifest: Path, out: Path) -> tuple[int, float]:
+        import io
+
+        import torch
+        from PIL import Image
+
+        from vlp_core.shards import ShardReader
+
+        cp = self.cp
+        t0 = time.perf_counter()
+        m = pq.read_table(manifest).to_pylist()
+        rows = [r for r in m if r["status"] == "success"]
+        reader = ShardReader()
+        n_prompt = len(self.proc.tokenizer(cp.prompt)["input_ids"]) - 1
+        results = []
+        with torch.no_grad():
+            for s in range(0, len(rows), cp.batch_size):
+                batch = rows[s:s + cp.batch_size]
+                images = [Image.open(io.BytesIO(reader.read_bytes(r["shard"], r["key"]))).convert("RGB") for r in batch]
+                inputs = self.proc(images=images, text=[cp.prompt] * len(images), return_tensors="pt")
+                gen = self.cap.generate(**inputs, do_sample=True, top_p=cp.top_p, top_k=0,
+                                        max_length=n_prompt + cp.max_length, min_length=n_prompt + cp.min_length)
+                caps = [c[len(cp.prompt):].strip() if c.startswith(cp.prompt.strip()) else c.strip()
+                        for c in self.proc.batch_decode(gen, skip_special_tokens=True)]
+                texts = [r["caption"] or "" for r in batch] + caps
+                enc = self.proc_itm(images=images + images, text=texts, padding=True, truncation=True,
+                                    max_length=35, return_tensors="pt")
+                itm = self.itm(**enc, use_itm_head=True).itm_score.softmax(-1)[:, 1]
+                itc = self.itm(**enc, use_itm_head=False).itm_score.diagonal()
+                results.append(pa.table({"key": [r["key"] for r in batch] * 2, "text": texts,
+                                         "itc": itc.numpy(), "itm": itm.numpy(),
+                                         "kept": (itm > cp.itm_threshold).numpy()}))
+        pq.write_table(pa.concat_tables(results), out)
+        return len(rows), time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- memory
+def mem_child(manifest: str, models_json: str, out: str, overrides: list[str]) -> None:
+    import resource
+
+    import torch
+
+    from vlp_core.config import load_params
+
+    torch.set_num_threads(int(os.environ.get("TORCH_NUM_THREADS", "2")))
+    params = load_params(str(REPO / "params.yaml"), overrides)
+    models = json.loads(models_json)
+    # warm-up on the first 64 rows: imports, model load, first batches (torch alone is ~0.5 GB)
+    warm = Path(out + "_warm.parquet")
+    pq.write_table(pq.read_table(Path(manifest) / "manifest.parquet").slice(0, 64), warm)
+    run_ours(params, warm, models, Path(out + "_warm"))
+    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n, secs = run_ours(params, Path(manifest), models, Path(out))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"images": n, "seconds": secs, "peak_rss_mb": peak, "after_load_mb": after_load}))
+
+
+def measure_memory(root: Path, world: Path, sizes: list[int], models: dict, overrides: list[str]) -> list[dict]:
+    out = []
+    for n in sizes:
+        ing = pack_world(world, "web", root / f"mem_{n}", n)
+        cmd = [sys.executable, __file__, "--_mem-child", str(ing), "--_models", json.dumps({k: str(v) for k, v in
+                                                                                             models.items()}),
+               "--_out", str(root / f"mem_out_{n}")] + [a for o in overrides for a in ("-S", o)]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if r.returncode != 0:
+            raise SystemExit(f"memory run at {n} failed:\n{r.stderr[-3000:]}")
+        out.append({"n": n, **json.loads(r.stdout.strip().splitlines()[-1])})
+    return out
+
+
+# --------------------------------------------------------------------------- quality
+def measure_quality(root: Path, world: Path, steps: int, n_web: int, overrides: list[str]) -> tuple[dict, float]:
+    from vlp_core.capfilt.quality import detection_report
+    from vlp_core.capfilt.stage import run_capfilt
+    from vlp_core.config import load_params
+    from vlp_core.train.loop import run_pretrain
+
+    arch = root / "small.json"
+    arch.write_text(json.dumps(SMALL_ARCH))
+    params = load_params(str(REPO / "params.yaml"), [
+        f"model.arch={arch}", "model.vocab_size=128", f"pretrain.steps={steps}", "pretrain.batch_size=64",
+        "pretrain.lr=0.002", "pretrain.warmup_steps=20", "pretrain.lm_weight=0.0", "pretrain.checkpoint_every=100000",
+        "capfilt.num_captions=0", "capfilt.threshold_mode=calibrated", "capfilt.calibrate_percentile=10", *overrides])
+    t0 = time.perf_counter()
+    run_pretrain(params, [(world / "human.parquet", "human")], root / "q_pretrain")
+    train_s = time.perf_counter() - t0
+    web = pack_world(world, "web", root / "q_web", n_web)
+    # calibration on clean pairs the filter did not train on: the tail of the human split
+    human = pack_world(world, "human", root / "q_human_all", 10 ** 9)
+    t = pq.read_table(human / "manifest.parquet")
+    cal = root / "q_cal.parquet"
+    pq.write_table(t.slice(max(0, t.num_rows - 500)), cal)
+    run_capfilt(params, web, root / "q_pretrain" / "model", root / "q_pretrain" / "model", root / "q_out",
+                calibration=cal)
+    return detection_report(root / "q_out", world / "ground_truth.parquet"), train_s
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-throughput", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--mem-sizes", default="2000,20000")
+    ap.add_argument("--quality-steps", type=int, default=600)
+    ap.add_argument("--quality-web", type=int, default=4000)
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("-S", dest="overrides", action="append", default=[])
+    ap.add_argument("--_mem-child", dest="mem_child", help=argparse.SUPPRESS)
+    ap.add_argument("--_models", dest="models", help=argparse.SUPPRESS)
+    ap.add_argument("--_out", dest="out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    from vlp_core.env import apply_offline_env
+
+    apply_offline_env()
+    if args.mem_child:
+        return mem_child(args.mem_child, args.models, args.out, args.overrides)
+
+    import torch
+
+    from vlp_core.capfilt.backend import clear_backend_cache
+    from vlp_core.config import load_params
+    from vlp_core.synthetic.make import run_synthetic_make
+
+    torch.set_num_threads(int(os.environ.get("TORCH_NUM_THREADS", "2")))
+    mem_sizes = [int(x) for x in args.mem_sizes.split(",") if x]
+    overrides = [f"capfilt.batch_size={args.batch_size}", "capfilt.num_captions=1", "capfilt.decode=nucleus",
+                 "capfilt.threshold_mode=fixed", *args.overrides]
+    params = load_params(str(REPO / "params.yaml"), overrides)
+    root = Path(tempfile.mkdtemp(prefix="bench-capfilt-"))
+    n_web = max([args.n_throughput, args.quality_web] + mem_sizes)
+    t0 = time.perf_counter()
+    run_synthetic_make(load_params(str(REPO / "params.yaml"), [
+        f"synthetic.n_web={n_web}", "synthetic.n_human=4000", "synthetic.n_test=10"]), root / "world")
+    world = root / "world"
+    print(f"world: {n_web} web + 4000 human images at 48 px in {time.perf_counter() - t0:.1f}s ({root})")
+
+    # ---- 1. throughput
+    models = make_models(world, root)
+    cp = params.capfilt
+    print(f"models: {models['same_weights']}")
+    print(f"settings: K=1 {cp.decode} top_p={cp.top_p} prompt={cp.prompt!r} length {cp.min_length}-{cp.max_length}, "
+          f"batch {cp.batch_size}, torch threads {torch.get_num_threads()}")
+    tp = pack_world(world, "web", root / "tp", args.n_throughput)
+    warm = pack_world(world, "web", root / "warm", min(2 * args.batch_size, args.n_throughput))
+    base = Baseline(models, cp)
+    run_ours(params, warm / "manifest.parquet", models, root / "warm_ours")  # load + warm caches
+    base.run(warm / "manifest.parquet", root / "warm_base.parquet")
+    ours_ips, base_ips = [], []
+    for r in range(args.rounds):
+        order = [("ours", 0), ("base", 1)] if r % 2 == 0 else [("base", 1), ("ours", 0)]
+        for side, _ in order:
+            if side == "ours":
+                n, s = run_ours(params, tp / "manifest.parquet", models, root / f"tp_ours_{r}")
+                ours_ips.append(n / s)
+            else:
+                n, s = base.run(tp / "manifest.parquet", root / f"tp_base_{r}.parquet")
+                base_ips.append(n / s)
+            print(f"  round {r} {side:>8}: {n} images in {s:6.1f}s = {n / s:7.1f} img/s")
+    om, bm = statistics.median(ours_ips), statistics.median(base_ips)
+    stats = json.loads((root / "tp_ours_0" / "stats.json").read_text())
+    print(f"THROUGHPUT (median img/s): ours {om:.1f} | transformers baseline {bm:.1f} | ratio {om / bm:.2f}x "
+          f"(target >= 2x); ours ran {stats['extra'].get('vision_passes')} vision batches for "
+          f"{stats['extra']['images']} images")
+    del base
+    clear_backend_cache()
+
+    # ---- 2. memory
+    if not args.skip_memory:
+        mem = measure_memory(root, world, mem_sizes, models, overrides)
+        for m in mem:
+            print(f"  memory: {m['n']:>6} web rows -> {m['images']} images in {m['seconds']:.1f}s "
+                  f"({m['images'] / m['seconds']:.1f} img/s), peak RSS {m['peak_rss_mb']:.0f} MB "
+                  f"(after imports + model load + 64 images: {m['after_load_mb']:.0f} MB; "
+                  f"growth {m['peak_rss_mb'] - m['after_load_mb']:.0f} MB)")
+        if len(mem) >= 2:
+            a, b = mem[0]["peak_rss_mb"], mem[-1]["peak_rss_mb"]
+            print(f"MEMORY: peak RSS {mem[-1]['n']} / {mem[0]['n']} images = {b / a:.3f} "
+                  f"({(b / a - 1) * 100:+.1f}%, target within 15%)")
+
+    # ---- 3. quality
+    if not args.skip_quality:
+        from vlp_core.capfilt.quality import format_report
+
+        report, train_s = measure_quality(root, world, args.quality_steps, args.quality_web, args.overrides)
+        print(f"DETECTION (filter pretrained {args.quality_steps} steps = {train_s:.0f}s on the clean split; "
+              f"calibrated threshold, 10th percentile of held-out clean pairs; {args.quality_web} web rows):")
+        print(format_report(report))
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
