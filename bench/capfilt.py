@@ -101,8 +101,9 @@ def make_models(world: Path, root: Path) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from test_capfilt_hf import make_hf_blip
 
-    cap_dir = make_hf_blip(root / "hf_captioner", "BlipForConditionalGeneration", tok)
-    itm_dir = make_hf_blip(root / "hf_itm", "BlipForImageTextRetrieval", tok, seed=1)
+    dims = dict(hidden=128, text_layers=3, vision_layers=4)  # tiny-vit's shape
+    cap_dir = make_hf_blip(root / "hf_captioner", "BlipForConditionalGeneration", tok, **dims)
+    itm_dir = make_hf_blip(root / "hf_itm", "BlipForImageTextRetrieval", tok, seed=1, **dims)
     return {"ours_captioner": cap_dir, "ours_filter": itm_dir, "hf_captioner": cap_dir, "hf_itm": itm_dir,
             "same_weights": "random HF BLIP folders (vlp_core.models.hf not available): both sides load them"}
 

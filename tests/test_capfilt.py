@@ -145,6 +145,28 @@ def test_captioner_and_filter_interfaces(untrained_model, tiny_ingest):
     assert np.isnan(itm3).all()
 
 
+def test_fast_text_path_matches_the_model(untrained_model):
+    """The SDPA / shared-cross-K/V path equals BlipMED's own forward and generate."""
+    import torch
+
+    from vlp_core.config import CapfiltParams
+
+    flt = ItmFilter(untrained_model)
+    model = flt.backend.model
+    imgs = np.random.default_rng(1).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
+    emb = flt.encode(imgs)
+    texts = ["a red circle left of a star", "a big blue square", "x y z", "a tiny green plus above a box"]
+    index = [0, 2, 1, 2]
+    itc, itm = flt.scores(emb, texts, image_index=index)
+    with torch.no_grad():
+        ref_itm = model.itm_probs(emb[index], texts).numpy()
+        ref_itc = (model.image_feat(emb[index]) * model.text_feat(texts)).sum(-1).numpy()
+        ref_caps = model.generate(image_embeds=emb, sample=False, max_length=8, min_length=3, strip_prompt=True)
+    assert np.allclose(itm, ref_itm, atol=1e-5) and np.allclose(itc, ref_itc, atol=1e-5)
+    caps = Captioner(untrained_model, CapfiltParams(decode="greedy", max_length=8, min_length=3)).caption(emb)
+    assert [c[0] for c in caps] == ref_caps
+
+
 def test_calibrated_threshold_and_rethreshold_equals_recompute(tiny_ingest, untrained_model, params, full_run,
                                                                tmp_path):
     out_a, _ = full_run

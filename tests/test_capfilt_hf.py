@@ -21,19 +21,20 @@ from vlp_core.io import read_json
 from vlp_core.schema import C
 
 
-def make_hf_blip(out: Path, cls_name: str, tokenizer, seed: int = 0, image_size: int = 48) -> Path:
+def make_hf_blip(out: Path, cls_name: str, tokenizer, seed: int = 0, image_size: int = 48, hidden: int = 64,
+                 text_layers: int = 2, vision_layers: int = 2) -> Path:
     """A tiny random HF BLIP folder: weights, config, tokenizer files, preprocessor_config.json."""
     import transformers
     from transformers import BlipConfig, BlipImageProcessor
 
     torch.manual_seed(seed)
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=128, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=text_layers, num_attention_heads=2,
+                intermediate_size=4 * hidden, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"), sep_token_id=tokenizer.sep_token_id,
                 eos_token_id=tokenizer.sep_token_id)
-    vision = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+    vision = dict(hidden_size=hidden, num_hidden_layers=vision_layers, num_attention_heads=2, intermediate_size=4 * hidden,
                   image_size=image_size, patch_size=8)
-    cfg = BlipConfig(text_config=text, vision_config=vision, projection_dim=32, image_text_hidden_size=32)
+    cfg = BlipConfig(text_config=text, vision_config=vision, projection_dim=hidden // 2, image_text_hidden_size=hidden // 2)
     model = getattr(transformers, cls_name)(cfg).eval()
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

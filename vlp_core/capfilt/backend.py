@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlp_core.capfilt.fastmed import FastText
 from vlp_core.errors import VlpError
 
 Role = Literal["captioner", "filter"]
@@ -149,8 +150,14 @@ class Backend:
     def text_feat(self, texts: Sequence[str]) -> torch.Tensor:  # -> (N,E)
         raise NotImplementedError
 
-    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:  # -> (N,)
+    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str],
+                  index: Optional[torch.Tensor] = None) -> torch.Tensor:  # -> (N,)
+        """ITM match probability of text ``i`` with image ``index[i]`` (default ``i``); the
+        images' cross-attention keys/values are computed once, however many texts each has."""
         raise NotImplementedError
+
+    fast_encoder: Any = None  # FastText over the text encoder (filter role)
+    fast_decoder: Any = None  # FastText over the decoder + LM head (captioner role)
 
     # captioner side
     def decoder_inputs(self, prompt: str, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, int, int]:
@@ -178,6 +185,8 @@ class VlpBackend(Backend):
         self.vision_key = "vlp:" + state_hash(self.model.visual_encoder, [self.spec, cfg.vision, cfg.vision_kwargs])
         self.tokenizer = self.model.tokenizer
         self.max_text_len = int(cfg.max_text_len)
+        self.fast_encoder = FastText(self.model.text_encoder)
+        self.fast_decoder = FastText(self.model.text_decoder.bert, self.model.text_decoder.cls)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixel_values)
@@ -186,10 +195,14 @@ class VlpBackend(Backend):
         return self.model.image_feat(image_embeds)
 
     def text_feat(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.model.text_feat(list(texts))
+        ids, mask = self.model.tokenize(list(texts), "enc")
+        return F.normalize(self.model.text_proj(self.fast_encoder.encode(ids, mask)[:, 0, :]), dim=-1)
 
-    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        return self.model.itm_probs(image_embeds, list(texts))
+    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str],
+                  index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ids, mask = self.model.tokenize(list(texts), "itm")
+        h = self.fast_encoder.encode(ids, mask, self.fast_encoder.cross_kv(image_embeds), index)
+        return self.model.itm_head(h[:, 0, :]).float().softmax(dim=-1)[:, 1]
 
     def decoder_inputs(self, prompt: str, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, int, int]:
         cfg = self.model.config
@@ -247,6 +260,10 @@ class HfBackend(Backend):
         self.vision_key = "hf:" + state_hash(self.model.vision_model, [self.spec])
         self.max_text_len = min(35, int(config.text_config.max_position_embeddings))
         self.text_config = config.text_config
+        if role == "filter":
+            self.fast_encoder = FastText(self.model.text_encoder)
+        else:
+            self.fast_decoder = FastText(self.model.text_decoder.bert, self.model.text_decoder.cls)
 
     def _tok(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer([t if isinstance(t, str) else "" for t in texts], padding="longest", truncation=True,
@@ -261,15 +278,14 @@ class HfBackend(Backend):
 
     def text_feat(self, texts: Sequence[str]) -> torch.Tensor:
         ids, mask = self._tok(texts)
-        out = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return F.normalize(self.model.text_proj(out[:, 0, :]), dim=-1)
+        return F.normalize(self.model.text_proj(self.fast_encoder.encode(ids, mask)[:, 0, :]), dim=-1)
 
-    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str],
+                  index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # BlipForImageTextRetrieval(use_itm_head=True): the processor's ids ([CLS] first), cross-attending
         ids, mask = self._tok(texts)
-        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds,
-                                      encoder_attention_mask=atts).last_hidden_state
-        return self.model.itm_head(out[:, 0, :]).float().softmax(dim=-1)[:, 1]
+        h = self.fast_encoder.encode(ids, mask, self.fast_encoder.cross_kv(image_embeds), index)
+        return self.model.itm_head(h[:, 0, :]).float().softmax(dim=-1)[:, 1]
 
     def decoder_inputs(self, prompt: str, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, int, int]:
         tc = self.text_config

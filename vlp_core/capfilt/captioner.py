@@ -4,7 +4,8 @@ Decoding follows BLIP: nucleus sampling (``top_p`` 0.9, no top-k) after the prom
 ``"a picture of "``, with a minimum and maximum length counted after the prompt; beam search
 and greedy decoding are options.  Generation is batched and KV-cached (``transformers``'
 ``generate`` on the image-grounded decoder for beam search; for sampling and greedy decoding
-:func:`decode` below, a lean KV-cached loop that drops finished rows from the batch).
+:class:`~vlp_core.capfilt.fastmed.FastText`'s SDPA decoding loop, which computes the image's
+cross-attention keys/values once and drops finished rows from the batch).
 Captions come back without the prompt, as
 BLIP's CapFilt stores them.  Two backends sit behind the same interface: vlp_core
 checkpoints and local Hugging Face ``BlipForConditionalGeneration`` folders
@@ -33,49 +34,6 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     remove_sorted[..., -1:] = False  # keep the most likely token
     remove = remove_sorted.scatter(1, order, remove_sorted)
     return logits.masked_fill(remove, -float("inf"))
-
-
-@torch.no_grad()
-def decode(decoder: torch.nn.Module, prompt_ids: torch.Tensor, image_embeds: torch.Tensor, *, sample: bool,
-           top_p: float, max_new: int, min_new: int, eos_id: int) -> list[list[int]]:
-    """KV-cached sampling (nucleus) or greedy decoding of BLIP's image-grounded decoder.
-
-    ``prompt_ids (B, P)`` (BOS first), ``image_embeds (B, 1 + N, Dv)``.  Returns the new token
-    ids of each row without EOS.  Rows that emit EOS leave the batch (their cache rows are
-    dropped), so a batch costs what its unfinished rows cost; the cross-attention keys and
-    values of the image are computed once, at the first step."""
-    bs = prompt_ids.shape[0]
-    out: list[list[int]] = [[] for _ in range(bs)]
-    active = torch.arange(bs, device=prompt_ids.device)  # rows still decoding -> original index
-    emb = image_embeds
-    emb_mask = torch.ones(emb.shape[:-1], dtype=torch.long, device=emb.device)
-    ids = prompt_ids
-    cache = None
-    length = prompt_ids.shape[1]
-    for step in range(max_new):
-        res = decoder(input_ids=ids, attention_mask=torch.ones(ids.shape[0], length, dtype=torch.long, device=ids.device),
-                      encoder_hidden_states=emb, encoder_attention_mask=emb_mask, cache=cache,
-                      use_cache=True, is_decoder=True, return_dict=True)
-        cache = res.past_key_values
-        logits = res.logits[:, -1, :].float()  # (b, V)
-        if step < min_new:
-            logits[:, eos_id] = -float("inf")
-        if sample:
-            nxt = torch.multinomial(top_p_filter(logits, top_p).softmax(dim=-1), 1).squeeze(1)
-        else:
-            nxt = logits.argmax(dim=-1)
-        done = nxt == eos_id
-        for row, tok in zip(active[~done].tolist(), nxt[~done].tolist()):
-            out[row].append(tok)
-        if bool(done.all()):
-            break
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            active, nxt, emb, emb_mask = active[keep], nxt[keep], emb[keep], emb_mask[keep]
-            cache.batch_select_indices(keep)
-        ids = nxt.unsqueeze(1)
-        length += 1
-    return out
 
 
 class Captioner:
@@ -125,9 +83,9 @@ class Captioner:
                                              num_return_sequences=k)
             else:
                 rep = embeds.repeat_interleave(k, dim=0) if k > 1 else embeds  # (B*k, 1+N, Dv), image-major
-                decoder, ids, eos, _ = self.backend.decoder_inputs(p.prompt, rep.shape[0])
-                toks = decode(decoder, ids, rep, sample=p.decode == "nucleus", top_p=p.top_p,
-                              max_new=p.max_length, min_new=p.min_length, eos_id=eos)
+                _, ids, eos, _ = self.backend.decoder_inputs(p.prompt, rep.shape[0])
+                toks = self.backend.fast_decoder.decode(ids, rep, sample=p.decode == "nucleus", top_p=p.top_p,
+                                                        max_new=p.max_length, min_new=p.min_length, eos_id=eos)
                 flat = [c.strip() for c in self.backend.tokenizer.batch_decode(toks, skip_special_tokens=True)]
         return [flat[i * k:(i + 1) * k] for i in range(embeds.shape[0])]
 

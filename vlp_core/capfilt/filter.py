@@ -81,9 +81,10 @@ class ItmFilter:
         todo = np.arange(n) if itc_prescreen is None else np.flatnonzero(itc >= itc_prescreen)
         with autocast(self.backend.device):
             for sl in iter_batches(len(todo), self.batch_size):
-                rows = todo[sl]
-                emb = image_embeds[idx[torch.as_tensor(rows, device=idx.device)]]
-                itm[rows] = self.backend.itm_probs(emb, [texts[i] for i in rows]).float().cpu().numpy()
+                rows = torch.as_tensor(todo[sl], device=idx.device)
+                imgs, inv = torch.unique(idx[rows], return_inverse=True)  # each image's cross K/V once
+                probs = self.backend.itm_probs(image_embeds[imgs], [texts[i] for i in todo[sl]], inv)
+                itm[todo[sl]] = probs.float().cpu().numpy()
         if return_feats:
             return itc, itm, img_f.cpu().numpy(), txt_f.cpu().numpy()
         return itc, itm
