@@ -104,8 +104,16 @@ def make_models(world: Path, root: Path) -> dict:
     dims = dict(hidden=128, text_layers=3, vision_layers=4)  # tiny-vit's shape
     cap_dir = make_hf_blip(root / "hf_captioner", "BlipForConditionalGeneration", tok, **dims)
     itm_dir = make_hf_blip(root / "hf_itm", "BlipForImageTextRetrieval", tok, seed=1, **dims)
+    # as an export of one checkpoint would be: the captioner and the filter share the vision encoder
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    cap = BlipForConditionalGeneration.from_pretrained(str(cap_dir))
+    itm = BlipForImageTextRetrieval.from_pretrained(str(itm_dir))
+    itm.vision_model.load_state_dict(cap.vision_model.state_dict())
+    itm.save_pretrained(str(itm_dir))
     return {"ours_captioner": cap_dir, "ours_filter": itm_dir, "hf_captioner": cap_dir, "hf_itm": itm_dir,
-            "same_weights": "random HF BLIP folders (vlp_core.models.hf not available): both sides load them"}
+            "same_weights": "random HF BLIP folders of tiny-vit's shape sharing one vision encoder "
+                            "(vlp_core.models.hf not available): both sides load them"}
 
 
 # --------------------------------------------------------------------------- the two sides

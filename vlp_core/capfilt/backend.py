@@ -150,12 +150,26 @@ class Backend:
     def text_feat(self, texts: Sequence[str]) -> torch.Tensor:  # -> (N,E)
         raise NotImplementedError
 
-    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str],
-                  index: Optional[torch.Tensor] = None) -> torch.Tensor:  # -> (N,)
+    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str], index: Optional[torch.Tensor] = None,
+                  cross: Optional[list] = None) -> torch.Tensor:  # -> (N,)
         """ITM match probability of text ``i`` with image ``index[i]`` (default ``i``); the
-        images' cross-attention keys/values are computed once, however many texts each has."""
+        images' cross-attention keys/values (``cross``, from ``fast_encoder.cross_kv``) are
+        computed once, however many texts each has."""
         raise NotImplementedError
 
+    def tokenize_pair(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One tokenization for both filter passes: ``(itc_ids, itm_ids, mask)`` ``(N, L)``."""
+        raise NotImplementedError
+
+    def text_feat_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # -> (N, E)
+        return F.normalize(self.text_proj(self.fast_encoder.encode(ids, mask)[:, 0, :]), dim=-1)
+
+    def itm_probs_ids(self, ids: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, cross: list) -> torch.Tensor:
+        h = self.fast_encoder.encode(ids, mask, cross, index)
+        return self.itm_head(h[:, 0, :]).float().softmax(dim=-1)[:, 1]
+
+    text_proj: Any = None
+    itm_head: Any = None
     fast_encoder: Any = None  # FastText over the text encoder (filter role)
     fast_decoder: Any = None  # FastText over the decoder + LM head (captioner role)
 
@@ -187,6 +201,13 @@ class VlpBackend(Backend):
         self.max_text_len = int(cfg.max_text_len)
         self.fast_encoder = FastText(self.model.text_encoder)
         self.fast_decoder = FastText(self.model.text_decoder.bert, self.model.text_decoder.cls)
+        self.text_proj, self.itm_head = self.model.text_proj, self.model.itm_head
+
+    def tokenize_pair(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, mask = self.model.tokenize(list(texts), "enc")
+        itm_ids = ids.clone()
+        itm_ids[:, 0] = self.model.config.enc_token_id  # BLIP's [ENC] in place of [CLS] for ITM
+        return ids, itm_ids, mask
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixel_values)
@@ -198,10 +219,10 @@ class VlpBackend(Backend):
         ids, mask = self.model.tokenize(list(texts), "enc")
         return F.normalize(self.model.text_proj(self.fast_encoder.encode(ids, mask)[:, 0, :]), dim=-1)
 
-    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str],
-                  index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str], index: Optional[torch.Tensor] = None,
+                  cross: Optional[list] = None) -> torch.Tensor:
         ids, mask = self.model.tokenize(list(texts), "itm")
-        h = self.fast_encoder.encode(ids, mask, self.fast_encoder.cross_kv(image_embeds), index)
+        h = self.fast_encoder.encode(ids, mask, cross or self.fast_encoder.cross_kv(image_embeds), index)
         return self.model.itm_head(h[:, 0, :]).float().softmax(dim=-1)[:, 1]
 
     def decoder_inputs(self, prompt: str, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, int, int]:
@@ -262,6 +283,7 @@ class HfBackend(Backend):
         self.text_config = config.text_config
         if role == "filter":
             self.fast_encoder = FastText(self.model.text_encoder)
+            self.text_proj, self.itm_head = self.model.text_proj, self.model.itm_head
         else:
             self.fast_decoder = FastText(self.model.text_decoder.bert, self.model.text_decoder.cls)
 
@@ -269,6 +291,10 @@ class HfBackend(Backend):
         enc = self.tokenizer([t if isinstance(t, str) else "" for t in texts], padding="longest", truncation=True,
                              max_length=self.max_text_len, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def tokenize_pair(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, mask = self._tok(texts)  # BlipForImageTextRetrieval feeds the same ids to ITC and ITM
+        return ids, ids, mask
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
@@ -280,11 +306,11 @@ class HfBackend(Backend):
         ids, mask = self._tok(texts)
         return F.normalize(self.model.text_proj(self.fast_encoder.encode(ids, mask)[:, 0, :]), dim=-1)
 
-    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str],
-                  index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str], index: Optional[torch.Tensor] = None,
+                  cross: Optional[list] = None) -> torch.Tensor:
         # BlipForImageTextRetrieval(use_itm_head=True): the processor's ids ([CLS] first), cross-attending
         ids, mask = self._tok(texts)
-        h = self.fast_encoder.encode(ids, mask, self.fast_encoder.cross_kv(image_embeds), index)
+        h = self.fast_encoder.encode(ids, mask, cross or self.fast_encoder.cross_kv(image_embeds), index)
         return self.model.itm_head(h[:, 0, :]).float().softmax(dim=-1)[:, 1]
 
     def decoder_inputs(self, prompt: str, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, int, int]:

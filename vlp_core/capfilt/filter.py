@@ -14,7 +14,19 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from vlp_core.capfilt.backend import Backend, autocast, iter_batches, load_backend
+from vlp_core.capfilt.backend import Backend, autocast, load_backend
+
+
+LENGTH_BUCKET = 64  # texts per forward after sorting by length (less padding, still batched)
+
+
+def length_chunks(rows: np.ndarray, texts: Sequence[str], size: int) -> list[np.ndarray]:
+    """``rows`` sorted by their text's length and cut into chunks of at most ``size``, so each
+    forward pads to a similar length (web alt-texts and long synthetic captions apart)."""
+    if len(rows) == 0:
+        return []
+    order = rows[np.argsort([len(texts[i] or "") for i in rows], kind="stable")]
+    return [order[i:i + size] for i in range(0, len(order), max(1, size))]
 
 
 class ItmFilter:
@@ -49,13 +61,15 @@ class ItmFilter:
     @torch.no_grad()
     def text_feat(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalised ITC text features ``(N, E)`` (float32), in batches."""
-        outs = []
+        n = len(texts)
+        out: Optional[torch.Tensor] = None
         with autocast(self.backend.device):
-            for sl in iter_batches(len(texts), self.batch_size):
-                outs.append(self.backend.text_feat(list(texts[sl])).float())
-        if not outs:
-            return torch.zeros(0, 0)
-        return torch.cat(outs)
+            for rows in length_chunks(np.arange(n), texts, min(self.batch_size, LENGTH_BUCKET)):
+                f = self.backend.text_feat([texts[i] for i in rows]).float()
+                if out is None:
+                    out = torch.zeros(n, f.shape[1], device=f.device)
+                out[torch.as_tensor(rows, device=f.device)] = f
+        return torch.zeros(0, 0) if out is None else out
 
     @torch.no_grad()
     def scores(self, image_embeds: torch.Tensor, texts: Sequence[str], image_index: Optional[Sequence[int]] = None,
@@ -75,16 +89,31 @@ class ItmFilter:
         if n == 0:
             return (itc, itm, None, None) if return_feats else (itc, itm)
         idx = idx.to(image_embeds.device)
-        img_f = self.image_feat(image_embeds)  # (B, E)
-        txt_f = self.text_feat(texts).to(img_f.device)  # (N, E)
-        itc[:] = (img_f[idx] * txt_f).sum(-1).cpu().numpy()
-        todo = np.arange(n) if itc_prescreen is None else np.flatnonzero(itc >= itc_prescreen)
-        with autocast(self.backend.device):
-            for sl in iter_batches(len(todo), self.batch_size):
-                rows = torch.as_tensor(todo[sl], device=idx.device)
-                imgs, inv = torch.unique(idx[rows], return_inverse=True)  # each image's cross K/V once
-                probs = self.backend.itm_probs(image_embeds[imgs], [texts[i] for i in todo[sl]], inv)
-                itm[todo[sl]] = probs.float().cpu().numpy()
+        b = self.backend
+        size = min(self.batch_size, LENGTH_BUCKET)
+        with autocast(b.device):
+            img_f = b.image_feat(image_embeds).float()  # (B, E)
+            cross = b.fast_encoder.cross_kv(image_embeds)  # each image's cross-attention K/V, once
+            txt_f: Optional[torch.Tensor] = None
+            pending = []  # ITM chunks left for after the ITC pre-screen
+            for rows in length_chunks(np.arange(n), texts, size):  # one tokenization serves ITC and ITM
+                ids, itm_ids, mask = b.tokenize_pair([texts[i] for i in rows])
+                f = b.text_feat_ids(ids, mask).float()
+                if txt_f is None:
+                    txt_f = torch.zeros(n, f.shape[1], device=f.device)
+                r = torch.as_tensor(rows, device=idx.device)
+                txt_f[r] = f
+                itc[rows] = (img_f[idx[r]] * f).sum(-1).cpu().numpy()
+                if itc_prescreen is None:
+                    itm[rows] = b.itm_probs_ids(itm_ids, mask, idx[r], cross).float().cpu().numpy()
+                else:
+                    pending.append((rows, itm_ids, mask))
+            for rows, itm_ids, mask in pending:
+                keep = itc[rows] >= itc_prescreen
+                if keep.any():
+                    r = torch.as_tensor(rows[keep], device=idx.device)
+                    k = torch.as_tensor(np.flatnonzero(keep), device=itm_ids.device)
+                    itm[rows[keep]] = b.itm_probs_ids(itm_ids[k], mask[k], idx[r], cross).float().cpu().numpy()
         if return_feats:
             return itc, itm, img_f.cpu().numpy(), txt_f.cpu().numpy()
         return itc, itm

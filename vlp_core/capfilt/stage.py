@@ -345,6 +345,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     feat_dim: Optional[int] = None
     with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, CORPUS_SCHEMA) as writer, \
             _FeatsSidecar(out_dir / FEATS_DIR / f"{shard.name}.parquet", flt.model_id) as feats, \
+            torch.inference_mode(), \
             tqdm(total=n_img, desc=f"capfilt {shard.name}", unit="img", disable=None, leave=False) as bar:
         for s in range(0, n_img, bs):
             e = min(n_img, s + bs)
