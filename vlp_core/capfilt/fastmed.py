@@ -1,5 +1,6 @@
 """A lean inference path through BLIP's text transformer (the weights of a transformers
-``BlipTextModel`` / ``BlipTextLMHeadModel``, read in place, never copied).
+``BlipTextModel`` / ``BlipTextLMHeadModel``, read in place; only the self-attention q/k/v weights are
+concatenated into one fused projection).
 
 Why: on small models the per-module Python overhead of the stock forward dominates, and
 CapFilt runs the text side three times per candidate (decoder, ITC encoder, ITM encoder).
@@ -33,11 +34,19 @@ class FastText:
         self.heads = first.num_attention_heads
         self.head_dim = first.attention_head_size
         self.lm_head = lm_head
+        # fused self-attention projections (one GEMM instead of three; a small copy of q/k/v)
+        self.qkv = []
+        for layer in self.layers:
+            sa = layer.attention.self
+            w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]).detach()
+            b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]).detach()
+            self.qkv.append((w, b))
+        self.width = self.heads * self.head_dim
 
     # ---------------------------------------------------------------- pieces
     def _split(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H*d) -> (B, H, L, d)
         b, n, _ = x.shape
-        return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        return x.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)
 
     @staticmethod
     def _merge(x: torch.Tensor) -> torch.Tensor:  # (B, H, L, d) -> (B, L, H*d)
@@ -78,7 +87,7 @@ class FastText:
         attn_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, L)
         for li, layer in enumerate(self.layers):
             sa = layer.attention
-            q, k, v = self._split(sa.self.query(x)), self._split(sa.self.key(x)), self._split(sa.self.value(x))
+            q, k, v = (self._split(t) for t in F.linear(x, *self.qkv[li]).split(self.width, dim=-1))
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
             x = sa.output.LayerNorm(sa.output.dense(self._merge(ctx)) + x)
             if cross is not None:
@@ -113,10 +122,10 @@ class FastText:
             n = x.shape[1]
             for li, layer in enumerate(self.layers):
                 sa = layer.attention
-                q = self._split(sa.self.query(x))
+                q, k, v = (self._split(t) for t in F.linear(x, *self.qkv[li]).split(self.width, dim=-1))
                 kc, vc = caches[li]
-                kc[:, :, pos:pos + n] = self._split(sa.self.key(x))
-                vc[:, :, pos:pos + n] = self._split(sa.self.value(x))
+                kc[:, :, pos:pos + n] = k
+                vc[:, :, pos:pos + n] = v
                 ctx = F.scaled_dot_product_attention(q, kc[:, :, :pos + n], vc[:, :, :pos + n], is_causal=n > 1)
                 h = sa.output.LayerNorm(sa.output.dense(self._merge(ctx)) + x)
                 h = self._cross(layer, h, cross[li])
