@@ -76,9 +76,39 @@ def pack_world(world: Path, split: str, out: Path, n: int, per_shard: int = 1000
     return out
 
 
-def make_models(world: Path, root: Path) -> dict:
-    """A random ``tiny-vit`` vlp checkpoint and its HF export (or, without the exporter, random
-    HF BLIP folders of the same shape used by both sides)."""
+def lm_train_hf(cap_dir: Path, world: Path, steps: int, prompt: str, batch_size: int = 32) -> float:
+    """A few LM steps on the clean split, so captions end with [SEP] at natural lengths as a
+    trained captioner's do (random weights run every caption to max_length)."""
+    import torch
+    from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    t0 = time.perf_counter()
+    model = BlipForConditionalGeneration.from_pretrained(str(cap_dir)).train()
+    proc = BlipProcessor.from_pretrained(str(cap_dir))
+    t = pq.read_table(world / "human.parquet").to_pylist()
+    rows = [r for r in t if r["caption"] and (world / "www" / r["url_path"].lstrip("/")).is_file()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    bos = model.config.text_config.bos_token_id
+    for _ in range(steps):
+        batch = [rows[i] for i in rng.choice(len(rows), batch_size, replace=False)]
+        images = [Image.open(world / "www" / r["url_path"].lstrip("/")).convert("RGB") for r in batch]
+        enc = proc(images=images, text=[prompt + r["caption"] for r in batch], padding=True, return_tensors="pt")
+        enc["input_ids"][:, 0] = bos  # decode starts from [DEC], as generate() does
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(str(cap_dir))
+    print(f"captioner: {steps} LM steps on the clean split in {time.perf_counter() - t0:.0f}s, last loss {loss.item():.2f}")
+    return float(loss.item())
+
+
+def make_models(world: Path, root: Path, train_steps: int, prompt: str) -> dict:
+    """A ``tiny-vit`` vlp checkpoint (briefly LM-trained) and its HF export (or, without the
+    exporter, HF BLIP folders of the same shape, the captioner briefly LM-trained, used by both sides)."""
     import torch
 
     from vlp_core.models import create_model, train_tokenizer
@@ -86,13 +116,24 @@ def make_models(world: Path, root: Path) -> dict:
     torch.manual_seed(0)
     caps = [c for c in pq.read_table(world / "human.parquet")["caption"].to_pylist() if c]
     tok = train_tokenizer(caps, vocab_size=256)
-    model = create_model("tiny-vit", tok)
-    vlp_dir = model.save_pretrained(root / "vlp_model")
     try:
         from vlp_core.models import hf
     except ImportError:
         hf = None
     if hf is not None and hasattr(hf, "export_captioner") and hasattr(hf, "export_filter"):
+        vlp_dir = create_model("tiny-vit", tok).save_pretrained(root / "vlp_model")
+        if train_steps:
+            from vlp_core.config import load_params
+            from vlp_core.train.loop import run_pretrain
+
+            tok_dir = vlp_dir / "tokenizer"
+            p = load_params(str(REPO / "params.yaml"), [
+                "model.arch=tiny-vit", f"model.tokenizer={tok_dir}", f"pretrain.steps={train_steps}",
+                "pretrain.batch_size=32", "pretrain.warmup_steps=10", "pretrain.checkpoint_every=100000"])
+            t0 = time.perf_counter()
+            run_pretrain(p, [(world / "human.parquet", "human")], root / "vlp_pretrain")
+            vlp_dir = root / "vlp_pretrain" / "model"
+            print(f"model: tiny-vit pretrained {train_steps} steps in {time.perf_counter() - t0:.0f}s")
         cap_dir, itm_dir = root / "hf_captioner", root / "hf_itm"
         hf.export_captioner(vlp_dir, cap_dir)
         hf.export_filter(vlp_dir, itm_dir)
@@ -103,6 +144,8 @@ def make_models(world: Path, root: Path) -> dict:
 
     dims = dict(hidden=128, text_layers=3, vision_layers=4)  # tiny-vit's shape
     cap_dir = make_hf_blip(root / "hf_captioner", "BlipForConditionalGeneration", tok, **dims)
+    if train_steps:
+        lm_train_hf(cap_dir, world, train_steps, prompt)
     itm_dir = make_hf_blip(root / "hf_itm", "BlipForImageTextRetrieval", tok, seed=1, **dims)
     # as an export of one checkpoint would be: the captioner and the filter share the vision encoder
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
@@ -112,8 +155,8 @@ def make_models(world: Path, root: Path) -> dict:
     itm.vision_model.load_state_dict(cap.vision_model.state_dict())
     itm.save_pretrained(str(itm_dir))
     return {"ours_captioner": cap_dir, "ours_filter": itm_dir, "hf_captioner": cap_dir, "hf_itm": itm_dir,
-            "same_weights": "random HF BLIP folders of tiny-vit's shape sharing one vision encoder "
-                            "(vlp_core.models.hf not available): both sides load them"}
+            "same_weights": f"HF BLIP folders of tiny-vit's shape (captioner LM-trained {train_steps} steps) sharing "
+                            "one vision encoder (vlp_core.models.hf not available): both sides load them"}
 
 
 # --------------------------------------------------------------------------- the two sides
@@ -241,6 +284,7 @@ def main() -> None:
     ap.add_argument("--n-throughput", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=150, help="LM steps for the captioner (0 = random weights)")
     ap.add_argument("--mem-sizes", default="2000,20000")
     ap.add_argument("--quality-steps", type=int, default=600)
     ap.add_argument("--quality-web", type=int, default=4000)
@@ -278,7 +322,7 @@ def main() -> None:
     print(f"world: {n_web} web + 4000 human images at 48 px in {time.perf_counter() - t0:.1f}s ({root})")
 
     # ---- 1. throughput
-    models = make_models(world, root)
+    models = make_models(world, root, args.train_steps, params.capfilt.prompt)
     cp = params.capfilt
     print(f"models: {models['same_weights']}")
     print(f"settings: K=1 {cp.decode} top_p={cp.top_p} prompt={cp.prompt!r} length {cp.min_length}-{cp.max_length}, "
