@@ -45,17 +45,28 @@ class CapfiltError(VlpError, ValueError):
 
 
 # --------------------------------------------------------------------------- ids
+_HASHES: dict[tuple, str] = {}
+
+
 def dir_content_hash(directory: str | Path, length: int = 12) -> str:
-    """Short sha256 over every file's relative path and bytes (a model folder's identity)."""
+    """Short sha256 over every file's relative path and bytes (a model folder's identity).
+    Memoised per process on the files' (name, size, mtime), so a worker running many shards
+    hashes a large checkpoint once."""
     d = Path(directory)
+    files = sorted(x for x in d.rglob("*") if x.is_file() and not x.name.startswith("."))
+    stamp = (str(d.resolve()), length, tuple((str(p.relative_to(d)), p.stat().st_size, p.stat().st_mtime_ns)
+                                             for p in files))
+    if stamp in _HASHES:
+        return _HASHES[stamp]
     h = hashlib.sha256()
-    for p in sorted(x for x in d.rglob("*") if x.is_file() and not x.name.startswith(".")):
+    for p in files:
         h.update(str(p.relative_to(d)).encode())
         h.update(b"\0")
         with open(p, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-    return h.hexdigest()[:length]
+    _HASHES[stamp] = h.hexdigest()[:length]
+    return _HASHES[stamp]
 
 
 def state_hash(module: torch.nn.Module, extra: Any = None) -> str:
