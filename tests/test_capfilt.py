@@ -196,6 +196,23 @@ def test_calibrated_threshold_and_rethreshold_equals_recompute(tiny_ingest, untr
     assert _corpus(re2)[C.KEPT].to_pylist() == b[C.KEPT].to_pylist()
 
 
+def test_shards_in_concurrent_threads_equal_a_sequential_run(tiny_ingest, untrained_model, params, full_run,
+                                                             tmp_path):
+    """Prefect's default runner maps shards onto threads: each shard samples from its own
+    random stream, so the corpus does not depend on scheduling."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = params.replace(**{"capfilt.itm_threshold": 0.5})
+    shards = list_capfilt_shards(p, tiny_ingest["web_manifest"])
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda s: run_capfilt_shard(p, s, untrained_model, untrained_model, tmp_path,
+                                                            calibration=0.5), shards))
+    assert all(not r["skipped"] for r in results)
+    a, b = _corpus(tmp_path), _corpus(full_run[0])
+    for col in (C.KEY, C.CANDIDATE, C.TEXT, C.KEPT, C.ITM):
+        assert a[col].to_pylist() == b[col].to_pylist(), col
+
+
 def test_prescreen_rows_have_a_reason(tiny_ingest, untrained_model, params, tmp_path):
     p = params.replace(**{"capfilt.itc_prescreen": 0.0, "capfilt.num_captions": 0})
     shard = list_capfilt_shards(tiny_ingest["web_manifest"])[0]

@@ -63,11 +63,13 @@ class Captioner:
             return b.encode_image(b.preprocess(images))
 
     @torch.no_grad()
-    def caption(self, images: np.ndarray | torch.Tensor, k: Optional[int] = None) -> list[list[str]]:
+    def caption(self, images: np.ndarray | torch.Tensor, k: Optional[int] = None,
+                generator: Optional[torch.Generator] = None) -> list[list[str]]:
         """``k`` captions (default ``num_captions``) for each image of a batch.
 
         ``images``: uint8 pixels ``(B, H, W, 3)`` (numpy or tensor), or image embeddings
-        ``(B, 1 + N, Dv)`` from this captioner's vision encoder (the one image pass)."""
+        ``(B, 1 + N, Dv)`` from this captioner's vision encoder (the one image pass).
+        ``generator``: the random stream for sampling (default: torch's global one)."""
         k = self.params.num_captions if k is None else k
         if k <= 0:
             return [[] for _ in range(len(images))]
@@ -85,7 +87,8 @@ class Captioner:
                 rep = embeds.repeat_interleave(k, dim=0) if k > 1 else embeds  # (B*k, 1+N, Dv), image-major
                 _, ids, eos, _ = self.backend.decoder_inputs(p.prompt, rep.shape[0])
                 toks = self.backend.fast_decoder.decode(ids, rep, sample=p.decode == "nucleus", top_p=p.top_p,
-                                                        max_new=p.max_length, min_new=p.min_length, eos_id=eos)
+                                                        max_new=p.max_length, min_new=p.min_length, eos_id=eos,
+                                                        generator=generator)
                 flat = [c.strip() for c in self.backend.tokenizer.batch_decode(toks, skip_special_tokens=True)]
         return [flat[i * k:(i + 1) * k] for i in range(embeds.shape[0])]
 

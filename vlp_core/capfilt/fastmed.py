@@ -101,8 +101,10 @@ class FastText:
     # ---------------------------------------------------------------- decoder
     @torch.no_grad()
     def decode(self, prompt_ids: torch.Tensor, image_embeds: torch.Tensor, *, sample: bool, top_p: float,
-               max_new: int, min_new: int, eos_id: int) -> list[list[int]]:
-        """KV-cached nucleus sampling or greedy decoding.  ``prompt_ids (B, P)`` (BOS first,
+               max_new: int, min_new: int, eos_id: int,
+               generator: Optional[torch.Generator] = None) -> list[list[int]]:
+        """KV-cached nucleus sampling (from ``generator``: a per-shard stream, so concurrent
+        shards in threads stay reproducible) or greedy decoding.  ``prompt_ids (B, P)`` (BOS first,
         the same prompt for every row), ``image_embeds (B, N, Dv)``.  Returns each row's new
         token ids without EOS.  Rows leave the batch when they emit EOS."""
         from vlp_core.capfilt.captioner import top_p_filter
@@ -135,7 +137,8 @@ class FastText:
             if step < min_new:
                 logits[:, eos_id] = -float("inf")
             if sample:
-                nxt = torch.multinomial(top_p_filter(logits, top_p).softmax(dim=-1), 1).squeeze(1)
+                probs = top_p_filter(logits, top_p).softmax(dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 nxt = logits.argmax(dim=-1)
             done = nxt == eos_id

@@ -337,7 +337,9 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     counts: dict[str, int] = stats["counts"]
     imgpass = ImagePass([cap.backend, flt.backend])
     reader = ShardReader()
-    torch.manual_seed(cp.seed + zlib.crc32(shard.name.encode()))  # the shard's samples do not depend on order
+    # the shard's own random stream: its captions depend neither on shard order nor on other
+    # shards running concurrently in threads (Prefect's default runner)
+    gen = torch.Generator(device=cap.backend.device).manual_seed(cp.seed + zlib.crc32(shard.name.encode()))
     keys, urls, refs, caps_web = (rows[c].to_pylist() for c in (C.KEY, C.URL, C.SHARD, C.CAPTION))
     bs = max(1, cp.batch_size)
     dsize = imgpass.decode_size
@@ -380,7 +382,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
             if good:
                 emb = imgpass.encode(imgs[good])
                 if k > 0:
-                    for gi, caps in zip(good, cap.caption(emb[cap.vision_key], k)):
+                    for gi, caps in zip(good, cap.caption(emb[cap.vision_key], k, generator=gen)):
                         texts[gi][1:] = caps
                 flat_rows = [(gi, gpos, c) for gpos, gi in enumerate(good) for c in range(1 + k)
                              if _is_text(texts[gi][c])]

@@ -1,0 +1,224 @@
+"""The CapFilt comparison: which corpus each model trains on, and the results table.
+
+Six models, each trained from scratch for the same number of steps:
+
+=============  ==========================================================================
+round 0        the raw web pairs (every downloaded alt-text) plus the human pairs
+round 1, 2     the bootstrapped corpus of that round (kept web + kept synthetic) plus human
+filter-only    round 1's corpus without synthetic captions: what the filter alone gives
+human-only     the human pairs alone
+oracle         the web pairs the ground truth says are clean, plus human
+=============  ==========================================================================
+
+The oracle is the only corpus built from ground truth; it exists to measure the gap that
+CapFilt closes.  :func:`comparison_table` renders one column per model and the rows the
+demo prints: corpus size by source, noise among kept web texts, synthetic-caption
+correctness, filter detection quality, retrieval and captioning metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vlp_core.io import write_parquet
+from vlp_core.schema import C, CORPUS_SCHEMA, conform
+
+MODEL_ORDER = ("round 0", "round 1", "round 2", "filter-only", "human-only", "oracle")
+
+
+@dataclass
+class ModelResult:
+    """One column of the table."""
+
+    name: str
+    sources: list[tuple[str, str]] = field(default_factory=list)  # training sources (path, source)
+    audit: dict[str, Any] = field(default_factory=dict)  # vlp_core.audit.audit_corpus of its corpus
+    metrics: dict[str, Any] = field(default_factory=dict)  # vlp_core.train.evaluate metrics.json
+    sizes: dict[str, int] = field(default_factory=dict)  # training pairs by source
+
+
+# --------------------------------------------------------------------------- corpora
+def _read_dir(corpus_dir: str | Path) -> pa.Table:
+    files = sorted(Path(corpus_dir).glob("*.parquet"))
+    if not files:
+        return CORPUS_SCHEMA.empty_table()
+    return pa.concat_tables([conform(pq.read_table(f), CORPUS_SCHEMA) for f in files])
+
+
+def filter_only_corpus(corpus_dir: str | Path, out_dir: str | Path) -> Path:
+    """Round k's corpus without its synthetic captions (the filter-only control)."""
+    t = _read_dir(corpus_dir)
+    t = t.filter(pc.not_equal(t[C.SOURCE], "synthetic"))
+    out = Path(out_dir)
+    write_parquet(t, out / "corpus.parquet")
+    return out
+
+
+def oracle_corpus(web_manifest: str | Path, world_dir: Optional[str | Path], out_dir: str | Path) -> Path:
+    """Every downloaded web pair, kept exactly when the ground truth says its text is clean.
+    With ``world_dir=None`` every pair is kept: the raw web corpus of round 0."""
+    from vlp_core.audit import oracle_rows
+
+    web_manifest = Path(web_manifest)
+    if web_manifest.is_dir():
+        web_manifest = web_manifest / "manifest.parquet"
+    m = pq.read_table(web_manifest)
+    clean = set(oracle_rows(web_manifest, world_dir)) if world_dir is not None else set(m[C.ROW].to_pylist())
+    m = m.filter(pc.equal(m[C.STATUS], "success"))
+    rows = m[C.ROW].to_pylist()
+    kept = pa.array([r in clean for r in rows], pa.bool_())
+    n = m.num_rows
+    t = pa.table(
+        {
+            C.KEY: m[C.KEY],
+            C.URL: m[C.URL],
+            C.SHARD: m[C.SHARD],
+            C.CANDIDATE: pa.array([0] * n, pa.int16()),
+            C.TEXT: m[C.CAPTION],
+            C.SOURCE: pa.array(["web"] * n),
+            C.KEPT: kept,
+            C.REASON: pa.array([None if k else "oracle_noise" for k in kept.to_pylist()], pa.string()),
+            C.ROUND: pa.array([0] * n, pa.int32()),
+        }
+    )
+    out = Path(out_dir)
+    write_parquet(conform(t, CORPUS_SCHEMA), out / "corpus.parquet")
+    return out
+
+
+def raw_corpus(web_manifest: str | Path, out_dir: str | Path) -> Path:
+    """The raw web corpus (every downloaded alt-text kept), as round 0 trains on it."""
+    return oracle_corpus(web_manifest, None, out_dir)
+
+
+def pair_counts(sources: list[tuple[str, str]]) -> dict[str, int]:
+    """Training pairs by source, as the trainer will read them."""
+    from vlp_core.train.data import load_pairs
+
+    t = load_pairs(sources)
+    counts: dict[str, int] = {}
+    for s in t[C.SOURCE].to_pylist():
+        counts[s] = counts.get(s, 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------- the experiment
+@dataclass
+class Inputs:
+    """What the comparison reads: ingest manifests (or world URL lists) and the world."""
+
+    web: str
+    human: str
+    test: str
+    world: str
+
+
+def run_comparison(params, inputs: Inputs, workdir: str | Path, rounds: int = 2,
+                   controls: bool = True, log=print) -> list[ModelResult]:
+    """Round 0, rounds 1..N of CapFilt, and the three controls, each trained from scratch for
+    ``params.pretrain.steps`` steps and evaluated on the test split.  Every stage skips work
+    whose outputs are complete, so a rerun resumes.  Returns the table's columns."""
+    from vlp_core.audit import audit_corpus
+    from vlp_core.capfilt.stage import run_capfilt
+    from vlp_core.train.evaluate import run_evaluate
+    from vlp_core.train.loop import run_finetune, run_pretrain
+
+    work = Path(workdir)
+    gt = Path(inputs.world) / "ground_truth.parquet"
+    human = (inputs.human, "human")
+
+    def train_eval(name: str, sources: list[tuple[str, str]], corpus: Optional[Path]) -> ModelResult:
+        d = work / name.replace(" ", "")
+        log(f"[{name}] training on {len(sources)} source(s) for {params.pretrain.steps} steps")
+        run_pretrain(params, sources, d / "train")
+        metrics = run_evaluate(params, d / "train" / "model", (inputs.test, "human"), d / "eval", ground_truth=gt)
+        audit = audit_corpus(corpus, inputs.world) if corpus is not None else {}
+        return ModelResult(name, sources, audit, metrics, pair_counts(sources))
+
+    results: list[ModelResult] = []
+    raw = raw_corpus(inputs.web, work / "round0" / "raw_corpus")
+    results.append(train_eval("round 0", [(inputs.web, "web"), human], raw))
+    prev = work / "round0" / "train" / "model"
+    corpora: dict[int, Path] = {}
+    for k in range(1, rounds + 1):
+        rd = work / f"round{k}"
+        log(f"[round {k}] fine-tuning captioner and filter from {prev}")
+        run_finetune(params, "captioner", [human], prev, rd / "captioner")
+        run_finetune(params, "filter", [human], prev, rd / "filter")
+        log(f"[round {k}] CapFilt over the web images")
+        run_capfilt(params, inputs.web, rd / "captioner" / "model", rd / "filter" / "model", rd / "capfilt",
+                    round=k, calibration=inputs.human)
+        corpora[k] = rd / "capfilt" / "corpus"
+        res = train_eval(f"round {k}", [(str(rd / "capfilt"), "web"), human], corpora[k])
+        # the corpus audit of round k describes the data its model trained on
+        results.append(res)
+        prev = rd / "train" / "model"
+    if controls:
+        fo = filter_only_corpus(corpora[1], work / "filteronly" / "corpus")
+        results.append(train_eval("filter-only", [(str(fo), "web"), human], fo))
+        results.append(train_eval("human-only", [human], None))
+        oc = oracle_corpus(inputs.web, inputs.world, work / "oracle" / "corpus")
+        results.append(train_eval("oracle", [(str(oc), "web"), human], oc))
+    return results
+
+
+# --------------------------------------------------------------------------- table
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _num(x: Optional[float], fmt: str = "{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _get(d: dict, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def table_rows(results: list[ModelResult]) -> list[tuple[str, list[str]]]:
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, fn) -> None:
+        rows.append((label, [fn(r) for r in results]))
+
+    for src in ("web", "synthetic", "human"):
+        add(f"pairs: {src}", lambda r, s=src: str(r.sizes.get(s, 0)) if r.sizes else "-")
+    add("noise in kept web texts %", lambda r: _pct(_get(r.audit, "web_noise_rate_kept")))
+    add("synthetic correct % (all)", lambda r: _pct(_get(r.audit, "synthetic_correct")))
+    for a in ("colour", "shape", "size", "relation"):
+        add(f"synthetic correct % {a}", lambda r, a=a: _pct(_get(r.audit, "synthetic_correct_by_attribute", a)))
+    add("synthetic kept correct %", lambda r: _pct(_get(r.audit, "synthetic_correct_kept")))
+    for what, key in (("web noise", "web_detection"), ("wrong synth", "synthetic_detection")):
+        add(f"filter {what} precision %", lambda r, k=key: _pct(_get(r.audit, k, "precision")))
+        add(f"filter {what} recall %", lambda r, k=key: _pct(_get(r.audit, k, "recall")))
+        add(f"filter {what} ROC-AUC", lambda r, k=key: _num(_get(r.audit, k, "roc_auc"), "{:.3f}"))
+    for m, label in (("tr_r1", "TR@1"), ("tr_r5", "TR@5"), ("ir_r1", "IR@1"), ("ir_r5", "IR@5"), ("r1_mean", "R@1 mean")):
+        add(label, lambda r, m=m: _num(_get(r.metrics, m)))
+    add("BLEU-4", lambda r: _num(_get(r.metrics, "bleu4"), "{:.3f}"))
+    add("CIDEr", lambda r: _num(_get(r.metrics, "cider"), "{:.3f}"))
+    add("caption accuracy %", lambda r: _pct(_get(r.metrics, "caption_acc")))
+    return rows
+
+
+def comparison_table(results: list[ModelResult], markdown: bool = False) -> str:
+    """Render one column per model."""
+    names = [r.name for r in results]
+    rows = table_rows(results)
+    if markdown:
+        head = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
+        return head + "".join(f"| {label} | " + " | ".join(vals) + " |\n" for label, vals in rows)
+    w0 = max(len(label) for label, _ in rows)
+    ws = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
+    line = lambda label, vals: label.ljust(w0) + "  " + "  ".join(v.rjust(w) for v, w in zip(vals, ws))  # noqa: E731
+    out = [line("", names), "-" * (w0 + 2 + sum(ws) + 2 * (len(ws) - 1))]
+    out += [line(label, vals) for label, vals in rows]
+    return "\n".join(out)
