@@ -12,8 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-pytestmark = pytest.mark.skip(reason="integration pending: capfilt/features landed after helper E stopped; "
-                                    "check dvc.yaml features outs and calibration passing, then remove")
 
 from flows import tasks as T  # noqa: E402
 from vlp_core import versioning as V  # noqa: E402
