@@ -3,7 +3,7 @@
     vlp run [--round K] [--until STEP] [--init-from DIR] [-S key=value ...]   one round
     vlp cycles [--rounds N] [--start-round K]                               rounds 0..N-1
     vlp deploy [--cron "0 2 * * *"] [--pool vlp-process]                    nightly schedule
-    vlp demo [--rounds N] [--port 8765]                                     synthetic web + cycles
+    vlp demo [--rounds N] [--port 8765] [--no-controls]                     synthetic web + cycles + table
 
 All run on Prefect's ephemeral API unless PREFECT_API_URL points at a server.
 """
@@ -48,6 +48,8 @@ def register(subparsers) -> None:
     m.add_argument("--rounds", type=int, default=None)
     m.add_argument("--port", type=int, default=8765, help="port of the loopback server (fixed, so the URL "
                                                           "lists -- DVC inputs -- do not change between runs)")
+    m.add_argument("--no-controls", dest="controls", action="store_false",
+                   help="skip the filter-only, human-only and oracle controls (and the comparison table)")
     _common(m)
     m.set_defaults(func=_demo)
 
@@ -101,7 +103,13 @@ def _deploy(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
-    res = run_demo(args.params, args.overrides, workdir=args.workdir, rounds=args.rounds, port=args.port)
+    res = run_demo(args.params, args.overrides, workdir=args.workdir, rounds=args.rounds, port=args.port,
+                   controls=args.controls)
     print(_summary(res))
+    if res.get("table"):
+        print("\nCapFilt on the synthetic web (every model trained from scratch for the same steps; "
+              "'round k' = retrained on CapFilt round k's corpus):\n")
+        print(res["table"])
+        print("\n(data/comparison/table.md, results.json)")
     print(f"report: {res.get('report')}\ncompare: vlp versions diff round0 round1")
     return 0

@@ -3,7 +3,14 @@
 1. ``synthetic`` makes the seeded world in ``data/world`` (a cached stage, DVC-committed);
 2. the world is served on ``127.0.0.1:<port>`` and the URL lists ``data/urls/<split>.parquet``
    are written for that base URL (a fixed port keeps them, and so DVC's inputs, stable);
-3. the rounds run as in :func:`flows.cycles.cycles_flow`, then the report is written.
+3. the rounds run as in :func:`flows.cycles.cycles_flow`, then the report is written;
+4. the controls (filter-only, human-only, oracle) are trained from scratch for the same number
+   of steps, and the comparison table (:mod:`vlp_core.comparison`) is written to
+   ``data/comparison/table.md`` and printed.
+
+Model names in the table: "round 0" is the model pretrained on the raw web (the flow's
+``round0/pretrain``), "round k" for k >= 1 is the model retrained on CapFilt version
+``round<k-1>``'s corpus (the flow's ``round<k-1>/retrain``).
 """
 from __future__ import annotations
 
@@ -43,12 +50,67 @@ def write_urls_if_changed(layout: T.Layout, base_url: str) -> None:
             tmp.replace(target)
 
 
+DEMO_OVERRIDES = ("ingest.allow_private_network=true",)  # the demo's web is its own 127.0.0.1 server
+
+
+def demo_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
+    """The user's overrides plus the demo's own (theirs win: they come last)."""
+    return tuple(DEMO_OVERRIDES) + tuple(overrides)
+
+
+def comparison_inputs(layout: T.Layout) -> Any:
+    from vlp_core.comparison import Inputs
+
+    return Inputs(web=str(layout.ingest("web")), human=str(layout.ingest("human")), test=str(layout.ingest("test")),
+                  world=str(layout.world))
+
+
+@task(name="controls", cache_policy=NONE)
+def controls_task(params: Params, layout: T.Layout, round0: dict) -> dict[str, Any]:
+    """Train and evaluate the filter-only, human-only and oracle controls (skipped when unchanged)."""
+    from vlp_core.comparison import results_to_json, run_controls
+    from vlp_core.io import write_json
+
+    T._threads()
+    out = layout.data / "comparison"
+    upstream = [round0[n] for n in ("capfilt", "ingest_web", "ingest_human", "ingest_test") if n in round0]
+
+    def run() -> None:
+        res = run_controls(params, comparison_inputs(layout), layout.stage(0, "capfilt") / "corpus", out)
+        write_json({"controls": results_to_json(res)}, out / "controls.json")
+
+    return T.cached_stage(params, layout, "controls", None, out, ["pretrain", "model", "evaluate", "capfilt.prompt"],
+                          upstream, [layout.ground_truth], run, done_file="controls.json")
+
+
+def comparison_results(params: Params, layout: T.Layout, rounds: int) -> list[Any]:
+    """The table's columns from the flow's outputs plus the controls."""
+    from vlp_core.comparison import evaluated, raw_corpus, results_from_json
+    from vlp_core.io import read_json
+
+    inputs = comparison_inputs(layout)
+    human = (inputs.human, "human")
+    out = layout.data / "comparison"
+    raw = raw_corpus(inputs.web, out / "raw_corpus")
+    cols = [evaluated(params, "round 0", layout.model(0, "pretrain"), layout.stage(0, "evaluate_base"), inputs,
+                      [(inputs.web, "web"), human], raw)]
+    for k in range(rounds):
+        capfilt = layout.stage(k, "capfilt")
+        cols.append(evaluated(params, f"round {k + 1}", layout.model(k, "retrain"), layout.stage(k, "evaluate"),
+                              inputs, [(str(capfilt), "web"), human], capfilt / "corpus"))
+    controls = out / "controls.json"
+    if controls.exists():
+        cols += results_from_json(read_json(controls)["controls"])
+    return cols
+
+
 @flow(name="vlp-demo", log_prints=True)
 def demo_flow(params_path: str = "params.yaml", overrides: Sequence[str] = (), workdir: str = ".",
-              rounds: Optional[int] = None, port: int = 8765) -> dict:
+              rounds: Optional[int] = None, port: int = 8765, controls: bool = True) -> dict:
     from vlp_core import versioning as V
     from vlp_core.synthetic.server import serve_world
 
+    overrides = demo_overrides(overrides)
     with in_workdir(workdir):
         params = load_params(params_path, list(overrides))
         layout = T.Layout(Path("."), home=str(Path.cwd()))
@@ -62,15 +124,41 @@ def demo_flow(params_path: str = "params.yaml", overrides: Sequence[str] = (), w
                 out[f"round{k}"] = run_round(params, layout, k, overridden=T.tracked_overrides(overrides))
         report = write_report_if_possible(params, layout)
         out["report"] = str(report) if report else None
+        if n >= 1 and controls:
+            out["controls"] = controls_task(params, layout, out["round0"])
+            out["table"] = write_comparison(params, layout, n)
         return out
 
 
+def write_comparison(params: Params, layout: T.Layout, rounds: int) -> str:
+    """Write ``data/comparison/{table.md,table.txt,results.json}``; returns the text table."""
+    from vlp_core.comparison import comparison_table, results_to_json
+    from vlp_core.io import write_json, write_text
+
+    cols = comparison_results(params, layout, rounds)
+    out = layout.data / "comparison"
+    text = comparison_table(cols)
+    write_json({"models": results_to_json(cols)}, out / "results.json")
+    write_text(comparison_table(cols, markdown=True), out / "table.md")
+    write_text(text + "\n", out / "table.txt")
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(key="vlp-comparison", markdown=comparison_table(cols, markdown=True),
+                                 description="CapFilt: rounds vs filter-only, human-only and oracle")
+    except Exception:  # an artifact is a nicety
+        pass
+    return text
+
+
 def run_demo(params_path: str = "params.yaml", overrides: Sequence[str] = (), workdir: str = ".",
-             rounds: Optional[int] = None, port: int = 8765) -> dict:
+             rounds: Optional[int] = None, port: int = 8765, controls: bool = True) -> dict:
     with in_workdir(workdir):
-        params = load_params(params_path, list(overrides))
+        params = load_params(params_path, list(demo_overrides(overrides)))
         f = demo_flow.with_options(task_runner=task_runner_for(params))
-        return f(params_path=params_path, overrides=tuple(overrides), workdir=".", rounds=rounds, port=port)
+        return f(params_path=params_path, overrides=tuple(overrides), workdir=".", rounds=rounds, port=port,
+                 controls=controls)
 
 
-__all__ = ["demo_flow", "run_demo", "synthetic_task", "write_urls_if_changed"]
+__all__ = ["comparison_results", "controls_task", "demo_flow", "run_demo", "synthetic_task", "write_comparison",
+           "write_urls_if_changed"]

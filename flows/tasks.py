@@ -94,12 +94,19 @@ class Layout:
 
 
 UNTRACKED_SECTIONS = ("orchestration",)  # how to run, not what is computed
+# policies dvc.yaml does not list (see its ingest stages): which hosts may be contacted
+UNTRACKED_KEYS = ("ingest.allow_private_network",)
 
 
 def tracked_overrides(overrides: Sequence[str]) -> bool:
     """True when a ``-S`` override changes a setting that dvc.lock tracks (any section but
-    orchestration): such a run must not be recorded as params.yaml's result."""
-    return any(o.split("=", 1)[0].split(".", 1)[0].strip() not in UNTRACKED_SECTIONS for o in overrides)
+    orchestration, and any key but the network policy): such a run must not be recorded as
+    params.yaml's result."""
+    def tracked(o: str) -> bool:
+        key = o.split("=", 1)[0].strip()
+        return key.split(".", 1)[0] not in UNTRACKED_SECTIONS and key not in UNTRACKED_KEYS
+
+    return any(tracked(o) for o in overrides)
 
 
 def stage_id(name: str, round: Optional[int] = None) -> str:

@@ -117,32 +117,74 @@ class Inputs:
     test: str
     world: str
 
+    @property
+    def ground_truth(self) -> Path:
+        return Path(self.world) / "ground_truth.parquet"
+
+
+def evaluated(params, name: str, model_dir: str | Path, eval_dir: str | Path, inputs: Inputs,
+              sources: list[tuple[str, str]], corpus: Optional[str | Path]) -> ModelResult:
+    """One column for a model that is already trained: evaluate it on the test split (reusing
+    ``eval_dir/metrics.json`` when it exists) and audit the corpus it trained on."""
+    from vlp_core.audit import audit_corpus
+    from vlp_core.io import read_json
+    from vlp_core.train.evaluate import run_evaluate
+
+    metrics_file = Path(eval_dir) / "metrics.json"
+    if metrics_file.exists():
+        metrics = read_json(metrics_file)
+    else:
+        metrics = run_evaluate(params, model_dir, (inputs.test, "human"), eval_dir, ground_truth=inputs.ground_truth)
+    audit = audit_corpus(corpus, inputs.world) if corpus is not None else {}
+    return ModelResult(name, sources, audit, metrics, pair_counts(sources))
+
+
+def train_and_evaluate(params, name: str, sources: list[tuple[str, str]], inputs: Inputs, out_dir: str | Path,
+                       corpus: Optional[str | Path] = None, log=print) -> ModelResult:
+    """Pretrain a fresh model on ``sources`` for ``params.pretrain.steps`` steps (resumes from its
+    checkpoint, skips when finished), evaluate it and audit its corpus."""
+    from vlp_core.train.loop import run_pretrain
+
+    d = Path(out_dir)
+    log(f"[{name}] training from scratch on {', '.join(s for _, s in sources)} for {params.pretrain.steps} steps")
+    run_pretrain(params, sources, d / "train")
+    return evaluated(params, name, d / "train" / "model", d / "eval", inputs, sources, corpus)
+
+
+def run_controls(params, inputs: Inputs, round1_corpus: str | Path, workdir: str | Path,
+                 log=print) -> list[ModelResult]:
+    """The three controls, each trained from scratch like the rounds:
+
+    * **filter-only**: round 1's corpus without its synthetic captions (what the filter alone gives);
+    * **human-only**: the human pairs alone;
+    * **oracle**: the web pairs the ground truth calls clean, plus the human pairs."""
+    work = Path(workdir)
+    human = (inputs.human, "human")
+    fo = filter_only_corpus(round1_corpus, work / "filteronly" / "corpus")
+    oc = oracle_corpus(inputs.web, inputs.world, work / "oracle" / "corpus")
+    return [
+        train_and_evaluate(params, "filter-only", [(str(fo), "web"), human], inputs, work / "filteronly", fo, log),
+        train_and_evaluate(params, "human-only", [human], inputs, work / "humanonly", None, log),
+        train_and_evaluate(params, "oracle", [(str(oc), "web"), human], inputs, work / "oracle", oc, log),
+    ]
+
 
 def run_comparison(params, inputs: Inputs, workdir: str | Path, rounds: int = 2,
                    controls: bool = True, log=print) -> list[ModelResult]:
     """Round 0, rounds 1..N of CapFilt, and the three controls, each trained from scratch for
-    ``params.pretrain.steps`` steps and evaluated on the test split.  Every stage skips work
-    whose outputs are complete, so a rerun resumes.  Returns the table's columns."""
-    from vlp_core.audit import audit_corpus
+    ``params.pretrain.steps`` steps and evaluated on the test split -- the same stage
+    functions, in the same order, as ``cycles_flow`` (round k here is the flow's round k-1
+    retrain), without Prefect or DVC.  Every stage skips work whose outputs are complete,
+    so a rerun resumes.  Returns the table's columns."""
     from vlp_core.capfilt.stage import run_capfilt
-    from vlp_core.train.evaluate import run_evaluate
-    from vlp_core.train.loop import run_finetune, run_pretrain
+    from vlp_core.train.loop import run_finetune
 
     work = Path(workdir)
-    gt = Path(inputs.world) / "ground_truth.parquet"
     human = (inputs.human, "human")
-
-    def train_eval(name: str, sources: list[tuple[str, str]], corpus: Optional[Path]) -> ModelResult:
-        d = work / name.replace(" ", "")
-        log(f"[{name}] training on {len(sources)} source(s) for {params.pretrain.steps} steps")
-        run_pretrain(params, sources, d / "train")
-        metrics = run_evaluate(params, d / "train" / "model", (inputs.test, "human"), d / "eval", ground_truth=gt)
-        audit = audit_corpus(corpus, inputs.world) if corpus is not None else {}
-        return ModelResult(name, sources, audit, metrics, pair_counts(sources))
-
     results: list[ModelResult] = []
     raw = raw_corpus(inputs.web, work / "round0" / "raw_corpus")
-    results.append(train_eval("round 0", [(inputs.web, "web"), human], raw))
+    results.append(train_and_evaluate(params, "round 0", [(inputs.web, "web"), human], inputs, work / "round0",
+                                      raw, log))
     prev = work / "round0" / "train" / "model"
     corpora: dict[int, Path] = {}
     for k in range(1, rounds + 1):
@@ -154,17 +196,23 @@ def run_comparison(params, inputs: Inputs, workdir: str | Path, rounds: int = 2,
         run_capfilt(params, inputs.web, rd / "captioner" / "model", rd / "filter" / "model", rd / "capfilt",
                     round=k, calibration=inputs.human)
         corpora[k] = rd / "capfilt" / "corpus"
-        res = train_eval(f"round {k}", [(str(rd / "capfilt"), "web"), human], corpora[k])
         # the corpus audit of round k describes the data its model trained on
-        results.append(res)
+        results.append(train_and_evaluate(params, f"round {k}", [(str(rd / "capfilt"), "web"), human], inputs,
+                                          rd, corpora[k], log))
         prev = rd / "train" / "model"
     if controls:
-        fo = filter_only_corpus(corpora[1], work / "filteronly" / "corpus")
-        results.append(train_eval("filter-only", [(str(fo), "web"), human], fo))
-        results.append(train_eval("human-only", [human], None))
-        oc = oracle_corpus(inputs.web, inputs.world, work / "oracle" / "corpus")
-        results.append(train_eval("oracle", [(str(oc), "web"), human], oc))
+        results += run_controls(params, inputs, corpora[1], work, log)
     return results
+
+
+def results_to_json(results: list[ModelResult]) -> list[dict[str, Any]]:
+    return [{"name": r.name, "sources": [list(s) for s in r.sources], "audit": r.audit, "metrics": r.metrics,
+             "sizes": r.sizes} for r in results]
+
+
+def results_from_json(data: list[dict[str, Any]]) -> list[ModelResult]:
+    return [ModelResult(d["name"], [tuple(s) for s in d.get("sources", [])], d.get("audit", {}),
+                        d.get("metrics", {}), d.get("sizes", {})) for d in data]
 
 
 # --------------------------------------------------------------------------- table

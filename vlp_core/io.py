@@ -48,6 +48,12 @@ def write_json(obj: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def write_text(text: str, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -122,10 +123,16 @@ class Verdicts:
     reason: list[Optional[str]]
 
 
+def allow_private(params: IngestParams) -> bool:
+    """``ingest.allow_private_network``, or ``VLP_ALLOW_PRIVATE_NETWORK=1`` in the environment
+    (for ``dvc repro`` of the demo, whose URLs are on its own loopback server)."""
+    return bool(params.allow_private_network) or os.environ.get("VLP_ALLOW_PRIVATE_NETWORK") == "1"
+
+
 def validate_rows(urls: list[Optional[str]], captions: list[Optional[str]], params: IngestParams,
                   validator: Optional[UrlValidator] = None) -> Verdicts:
     """Check every row; the first occurrence of a URL is kept, later ones are duplicates."""
-    validator = validator or UrlValidator(params.allow_private_network)
+    validator = validator or UrlValidator(allow_private(params))
     seen: dict[str, int] = {}
     out = Verdicts([], [], [], [])
     for i, (url, cap) in enumerate(zip(urls, captions)):

@@ -1,0 +1,152 @@
+"""Benchmark: does CapFilt pay off?  The demo's comparison over several seeds.
+
+    .venv/bin/python bench/cycle.py                        # 3 seeds at the defaults below
+    .venv/bin/python bench/cycle.py --seeds 0 --steps 300  # a quick look
+    .venv/bin/python bench/cycle.py --rounds 1             # round 0, round 1 and the controls only
+
+One synthetic world (``params.yaml``'s, with ``--n-web`` web pairs; 40 % noisy web text, the
+web's noise kinds) is made once, served on 127.0.0.1 and ingested once with img2dataset.
+Then, for every seed, :func:`vlp_core.comparison.run_comparison` trains -- each from scratch,
+for the same ``--steps`` -- round 0 (raw web + human), round 1..N (each retrained on its
+CapFilt corpus; round k+1's captioner and filter come from round k's model) and the
+controls filter-only, human-only and oracle; every model is evaluated on the test split.
+The seed changes every training and sampling seed (``pretrain``, both fine-tunes,
+``capfilt``); the world stays the same.
+
+It prints each seed's table, the mean +- sd over seeds, and the three outcomes of issue 7,
+each marked met or not:
+
+1. round 1 beats round 0 on R@1 (mean of TR and IR) by more than the seed spread
+   (met when the mean gain exceeds both the sd over seeds of the gain and of each model);
+2. round 1 closes at least half of the gap between round 0 and the oracle;
+3. round 1 beats filter-only (the synthetic captions add something).
+
+Every stage skips finished work, so a rerun with the same ``--out`` resumes.  Not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlp_core.env import apply_offline_env  # noqa: E402
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bench_cycle", help="work folder (world, ingest, one folder per seed)")
+    p.add_argument("--params", default="params.yaml", help="settings to start from (the demo's)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--n-web", type=int, default=10000)
+    p.add_argument("--n-human", type=int, default=1000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=500, help="pretraining steps of EVERY model")
+    p.add_argument("--finetune-steps", type=int, default=300, help="steps of each captioner / filter fine-tune")
+    p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
+    return p.parse_args()
+
+
+def _ingest(params, world: Path, out: Path) -> dict[str, str]:
+    from vlp_core.ingest.stage import run_ingest
+    from vlp_core.synthetic.server import serve_world, write_url_list
+
+    dirs = {}
+    with serve_world(world) as srv:
+        for split in ("web", "human", "test"):
+            urls = write_url_list(world, split, srv.base_url, out / "urls" / f"{split}.parquet")
+            d = out / "ingest" / split
+            if not (d / "stats.json").exists():
+                run_ingest(params, urls, d)
+            dirs[split] = str(d)
+    return dirs
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def outcomes(per_seed: dict[int, dict[str, float]]) -> list[tuple[str, bool, str]]:
+    """The three outcomes from ``{seed: {model name: r1_mean}}``."""
+    seeds = sorted(per_seed)
+    col = lambda name: [per_seed[s][name] for s in seeds]  # noqa: E731
+    r0, r1, fo, orc = col("round 0"), col("round 1"), col("filter-only"), col("oracle")
+    gain = [b - a for a, b in zip(r0, r1)]
+    g, g_sd = _mean_sd(gain)
+    spread = max(g_sd, _mean_sd(r0)[1], _mean_sd(r1)[1])
+    gap = statistics.fmean(orc) - statistics.fmean(r0)
+    closed = g / gap if gap > 0 else float("nan")
+    vs_fo = [b - a for a, b in zip(fo, r1)]
+    d, d_sd = _mean_sd(vs_fo)
+    return [
+        ("round 1 beats round 0 on R@1 by more than the seed spread", g > spread,
+         f"gain {g:+.2f} (per seed {', '.join(f'{x:+.1f}' for x in gain)}) vs spread {spread:.2f}"),
+        ("round 1 closes >= half of the round 0 -> oracle gap", closed >= 0.5,
+         f"closed {100 * closed:.0f}% of a {gap:.2f}-point gap"),
+        ("round 1 beats filter-only (the captions add something)", d > 0,
+         f"round 1 - filter-only {d:+.2f} +- {d_sd:.2f} (per seed {', '.join(f'{x:+.1f}' for x in vs_fo)})"),
+    ]
+
+
+def main() -> int:
+    apply_offline_env()
+    a = _args()
+    from vlp_core.comparison import Inputs, comparison_table, results_to_json, run_comparison
+    from vlp_core.config import load_params
+    from vlp_core.synthetic.make import run_synthetic_make
+
+    base = load_params(a.params, ["ingest.allow_private_network=true", *a.overrides])
+    base = base.replace(**{"synthetic.n_web": a.n_web, "synthetic.n_human": a.n_human, "synthetic.n_test": a.n_test,
+                           "pretrain.steps": a.steps, "finetune.captioner.steps": a.finetune_steps,
+                           "finetune.filter.steps": a.finetune_steps})
+    out = Path(a.out)
+    world = out / "world"
+    t0 = time.perf_counter()
+    if not (world / "ground_truth.parquet").exists():
+        run_synthetic_make(base, world)
+    dirs = _ingest(base, world, out)
+    print(f"world + ingest: {time.perf_counter() - t0:.0f} s  ({a.n_web} web, {a.n_human} human, {a.n_test} test)")
+    inputs = Inputs(web=dirs["web"], human=dirs["human"], test=dirs["test"], world=str(world))
+
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    per_seed: dict[int, dict[str, float]] = {}
+    tables: dict[int, list] = {}
+    for seed in seeds:
+        t = time.perf_counter()
+        p = base.replace(**{"pretrain.seed": seed, "finetune.captioner.seed": seed, "finetune.filter.seed": seed,
+                            "capfilt.seed": seed})
+        res = run_comparison(p, inputs, out / f"seed{seed}", rounds=a.rounds, controls=True)
+        tables[seed] = res
+        per_seed[seed] = {r.name: float(r.metrics["r1_mean"]) for r in res}
+        (out / f"seed{seed}" / "results.json").write_text(json.dumps(results_to_json(res), indent=1, default=str))
+        print(f"\n=== seed {seed} ({time.perf_counter() - t:.0f} s) ===\n{comparison_table(res)}", flush=True)
+
+    names = [r.name for r in tables[seeds[0]]]
+    print(f"\n=== mean +- sd over seeds {seeds} (R@1 = mean of TR@1 and IR@1, test split) ===")
+    for metric, label in (("r1_mean", "R@1 mean"), ("tr_r1", "TR@1"), ("ir_r1", "IR@1"), ("caption_acc", "caption acc")):
+        scale = 100.0 if metric == "caption_acc" else 1.0
+        cells = []
+        for name in names:
+            vals = [scale * float(next(r for r in tables[s] if r.name == name).metrics.get(metric, float("nan")))
+                    for s in seeds]
+            m, sd = _mean_sd(vals)
+            cells.append(f"{name}: {m:5.1f} +- {sd:4.1f}")
+        print(f"{label:<12} " + " | ".join(cells))
+    print("\n=== outcomes ===")
+    results = outcomes(per_seed)
+    for text, met, detail in results:
+        print(f"[{'MET' if met else 'NOT MET'}] {text}: {detail}")
+    (out / "outcomes.json").write_text(json.dumps(
+        {"seeds": seeds, "r1_mean": {str(k): v for k, v in per_seed.items()},
+         "outcomes": [{"outcome": t, "met": m, "detail": d} for t, m, d in results]}, indent=1))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; results under {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
