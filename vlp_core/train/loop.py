@@ -140,6 +140,10 @@ def _load_model(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise TrainError(f"{path}: model folder not found")
+    from vlp_core.models.hf import import_hf, is_hf_blip_dir
+
+    if is_hf_blip_dir(path):  # a Hugging Face BLIP folder (e.g. an official checkpoint)
+        return import_hf(path)
     return _models().BlipMED.from_pretrained(path)
 
 
