@@ -43,10 +43,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--params", default="params.yaml", help="settings to start from (the demo's)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--n-web", type=int, default=10000)
+    p.add_argument("--n-web", type=int, default=8000)
     p.add_argument("--n-human", type=int, default=1000)
     p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=500, help="pretraining steps of EVERY model")
+    p.add_argument("--steps", type=int, default=400, help="pretraining steps of EVERY model")
+    p.add_argument("--batch", type=int, default=64, help="batch size of every training run")
     p.add_argument("--finetune-steps", type=int, default=300, help="steps of each captioner / filter fine-tune")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
     return p.parse_args()
@@ -103,7 +104,8 @@ def main() -> int:
     base = load_params(a.params, ["ingest.allow_private_network=true", *a.overrides])
     base = base.replace(**{"synthetic.n_web": a.n_web, "synthetic.n_human": a.n_human, "synthetic.n_test": a.n_test,
                            "pretrain.steps": a.steps, "finetune.captioner.steps": a.finetune_steps,
-                           "finetune.filter.steps": a.finetune_steps})
+                           "finetune.filter.steps": a.finetune_steps, "pretrain.batch_size": a.batch,
+                           "finetune.captioner.batch_size": a.batch, "finetune.filter.batch_size": a.batch})
     out = Path(a.out)
     world = out / "world"
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from vlp_core.errors import VlpError
 COMMAND_MODULES = [
     "vlp_core.synthetic.commands",  # vlp synthetic make|serve|urls
     "vlp_core.ingest.commands",  # vlp ingest
-    "vlp_core.models.commands",  # vlp model export|import|info
+    "vlp_core.models.commands",  # vlp export, vlp import
     "vlp_core.train.commands",  # vlp pretrain|finetune|evaluate
     "vlp_core.capfilt.commands",  # vlp capfilt [rethreshold]
     "vlp_core.features.commands",  # vlp features

@@ -54,7 +54,10 @@ class IngestParams:
     resize_mode: Literal["no", "border", "keep_ratio", "center_crop"] = "border"
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = 95
-    output_format: Literal["webdataset", "files", "parquet"] = "webdataset"
+    output_format: Literal["webdataset", "files"] = "webdataset"
+    # img2dataset's distributor: multiprocessing (one machine), or pyspark / ray for a cluster
+    # (a Spark session / ray.init() must exist; see infra/README.md)
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
     number_sample_per_shard: int = 1000
     processes_count: int = 2
     thread_count: int = 16

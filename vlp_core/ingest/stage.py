@@ -56,7 +56,7 @@ def img2dataset_kwargs(ip: IngestParams) -> dict[str, Any]:
         timeout=ip.timeout,
         retries=ip.retries,
         disallowed_header_directives=list(ip.disallowed_header_directives),
-        distributor="multiprocessing",
+        distributor=ip.distributor,
         enable_wandb=False,
         extract_exif=False,
         compute_hash="sha256",
