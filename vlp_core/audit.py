@@ -104,6 +104,8 @@ def audit_corpus(corpus: str | Path, world_dir: str | Path) -> dict[str, Any]:
         out["web_noise_rate_all"] = float(noisy.mean())
         out["web_noise_rate_kept"] = float(noisy[kept_web].mean()) if kept_web.any() else None
         out["web_detection"] = detection(noisy, ~kept_web, -itm[web].to_numpy())
+        if df.loc[web, C.ITM].isna().all():  # no filter scored this corpus (raw web, oracle): no ROC
+            out["web_detection"]["roc_auc"] = None
         kinds = gt.loc[paths[web], C.NOISE_KIND].fillna("clean").to_numpy()
         out["web_detection_by_kind"] = {
             kind: {"n": int((kinds == kind).sum()), "flagged_rate": float((~kept_web[kinds == kind]).mean())}
