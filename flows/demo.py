@@ -71,7 +71,6 @@ def controls_task(params: Params, layout: T.Layout, round0: dict) -> dict[str, A
     from vlp_core.comparison import results_to_json, run_controls
     from vlp_core.io import write_json
 
-    T._threads()
     out = layout.data / "comparison"
     upstream = [round0[n] for n in ("capfilt", "ingest_web", "ingest_human", "ingest_test") if n in round0]
 
@@ -137,14 +136,14 @@ def write_comparison(params: Params, layout: T.Layout, rounds: int) -> str:
 
     cols = comparison_results(params, layout, rounds)
     out = layout.data / "comparison"
-    text = comparison_table(cols)
+    text, markdown = comparison_table(cols), comparison_table(cols, markdown=True)
     write_json({"models": results_to_json(cols)}, out / "results.json")
-    write_text(comparison_table(cols, markdown=True), out / "table.md")
+    write_text(markdown, out / "table.md")
     write_text(text + "\n", out / "table.txt")
     try:
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(key="vlp-comparison", markdown=comparison_table(cols, markdown=True),
+        create_markdown_artifact(key="vlp-comparison", markdown=markdown,
                                  description="CapFilt: rounds vs filter-only, human-only and oracle")
     except Exception:  # an artifact is a nicety
         pass

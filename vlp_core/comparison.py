@@ -28,9 +28,6 @@ import pyarrow.parquet as pq
 from vlp_core.io import write_parquet
 from vlp_core.schema import C, CORPUS_SCHEMA, conform
 
-MODEL_ORDER = ("round 0", "round 1", "round 2", "filter-only", "human-only", "oracle")
-
-
 @dataclass
 class ModelResult:
     """One column of the table."""
@@ -100,11 +97,8 @@ def pair_counts(sources: list[tuple[str, str]]) -> dict[str, int]:
     """Training pairs by source, as the trainer will read them."""
     from vlp_core.train.data import load_pairs
 
-    t = load_pairs(sources)
-    counts: dict[str, int] = {}
-    for s in t[C.SOURCE].to_pylist():
-        counts[s] = counts.get(s, 0) + 1
-    return counts
+    counts = pc.value_counts(load_pairs(sources)[C.SOURCE]).to_pylist()
+    return {c["values"]: int(c["counts"]) for c in counts}
 
 
 # --------------------------------------------------------------------------- the experiment
