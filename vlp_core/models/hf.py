@@ -165,33 +165,28 @@ def _vit_config(model: BlipMED) -> dict[str, Any]:
                 hidden_act=acts.pop(), layer_norm_eps=eps.pop(), projection_dim=int(cfg.embed_dim))
 
 
-def _timm_to_hf_vision(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """timm ``VisionTransformer`` state dict -> ``BlipVisionModel`` state dict."""
-    out = {"embeddings.class_embedding": sd["cls_token"], "embeddings.position_embedding": sd["pos_embed"],
-           "embeddings.patch_embedding.weight": sd["patch_embed.proj.weight"],
-           "post_layernorm.weight": sd["norm.weight"], "post_layernorm.bias": sd["norm.bias"]}
-    if "patch_embed.proj.bias" in sd:
-        out["embeddings.patch_embedding.bias"] = sd["patch_embed.proj.bias"]
+def _vision_key_map(depth: int) -> dict[str, str]:
+    """timm ``VisionTransformer`` key -> ``BlipVisionModel`` key (one table, read both ways)."""
+    keys = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+            "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+            "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+            "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
     for i in range(depth):
         for ours, theirs in _BLOCK_MAP.items():
             for p in ("weight", "bias"):
-                k = f"blocks.{i}.{ours}.{p}"
-                if k in sd:
-                    out[f"encoder.layers.{i}.{theirs}.{p}"] = sd[k]
-    return out
+                keys[f"blocks.{i}.{ours}.{p}"] = f"encoder.layers.{i}.{theirs}.{p}"
+    return keys
+
+
+def _timm_to_hf_vision(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """timm ``VisionTransformer`` state dict -> ``BlipVisionModel`` state dict (biases timm
+    leaves out stay out)."""
+    return {theirs: sd[ours] for ours, theirs in _vision_key_map(depth).items() if ours in sd}
 
 
 def _hf_to_timm_vision(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
     """``BlipVisionModel`` state dict -> timm ``VisionTransformer`` state dict (the inverse)."""
-    inv = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
-           "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-           "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
-           "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
-    for i in range(depth):
-        for ours, theirs in _BLOCK_MAP.items():
-            for p in ("weight", "bias"):
-                inv[f"blocks.{i}.{ours}.{p}"] = f"encoder.layers.{i}.{theirs}.{p}"
-    return {ours: sd[theirs] for ours, theirs in inv.items()}
+    return {ours: sd[theirs] for ours, theirs in _vision_key_map(depth).items()}
 
 
 # --------------------------------------------------------------------------- export
