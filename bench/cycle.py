@@ -21,7 +21,10 @@ each marked met or not:
 2. round 1 closes at least half of the gap between round 0 and the oracle;
 3. round 1 beats filter-only (the synthetic captions add something).
 
-Every stage skips finished work, so a rerun with the same ``--out`` resumes.  Not a test.
+Every stage skips finished work, so a rerun with the same arguments resumes.  The folders under
+``--out`` are named by the world's sizes and the training budgets, so other arguments never
+reuse stale worlds or models (``-S`` overrides are not in the names: give those their own
+``--out``).  Not a test.
 """
 from __future__ import annotations
 
@@ -48,7 +51,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--steps", type=int, default=400, help="pretraining steps of EVERY model")
     p.add_argument("--batch", type=int, default=64, help="batch size of every training run")
-    p.add_argument("--finetune-steps", type=int, default=300, help="steps of each captioner / filter fine-tune")
+    p.add_argument("--finetune-steps", type=int, default=300, help="steps of the filter fine-tune")
+    p.add_argument("--captioner-steps", type=int, default=None,
+                   help="steps of the captioner fine-tune (default: --finetune-steps); bench/learn.py found the "
+                        "captioner needs far more LM training than the filter needs ITM training")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
     return p.parse_args()
 
@@ -101,12 +107,16 @@ def main() -> int:
     from vlp_core.config import load_params
     from vlp_core.synthetic.make import run_synthetic_make
 
+    cap_steps = a.captioner_steps if a.captioner_steps is not None else a.finetune_steps
     base = load_params(a.params, ["ingest.allow_private_network=true", *a.overrides])
     base = base.replace(**{"synthetic.n_web": a.n_web, "synthetic.n_human": a.n_human, "synthetic.n_test": a.n_test,
-                           "pretrain.steps": a.steps, "finetune.captioner.steps": a.finetune_steps,
+                           "pretrain.steps": a.steps, "finetune.captioner.steps": cap_steps,
                            "finetune.filter.steps": a.finetune_steps, "pretrain.batch_size": a.batch,
                            "finetune.captioner.batch_size": a.batch, "finetune.filter.batch_size": a.batch})
-    out = Path(a.out)
+    # every stage skips finished work, so the folders are named by what shaped them: a rerun with
+    # other sizes or budgets never picks up stale worlds or models
+    out = Path(a.out) / f"web{a.n_web}_human{a.n_human}_test{a.n_test}"
+    runs = out / f"steps{a.steps}_b{a.batch}_cap{cap_steps}_filt{a.finetune_steps}_r{a.rounds}"
     world = out / "world"
     t0 = time.perf_counter()
     if not (world / "ground_truth.parquet").exists():
@@ -122,10 +132,10 @@ def main() -> int:
         t = time.perf_counter()
         p = base.replace(**{"pretrain.seed": seed, "finetune.captioner.seed": seed, "finetune.filter.seed": seed,
                             "capfilt.seed": seed})
-        res = run_comparison(p, inputs, out / f"seed{seed}", rounds=a.rounds, controls=True)
+        res = run_comparison(p, inputs, runs / f"seed{seed}", rounds=a.rounds, controls=True)
         tables[seed] = res
         per_seed[seed] = {r.name: float(r.metrics["r1_mean"]) for r in res}
-        (out / f"seed{seed}" / "results.json").write_text(json.dumps(results_to_json(res), indent=1, default=str))
+        (runs / f"seed{seed}" / "results.json").write_text(json.dumps(results_to_json(res), indent=1, default=str))
         print(f"\n=== seed {seed} ({time.perf_counter() - t:.0f} s) ===\n{comparison_table(res)}", flush=True)
 
     names = [r.name for r in tables[seeds[0]]]
@@ -143,10 +153,10 @@ def main() -> int:
     results = outcomes(per_seed)
     for text, met, detail in results:
         print(f"[{'MET' if met else 'NOT MET'}] {text}: {detail}")
-    (out / "outcomes.json").write_text(json.dumps(
+    (runs / "outcomes.json").write_text(json.dumps(
         {"seeds": seeds, "r1_mean": {str(k): v for k, v in per_seed.items()},
          "outcomes": [{"outcome": t, "met": m, "detail": d} for t, m, d in results]}, indent=1))
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s; results under {out}")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; results under {runs}")
     return 0
 
 

@@ -1,12 +1,14 @@
 """Proof that the tiny BLIP MED learns: pretrain on the synthetic world, then evaluate.
 
-    .venv/bin/python bench/learn.py                       # defaults: ~10 min on 2 cores
-    .venv/bin/python bench/learn.py --steps 300 --batch 64   # a ~2-3 min budget
+    .venv/bin/python bench/learn.py                       # defaults: ~10 min of training on 2 cores
+    .venv/bin/python bench/learn.py --steps 300 --captioner-steps 0   # a ~2-3 min budget
 
 It makes a clean synthetic world (``--noise 0`` by default: this measures learning, not
-CapFilt), pretrains ``model.arch`` (tiny) on the web split for a fixed number of steps, reading
-the images straight from the world's files (no ingest), and evaluates on the test split with
-the world's ground truth.  It prints, side by side with their chance levels:
+CapFilt), pretrains ``model.arch`` (tiny) on the web split for a fixed number of steps (ITC +
+ITM + LM, the LM loss weighted x3), then fine-tunes BLIP's *captioner* from it (LM only, the
+same ``run_finetune(.., "captioner", ..)`` that CapFilt uses), reading the images straight
+from the world's files (no ingest).  Both models are evaluated on the test split with the
+world's ground truth.  It prints, side by side with their chance levels:
 
 * the ITM loss at the end of training (a 1-in-3 guess, BLIP's 1 positive : 2 negatives, is 0.64);
 * ITM accuracy on held-out positives vs a negative with ONE attribute swapped (chance 50%),
@@ -15,7 +17,19 @@ the world's ground truth.  It prints, side by side with their chance levels:
 * caption accuracy (greedy; every stated attribute right), per attribute, BLEU-4, CIDEr.
 
 Targets (issue 4): ITM loss well below 0.6, ITM accuracy > 80 %, caption accuracy >= 50 %
-within about 10 minutes on 2 cores.  Not run by the tests.
+within about 10 minutes on 2 cores.  The ITM numbers are the pretrained model's (the filter
+starts from it); caption accuracy is the captioner's; the time is both trainings together.
+A TARGETS block at the end marks each one met or not.  Not run by the tests.
+
+What was tried (one seed each, this machine, 20k clean pairs, batch 64):
+
+* 1,400 pretraining steps, LM weight 1, no captioner (788 s): ITM loss 0.18, ITM 88 % vs
+  one-attribute swaps, R@1 35.9 %, but caption accuracy only 29 % (shape 56 %, relation 54 %).
+* 800 pretraining steps, LM weight 3 (327 s), then a 1,500-step captioner fine-tune (247 s):
+  caption accuracy 22 % -> 55.5 % (shape 43 -> 88 %, relation 54 -> 63 %); ITM loss 0.24,
+  ITM 90 % vs ITC-hard negatives but 76 % vs one-attribute swaps.
+* LM-only steps cost ~0.16 s against ~0.39 s for a full ITC+ITM+LM step, so the captioner's
+  LM training is cheapest done in the fine-tune, as BLIP does.
 """
 from __future__ import annotations
 
@@ -35,15 +49,16 @@ from vlp_core.env import apply_offline_env  # noqa: E402
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench_learn", help="work folder (world, runs)")
-    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--lm-weight", type=float, default=1.0)
+    p.add_argument("--lm-weight", type=float, default=3.0)
     p.add_argument("--itm-weight", type=float, default=1.0)
     p.add_argument("--itc-weight", type=float, default=1.0)
-    p.add_argument("--captioner-steps", type=int, default=0,
-                   help="then fine-tune the captioner (LM only) this many steps and evaluate it too")
+    p.add_argument("--captioner-steps", type=int, default=1300,
+                   help="then fine-tune the captioner (LM only) this many steps and evaluate it too (0: skip)")
+    p.add_argument("--budget-s", type=float, default=600.0, help="the training-time target for the TARGETS block")
     p.add_argument("--n-train", type=int, default=20000, help="web pairs in the world")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--noise", type=float, default=0.0, help="synthetic.noise_rate of the web split")
@@ -127,8 +142,10 @@ def main() -> int:
     test = (world / "test.parquet", "human")
     gt = world / "ground_truth.parquet"
     m = run_evaluate(params, run / "model", test, run / "eval", ground_truth=gt)
-    _report(f"pretrained ({tag})", m, _final_itm_loss(run / "loss.csv"), stats.extra["train_seconds"],
+    itm_loss = _final_itm_loss(run / "loss.csv")
+    _report(f"pretrained ({tag})", m, itm_loss, stats.extra["train_seconds"],
             stats.extra["samples_per_s"], _seen_split_accuracy(world, run / "eval"))
+    train_s, caption_m = float(stats.extra["train_seconds"]), m
     if a.captioner_steps:
         ft = params.replace(**{"finetune.captioner.steps": a.captioner_steps, "finetune.captioner.batch_size": a.batch,
                                "finetune.captioner.checkpoint_every": a.captioner_steps})
@@ -136,9 +153,27 @@ def main() -> int:
         shutil.rmtree(cap, ignore_errors=True)
         st = run_finetune(ft, "captioner", [(world / "web.parquet", "web")], run / "model", cap)
         mc = run_evaluate(ft, cap / "model", test, cap / "eval", ground_truth=gt)
-        _report(f"+ captioner fine-tune {a.captioner_steps} steps ({st.extra['train_seconds']:.0f} s)", mc, None, 0, None,
+        _report(f"+ captioner fine-tune {a.captioner_steps} steps ({st.extra['train_seconds']:.0f} s)"
+                " -- its ITM head is not trained here; read ITM from the pretrained model", mc, None, 0, None,
                 _seen_split_accuracy(world, cap / "eval"))
+        train_s, caption_m = train_s + float(st.extra["train_seconds"]), mc
+    _targets(itm_loss, m, caption_m, train_s, a.budget_s)
     return 0
+
+
+def _targets(itm_loss: float, pre: dict, cap: dict, train_s: float, budget_s: float) -> None:
+    """One line per issue-4 target, marked MET or NOT MET from the numbers above."""
+    rows = [
+        ("ITM loss well below 0.6 (<= 0.4)", f"{itm_loss:.3f}", itm_loss <= 0.4),
+        ("ITM acc vs ITC-hard negatives > 80%", f"{100 * pre['itm_acc']:.1f}%", pre["itm_acc"] > 0.8),
+        ("ITM acc vs one-attribute swaps > 80%", f"{100 * pre.get('itm_acc_swap', 0.0):.1f}%",
+         pre.get("itm_acc_swap", 0.0) > 0.8),
+        ("caption accuracy >= 50%", f"{100 * cap.get('caption_acc', 0.0):.1f}%", cap.get("caption_acc", 0.0) >= 0.5),
+        (f"training time <= ~{budget_s / 60:.0f} min (+10%)", f"{train_s:.0f} s", train_s <= 1.1 * budget_s),
+    ]
+    print("\nTARGETS (issue 4)")
+    for name, value, ok in rows:
+        print(f"  [{'MET' if ok else 'NOT MET':7s}] {name:40s} {value}")
 
 
 if __name__ == "__main__":
