@@ -3,6 +3,7 @@
     .venv/bin/python bench/cycle.py                        # 3 seeds at the defaults below
     .venv/bin/python bench/cycle.py --seeds 0 --steps 300  # a quick look
     .venv/bin/python bench/cycle.py --rounds 1             # round 0, round 1 and the controls only
+                                                           # (measured here: 7,009 s for 3 seeds on 2 cores)
 
 One synthetic world (``params.yaml``'s, with ``--n-web`` web pairs; 40 % noisy web text, the
 web's noise kinds) is made once, served on 127.0.0.1 and ingested once with img2dataset.
@@ -47,13 +48,13 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--n-web", type=int, default=8000)
-    p.add_argument("--n-human", type=int, default=1000)
+    p.add_argument("--n-human", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=400, help="pretraining steps of EVERY model")
+    p.add_argument("--steps", type=int, default=800, help="pretraining steps of EVERY model")
     p.add_argument("--batch", type=int, default=64, help="batch size of every training run")
     p.add_argument("--finetune-steps", type=int, default=300, help="steps of the filter fine-tune")
-    p.add_argument("--captioner-steps", type=int, default=None,
-                   help="steps of the captioner fine-tune (default: --finetune-steps); bench/learn.py found the "
+    p.add_argument("--captioner-steps", type=int, default=1300,
+                   help="steps of the captioner fine-tune; bench/learn.py found the "
                         "captioner needs far more LM training than the filter needs ITM training")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
     return p.parse_args()
@@ -107,7 +108,7 @@ def main() -> int:
     from vlp_core.config import load_params
     from vlp_core.synthetic.make import run_synthetic_make
 
-    cap_steps = a.captioner_steps if a.captioner_steps is not None else a.finetune_steps
+    cap_steps = a.captioner_steps
     base = load_params(a.params, ["ingest.allow_private_network=true", *a.overrides])
     base = base.replace(**{"synthetic.n_web": a.n_web, "synthetic.n_human": a.n_human, "synthetic.n_test": a.n_test,
                            "pretrain.steps": a.steps, "finetune.captioner.steps": cap_steps,
