@@ -108,16 +108,15 @@ def main() -> int:
     from vlp_core.config import load_params
     from vlp_core.synthetic.make import run_synthetic_make
 
-    cap_steps = a.captioner_steps
     base = load_params(a.params, ["ingest.allow_private_network=true", *a.overrides])
     base = base.replace(**{"synthetic.n_web": a.n_web, "synthetic.n_human": a.n_human, "synthetic.n_test": a.n_test,
-                           "pretrain.steps": a.steps, "finetune.captioner.steps": cap_steps,
+                           "pretrain.steps": a.steps, "finetune.captioner.steps": a.captioner_steps,
                            "finetune.filter.steps": a.finetune_steps, "pretrain.batch_size": a.batch,
                            "finetune.captioner.batch_size": a.batch, "finetune.filter.batch_size": a.batch})
     # every stage skips finished work, so the folders are named by what shaped them: a rerun with
     # other sizes or budgets never picks up stale worlds or models
     out = Path(a.out) / f"web{a.n_web}_human{a.n_human}_test{a.n_test}"
-    runs = out / f"steps{a.steps}_b{a.batch}_cap{cap_steps}_filt{a.finetune_steps}_r{a.rounds}"
+    runs = out / f"steps{a.steps}_b{a.batch}_cap{a.captioner_steps}_filt{a.finetune_steps}_r{a.rounds}"
     world = out / "world"
     t0 = time.perf_counter()
     if not (world / "ground_truth.parquet").exists():

@@ -32,8 +32,8 @@ What was tried (one seed each, this machine, 20k clean pairs, batch 64):
   (216 s) -- the defaults, 652 s in all: caption accuracy 25.5 % -> 64.9 % (shape 90 %,
   relation 72.5 %; 72 % on seen colour-shape pairs, 31 % on held-out ones); ITM loss 0.21,
   ITM 89.3 % vs ITC-hard negatives, 79.5 % vs one-attribute swaps; R@1 26.5 % (chance 0.1 %).
-* LM-only steps cost ~0.16 s against ~0.39 s for a full ITC+ITM+LM step, so the captioner's
-  LM training is cheapest done in the fine-tune, as BLIP does.
+* An LM-only step costs 0.41 of a full ITC+ITM+LM step (bench/step_cost.py), so the
+  captioner's LM training is cheapest done in the fine-tune, as BLIP does.
 """
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=12)
     a = p.parse_args()
+    if a.steps < 3:
+        p.error("--steps must be at least 3 (the first 2 are warm-up)")
 
     import torch
 
@@ -67,14 +69,14 @@ def main() -> int:
             times.append(time.perf_counter() - t)
         return statistics.median(times[2:])
 
+    before = torch.are_deterministic_algorithms_enabled()
     print(f"arch {a.arch}, batch {a.batch}, {torch.get_num_threads()} threads, median of {a.steps - 2} steps")
     print(f"{'objective':12s} {'deterministic':>14s} {'default':>9s}   share of a full step")
-    full = None
-    for name, weights in OBJECTIVES:
-        det, fast = median_step(weights, True), median_step(weights, False)
-        full = full or det
+    rows = [(name, median_step(w, True), median_step(w, False)) for name, w in OBJECTIVES]
+    full = rows[0][1]  # OBJECTIVES starts with the full objective
+    for name, det, fast in rows:
         print(f"{name:12s} {det:12.3f} s {fast:7.3f} s   {det / full:5.2f}")
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(before)
     return 0
 
 
