@@ -116,18 +116,25 @@ class Inputs:
         return Path(self.world) / "ground_truth.parquet"
 
 
+def same_evaluation(metrics: dict[str, Any], params) -> bool:
+    """Whether stored ``metrics`` were computed with ``params.evaluate``'s settings (a metrics
+    file from before ``caption_decode`` was recorded counts as the default, greedy)."""
+    ep = params.evaluate
+    return metrics.get("k_test") == ep.k_test and metrics.get("caption_decode", "greedy") == ep.caption_decode
+
+
 def evaluated(params, name: str, model_dir: str | Path, eval_dir: str | Path, inputs: Inputs,
               sources: list[tuple[str, str]], corpus: Optional[str | Path]) -> ModelResult:
     """One column for a model that is already trained: evaluate it on the test split (reusing
-    ``eval_dir/metrics.json`` when it exists) and audit the corpus it trained on."""
+    ``eval_dir/metrics.json`` when it was written with the same evaluation settings) and audit
+    the corpus it trained on."""
     from vlp_core.audit import audit_corpus
     from vlp_core.io import read_json
     from vlp_core.train.evaluate import run_evaluate
 
     metrics_file = Path(eval_dir) / "metrics.json"
-    if metrics_file.exists():
-        metrics = read_json(metrics_file)
-    else:
+    metrics = read_json(metrics_file) if metrics_file.exists() else None
+    if metrics is None or not same_evaluation(metrics, params):
         metrics = run_evaluate(params, model_dir, (inputs.test, "human"), eval_dir, ground_truth=inputs.ground_truth)
     audit = audit_corpus(corpus, inputs.world) if corpus is not None else {}
     return ModelResult(name, sources, audit, metrics, pair_counts(sources))

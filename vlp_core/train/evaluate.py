@@ -172,7 +172,8 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
     score_i2t = rerank_scores(sim_i2t, texts, ep.k_test, model, img_embeds, True, ep.batch_size, device)
     score_t2i = rerank_scores(sim_i2t.T.contiguous(), texts, ep.k_test, model, img_embeds, False,
                               ep.batch_size, device)
-    metrics: dict[str, Any] = {"n_images": n_img, "n_texts": len(texts), "k_test": ep.k_test, "recall": "semantic"}
+    metrics: dict[str, Any] = {"n_images": n_img, "n_texts": len(texts), "k_test": ep.k_test,
+                               "caption_decode": ep.caption_decode, "recall": "semantic"}
     metrics.update(M.retrieval_metrics(score_i2t, score_t2i, correct))
     metrics["itc_r1_mean"] = (M.recall_at_k(sim_i2t.numpy(), correct, (1,))[1]
                               + M.recall_at_k(sim_i2t.T.numpy(), correct.T, (1,))[1]) / 2.0
