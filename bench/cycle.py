@@ -140,8 +140,9 @@ def main() -> int:
     out = Path(a.out) / f"web{a.n_web}_human{a.n_human}_test{a.n_test}"
     runs = out / (f"steps{a.steps}_b{a.batch}_cap{a.captioner_steps}_filt{a.finetune_steps}_r{a.rounds}"
                   + ("" if a.warmup == 20 else f"_w{a.warmup}") + ("" if a.decode == "nucleus" else f"_{a.decode}"))
-    # (the evaluation settings are not in the name: a stored metrics.json is re-computed when its
-    # k_test differs, see vlp_core.comparison.same_evaluation)
+    # (warm-up 20 and nucleus, the settings before these options existed, add nothing to the name, so
+    # folders made before keep theirs; the evaluation settings are not in the name: a stored
+    # metrics.json is re-computed when its k_test differs, see vlp_core.comparison.same_evaluation)
     world = out / "world"
     t0 = time.perf_counter()
     if not (world / "ground_truth.parquet").exists():
