@@ -142,7 +142,8 @@ def main() -> int:
                   + ("" if a.warmup == 20 else f"_w{a.warmup}") + ("" if a.decode == "nucleus" else f"_{a.decode}"))
     # (warm-up 20 and nucleus, the settings before these options existed, add nothing to the name, so
     # folders made before keep theirs; the evaluation settings are not in the name: a stored
-    # metrics.json is re-computed when its k_test differs, see vlp_core.comparison.same_evaluation)
+    # metrics.json is re-computed when the settings it was computed with differ, see
+    # vlp_core.comparison.same_evaluation)
     world = out / "world"
     t0 = time.perf_counter()
     if not (world / "ground_truth.parquet").exists():

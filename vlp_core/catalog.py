@@ -117,10 +117,14 @@ def read_corpus_light(corpus_dir: str | Path) -> pa.Table:
 
 
 def flatten_metrics(obj: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a (nested) metrics dict as ``{"a.b": value}``; other leaves dropped."""
+    """Numeric leaves of a (nested) metrics dict as ``{"a.b": value}``; other leaves dropped, and
+    so is the top-level ``settings`` record of ``metrics.json`` (settings, not results; the
+    version's ``params`` already holds them)."""
     out: dict[str, float] = {}
     if isinstance(obj, dict):
         for k, v in obj.items():
+            if not prefix and k == "settings":
+                continue
             out.update(flatten_metrics(v, f"{prefix}{k}." if prefix or k else ""))
         return out
     if isinstance(obj, bool) or not isinstance(obj, (int, float)):

@@ -117,10 +117,18 @@ class Inputs:
 
 
 def same_evaluation(metrics: dict[str, Any], params) -> bool:
-    """Whether stored ``metrics`` were computed with ``params.evaluate``'s settings (a metrics
-    file from before ``caption_decode`` was recorded counts as the default, greedy)."""
-    ep = params.evaluate
-    return metrics.get("k_test") == ep.k_test and metrics.get("caption_decode", "greedy") == ep.caption_decode
+    """Whether stored ``metrics`` were computed with the settings ``params`` gives now
+    (:func:`vlp_core.train.evaluate.evaluation_settings`: ``k_test``, caption decoding, prompt,
+    caption lengths, the swap-negative seed).  A metrics file from before the settings were
+    recorded is judged on what it does record: ``k_test`` and ``caption_decode`` (greedy, the
+    only default, when absent)."""
+    from vlp_core.train.evaluate import evaluation_settings
+
+    want = evaluation_settings(params)
+    if "settings" in metrics:
+        return metrics["settings"] == want
+    return (metrics.get("k_test") == want["k_test"]
+            and metrics.get("caption_decode", "greedy") == want["caption_decode"])
 
 
 def evaluated(params, name: str, model_dir: str | Path, eval_dir: str | Path, inputs: Inputs,

@@ -139,6 +139,19 @@ def _swapped_negatives(scenes: Sequence[str], seed: int) -> list[str]:
     return out
 
 
+def evaluation_settings(params: Params) -> dict[str, Any]:
+    """Every setting that changes the numbers :func:`run_evaluate` writes (``batch_size`` does
+    not).  ``metrics.json`` stores it under ``settings``; a stored file is reused only when it
+    matches (see :func:`vlp_core.comparison.same_evaluation`)."""
+    cp, ep = params.capfilt, params.evaluate
+    s: dict[str, Any] = {"k_test": ep.k_test, "caption_decode": ep.caption_decode, "prompt": cp.prompt,
+                         "max_length": cp.max_length, "min_length": cp.min_length,
+                         "swap_seed": params.pretrain.seed}
+    if ep.caption_decode == "beam":
+        s["num_beams"] = cp.num_beams
+    return s
+
+
 def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | str, out_dir: str | Path,
                  ground_truth: Optional[str | Path] = None) -> dict[str, Any]:
     """Evaluate the model at ``model_dir`` on ``test_source`` (a manifest, corpus or world
@@ -173,7 +186,8 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
     score_t2i = rerank_scores(sim_i2t.T.contiguous(), texts, ep.k_test, model, img_embeds, False,
                               ep.batch_size, device)
     metrics: dict[str, Any] = {"n_images": n_img, "n_texts": len(texts), "k_test": ep.k_test,
-                               "caption_decode": ep.caption_decode, "recall": "semantic"}
+                               "caption_decode": ep.caption_decode, "recall": "semantic",
+                               "settings": evaluation_settings(params)}
     metrics.update(M.retrieval_metrics(score_i2t, score_t2i, correct))
     metrics["itc_r1_mean"] = (M.recall_at_k(sim_i2t.numpy(), correct, (1,))[1]
                               + M.recall_at_k(sim_i2t.T.numpy(), correct.T, (1,))[1]) / 2.0
