@@ -20,7 +20,9 @@ each marked met or not:
 1. round 1 beats round 0 on R@1 (mean of TR and IR) by more than the seed spread
    (met when the mean gain exceeds both the sd over seeds of the gain and of each model);
 2. round 1 closes at least half of the gap between round 0 and the oracle;
-3. round 1 beats filter-only (the synthetic captions add something).
+3. round 1 beats filter-only (the synthetic captions add something): met when the mean
+   difference is positive, as the issue asks; the line also says in how many seeds round 1 was
+   ahead and whether the mean lies inside one sd of the per-seed differences (not robust).
 
 The defaults differ from the demo's ``params.yaml`` where measurements here said so:
 
@@ -117,8 +119,20 @@ def outcomes(per_seed: dict[int, dict[str, float]]) -> list[tuple[str, bool, str
         ("round 1 closes >= half of the round 0 -> oracle gap", closed >= 0.5,
          f"closed {100 * closed:.0f}% of a {gap:.2f}-point gap"),
         ("round 1 beats filter-only (the captions add something)", d > 0,
-         f"round 1 - filter-only {d:+.2f} +- {d_sd:.2f} (per seed {', '.join(f'{x:+.1f}' for x in vs_fo)})"),
+         f"round 1 - filter-only {d:+.2f} +- {d_sd:.2f} (per seed {', '.join(f'{x:+.1f}' for x in vs_fo)})"
+         + _robustness(vs_fo)),
     ]
+
+
+def _robustness(diffs: list[float]) -> str:
+    """How far a mean difference is from the seed noise: outcome 3 only asks for a positive mean,
+    which one lucky seed can give."""
+    if len(diffs) < 2:
+        return ""
+    m, sd = _mean_sd(diffs)
+    wins = sum(x > 0 for x in diffs)
+    note = "" if abs(m) > sd else "; the mean is inside one sd of the per-seed differences: not a robust effect"
+    return f"; ahead in {wins} of {len(diffs)} seeds{note}"
 
 
 def main() -> int:
