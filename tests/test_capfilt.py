@@ -196,6 +196,51 @@ def test_calibrated_threshold_and_rethreshold_equals_recompute(tiny_ingest, untr
     assert _corpus(re2)[C.KEPT].to_pylist() == b[C.KEPT].to_pylist()
 
 
+def test_keep_top_keeps_the_highest_itm_synthetic_caption_and_rethreshold_agrees(tiny_ingest, untrained_model,
+                                                                                  params, full_run, tmp_path):
+    out_a, _ = full_run
+    a = _corpus(out_a)
+    syn_itm = np.array([x for x, s in zip(a[C.ITM].to_pylist(), a[C.SOURCE].to_pylist())
+                        if s == "synthetic" and x is not None])
+    thr = float(np.percentile(syn_itm, 20))  # most synthetic captions pass: several per image
+    p = params.replace(**{"capfilt.itm_threshold": thr, "capfilt.keep_top": 1})
+    out = tmp_path / "top1"
+    stats = run_capfilt(p, tiny_ingest["web_manifest"], untrained_model, untrained_model, out)
+    t = _corpus(out)
+    assert stats.rows_in == stats.rows_out == t.num_rows == a.num_rows  # every candidate still has a row
+    rows = t.to_pylist()
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault(r[C.KEY], []).append(r)
+    n_dropped = 0
+    for key, rs in by_key.items():
+        syn = [r for r in rs if r[C.SOURCE] == "synthetic" and r[C.ITM] is not None and r[C.ITM] > thr]
+        kept = [r for r in rs if r[C.SOURCE] == "synthetic" and r[C.KEPT]]
+        assert len(kept) == min(1, len(syn)), key
+        if syn:
+            assert kept[0][C.ITM] == max(r[C.ITM] for r in syn)
+        for r in syn:
+            if not r[C.KEPT]:
+                assert r[C.REASON] == "not_top_itm"
+                n_dropped += 1
+        web = [r for r in rs if r[C.SOURCE] == "web"]  # web alt-texts are not subject to keep_top
+        assert all(r[C.KEPT] == (r[C.ITM] is not None and r[C.ITM] > thr) for r in web)
+    assert n_dropped > 0 and stats.counts["reason:not_top_itm"] == n_dropped
+    # the same rule without a model pass, from the corpus kept at 0.5 with every caption
+    re_out = tmp_path / "re_top1"
+    rethreshold(out_a, re_out, itm_threshold=thr, keep_top=1)
+    b = _corpus(re_out)
+    for col in (C.KEY, C.CANDIDATE, C.TEXT, C.KEPT, C.REASON, C.ITM):
+        assert b[col].to_pylist() == t[col].to_pylist(), col
+    # and back: rows dropped by keep_top are judged again when it is lifted
+    re_all, re_ref = tmp_path / "re_all", tmp_path / "re_ref"
+    rethreshold(out, re_all, itm_threshold=thr)
+    rethreshold(out_a, re_ref, itm_threshold=thr)
+    assert _corpus(re_all)[C.KEPT].to_pylist() == _corpus(re_ref)[C.KEPT].to_pylist()
+    with pytest.raises(Exception, match="capfilt.keep_top"):
+        rethreshold(out_a, tmp_path / "bad", itm_threshold=thr, keep_top=0)
+
+
 def test_shards_in_concurrent_threads_equal_a_sequential_run(tiny_ingest, untrained_model, params, full_run,
                                                              tmp_path):
     """Prefect's default runner maps shards onto threads: each shard samples from its own

@@ -121,6 +121,7 @@ class CapfiltParams:
     itm_threshold: float = 0.5  # used when threshold_mode == fixed
     calibrate_percentile: float = 10.0  # keep what scores above this percentile of clean pairs
     itc_prescreen: Optional[float] = None  # skip the ITM pass below this ITC similarity
+    keep_top: Optional[int] = None  # keep at most N synthetic captions per image, the highest ITM above the threshold
     batch_size: int = 128
     seed: int = 0
 

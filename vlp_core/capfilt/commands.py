@@ -70,7 +70,8 @@ def _cmd_rethreshold(args: argparse.Namespace) -> int:
             thr = params.capfilt.itm_threshold
         else:
             pct = params.capfilt.calibrate_percentile
-    stats = rethreshold(args.corpus, args.out, itm_threshold=thr, percentile=pct, calibration=args.calibration)
+    stats = rethreshold(args.corpus, args.out, itm_threshold=thr, percentile=pct, calibration=args.calibration,
+                        keep_top=params.capfilt.keep_top)
     print(_summary(stats))
     return 0
 

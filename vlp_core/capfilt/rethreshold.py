@@ -6,6 +6,8 @@ stored ``itm`` column.  Rows rejected for other reasons (``empty_text``, ``itc_p
 (``itm_threshold``) or the ``percentile``-th percentile of the filter's ITM on the clean
 pairs stored by the calibrated run (``calibration.parquet``), so
 ``rethreshold(corpus, out, t)`` equals a full CapFilt run with the fixed threshold ``t``.
+``keep_top`` (``capfilt.keep_top``) applies the same top-N-by-ITM rule to the synthetic
+captions as the run does; rows dropped by it (``not_top_itm``) are judged again.
 """
 from __future__ import annotations
 
@@ -20,17 +22,31 @@ from vlp_core.errors import VlpError
 from vlp_core.io import StageStats, read_json, write_json, write_parquet
 from vlp_core.schema import CORPUS_SCHEMA, C, conform, require_columns
 
-from vlp_core.capfilt.stage import CALIBRATION_FILE, CORPUS_DIR, R_BELOW, THRESHOLD_FILE
+from vlp_core.capfilt.stage import (CALIBRATION_FILE, CORPUS_DIR, R_BELOW, R_NOT_TOP, THRESHOLD_FILE,
+                                    check_keep_top)
 
+# ``judged``: rows whose fate the threshold decides (the others keep their reason); ``rk``: the rank
+# by ITM of a synthetic candidate among its image's candidates above the threshold (for keep_top)
 _QUERY = f"""
+WITH s AS (
+  SELECT *, ({C.REASON} IS NULL OR {C.REASON} IN ('{R_BELOW}', '{R_NOT_TOP}')) AS judged,
+         coalesce(CAST({C.ITM} AS DOUBLE) > $t, false) AS above
+  FROM read_parquet($path, file_row_number = true)),
+r AS (
+  SELECT *, row_number() OVER (PARTITION BY {C.KEY}, judged AND above AND {C.SOURCE} = 'synthetic'
+                               ORDER BY {C.ITM} DESC, {C.CANDIDATE}) AS rk
+  FROM s)
 SELECT {C.KEY}, {C.URL}, {C.SHARD}, {C.CANDIDATE}, {C.TEXT}, {C.SOURCE}, {C.ITC}, {C.ITM},
-       CASE WHEN {C.REASON} IS NULL OR {C.REASON} = '{R_BELOW}'
-            THEN coalesce(CAST({C.ITM} AS DOUBLE) > $t, false) ELSE false END AS {C.KEPT},
-       CASE WHEN {C.REASON} IS NULL OR {C.REASON} = '{R_BELOW}'
-            THEN CASE WHEN CAST({C.ITM} AS DOUBLE) > $t THEN NULL ELSE '{R_BELOW}' END
-            ELSE {C.REASON} END AS {C.REASON},
+       CASE WHEN NOT judged OR NOT above THEN false
+            WHEN {C.SOURCE} = 'synthetic' AND $n IS NOT NULL AND rk > $n THEN false
+            ELSE true END AS {C.KEPT},
+       CASE WHEN NOT judged THEN {C.REASON}
+            WHEN NOT above THEN '{R_BELOW}'
+            WHEN {C.SOURCE} = 'synthetic' AND $n IS NOT NULL AND rk > $n THEN '{R_NOT_TOP}'
+            ELSE NULL END AS {C.REASON},
        {C.CAPTIONER_ID}, {C.FILTER_ID}, {C.ROUND}
-FROM read_parquet($path)
+FROM r
+ORDER BY file_row_number
 """
 
 
@@ -57,13 +73,16 @@ def percentile_threshold(calibration: str | Path, percentile: float) -> float:
 
 
 def rethreshold(corpus_dir: str | Path, out_dir: str | Path, itm_threshold: Optional[float] = None,
-                percentile: Optional[float] = None, calibration: Optional[str | Path] = None) -> StageStats:
+                percentile: Optional[float] = None, calibration: Optional[str | Path] = None,
+                keep_top: Optional[int] = None) -> StageStats:
     """Write ``out_dir/corpus/<shard>.parquet`` = the corpus of ``corpus_dir`` with ``kept``
     and ``reason`` recomputed at the new threshold (``itm_threshold``, or ``percentile`` of
-    ``calibration`` / the stage folder's ``calibration.parquet``)."""
+    ``calibration`` / the stage folder's ``calibration.parquet``), keeping at most ``keep_top``
+    synthetic captions per image (None: all above the threshold)."""
     import duckdb
 
     t0 = time.perf_counter()
+    check_keep_top(keep_top)
     folder = corpus_folder(corpus_dir)
     stage_dir = folder.parent if folder.name == CORPUS_DIR else folder
     if (itm_threshold is None) == (percentile is None):
@@ -78,7 +97,8 @@ def rethreshold(corpus_dir: str | Path, out_dir: str | Path, itm_threshold: Opti
     with duckdb.connect() as con:
         for f in sorted(folder.glob("*.parquet")):
             require_columns(pq.read_schema(f), CORPUS_SCHEMA.names, f)
-            table = con.sql(_QUERY, params={"t": float(itm_threshold), "path": str(f)}).to_arrow_table()
+            table = con.sql(_QUERY, params={"t": float(itm_threshold), "path": str(f),
+                                            "n": keep_top}).to_arrow_table()
             table = conform(table, CORPUS_SCHEMA)
             stats.rows_in += pq.read_metadata(f).num_rows
             stats.rows_out += table.num_rows
@@ -88,16 +108,19 @@ def rethreshold(corpus_dir: str | Path, out_dir: str | Path, itm_threshold: Opti
                 stats.add(f"kept:{source}" if kept else f"reason:{(reason or '').split(':')[0]}")
             marker = folder / f"{f.stem}_stats.json"
             old = read_json(marker) if marker.is_file() else {}
-            write_json({**old, "rethreshold": {"from": str(f), "itm_threshold": itm_threshold}},
+            write_json({**old, "rethreshold": {"from": str(f), "itm_threshold": itm_threshold,
+                                               "keep_top": keep_top}},
                        out_dir / CORPUS_DIR / f"{f.stem}_stats.json")
             stats.shards_done += 1
         if (stage_dir / CALIBRATION_FILE).is_file():  # so a later rethreshold by percentile works on the output
             shutil.copyfile(stage_dir / CALIBRATION_FILE, out_dir / CALIBRATION_FILE)
     old_thr = read_json(stage_dir / THRESHOLD_FILE) if (stage_dir / THRESHOLD_FILE).is_file() else {}
     write_json({"mode": "rethreshold", "itm_threshold": itm_threshold, "percentile": percentile,
+                "keep_top": keep_top,
                 "from": str(stage_dir), "previous": old_thr}, out_dir / THRESHOLD_FILE)
     stats.seconds = time.perf_counter() - t0
-    stats.extra = {"itm_threshold": itm_threshold, "percentile": percentile, "from": str(stage_dir)}
+    stats.extra = {"itm_threshold": itm_threshold, "percentile": percentile, "keep_top": keep_top,
+                   "from": str(stage_dir)}
     stats.check().write(out_dir)
     return stats
 

@@ -13,8 +13,10 @@ captioner and a filter model folder (vlp_core checkpoints or local HF BLIP folde
 Candidate 0 of an image is its web alt-text (``source=web``), candidates ``1..K`` are the
 captioner's samples (``source=synthetic``).  Every candidate becomes a row; a rejected one
 has ``kept=false`` and a reason (``itm_below_threshold``, ``itc_prescreen``, ``empty_text``,
-``image_decode_error: ...``).  Manifest rows whose status is not ``success`` are not
-candidates; they are counted in ``stats.counts`` as ``skipped:<status>``.
+``image_decode_error: ...``, or ``not_top_itm`` when ``capfilt.keep_top: N`` keeps only an
+image's N synthetic captions with the highest ITM among those above the threshold).
+Manifest rows whose status is not ``success`` are not candidates; they are counted in
+``stats.counts`` as ``skipped:<status>``.
 
 Work is per shard (:func:`run_capfilt_shard`, the unit a Prefect flow fans out over, from
 :func:`list_capfilt_shards`): images stream in bounded batches, each image is decoded once
@@ -56,6 +58,7 @@ R_BELOW = "itm_below_threshold"
 R_PRESCREEN = "itc_prescreen"
 R_EMPTY = "empty_text"
 R_IMAGE = "image_decode_error"
+R_NOT_TOP = "not_top_itm"
 CALIBRATION_SCHEMA = pa.schema([pa.field(C.KEY, pa.string()), pa.field(C.TEXT, pa.string()),
                                 pa.field(C.ITC, pa.float32()), pa.field(C.ITM, pa.float32())])
 
@@ -292,6 +295,28 @@ def _fingerprint(params: Params, captioner_id: str, filter_id: str, threshold: f
             "itm_threshold": round_float(threshold), "round": round}
 
 
+def check_keep_top(keep_top: Optional[int]) -> Optional[int]:
+    """``capfilt.keep_top``: None (keep every candidate above the threshold) or N >= 1."""
+    from vlp_core.capfilt.backend import CapfiltError
+
+    if keep_top is not None and (isinstance(keep_top, bool) or int(keep_top) != keep_top or keep_top < 1):
+        raise CapfiltError(f"capfilt.keep_top must be null or a whole number >= 1, got {keep_top!r}")
+    return keep_top
+
+
+def top_itm_mask(itm: np.ndarray, passed: np.ndarray, keep_top: Optional[int]) -> np.ndarray:
+    """Of one image's synthetic candidates (ITM scores, and whether each passed the filter), the
+    ones kept under ``keep_top``: the ``keep_top`` highest ITM among those that passed (ties go to
+    the earlier candidate); every passing one when ``keep_top`` is None."""
+    if keep_top is None:
+        return passed.copy()
+    idx = np.flatnonzero(passed)
+    order = idx[np.argsort(-itm[idx], kind="stable")]
+    keep = np.zeros(len(passed), bool)
+    keep[order[:keep_top]] = True
+    return keep
+
+
 def round_float(x: float) -> float:
     return float(f"{x:.9g}")
 
@@ -315,6 +340,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
 
     t0 = time.perf_counter()
     cp = params.capfilt
+    check_keep_top(cp.keep_top)
     out_dir = Path(out_dir)
     corpus = out_dir / CORPUS_DIR
     threshold = calibrate_threshold(params, filter, calibration, out_dir)
@@ -402,6 +428,8 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
             # ---- rows
             col_key, col_url, col_ref, col_cand, col_text, col_src, col_kept, col_reason = ([] for _ in range(8))
             for i in range(e - s):
+                syn = slice(i * (1 + k) + 1, (i + 1) * (1 + k))
+                top = top_itm_mask(itm[syn], np.nan_to_num(itm[syn], nan=-np.inf) > threshold, cp.keep_top)
                 for c in range(1 + k):
                     p = i * (1 + k) + c
                     t = texts[i][c]
@@ -411,10 +439,12 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
                         kept, reason = False, R_EMPTY
                     elif np.isnan(itm[p]):
                         kept, reason = False, R_PRESCREEN
-                    elif float(itm[p]) > threshold:
-                        kept, reason = True, None
-                    else:
+                    elif float(itm[p]) <= threshold:
                         kept, reason = False, R_BELOW
+                    elif c > 0 and not top[c - 1]:
+                        kept, reason = False, R_NOT_TOP
+                    else:
+                        kept, reason = True, None
                     col_key.append(keys[s + i])
                     col_url.append(urls[s + i])
                     col_ref.append(refs[s + i])
@@ -503,5 +533,5 @@ def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, fil
     return stats
 
 
-__all__ = ["CapfiltShard", "CapfiltShardError", "calibrate_threshold", "calibration_scores", "list_capfilt_shards",
-           "read_manifest", "run_capfilt", "run_capfilt_shard"]
+__all__ = ["CapfiltShard", "CapfiltShardError", "calibrate_threshold", "calibration_scores", "check_keep_top",
+           "list_capfilt_shards", "read_manifest", "run_capfilt", "run_capfilt_shard", "top_itm_mask"]
