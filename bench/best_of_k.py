@@ -48,15 +48,11 @@ def main() -> int:
     apply_offline_env()
     a = _args()
     import numpy as np
-    import pandas as pd
-    import pyarrow.parquet as pq
 
-    from vlp_core.audit import roc_auc
+    from vlp_core.audit import roc_auc, synthetic_candidates
     from vlp_core.capfilt.stage import CORPUS_DIR, run_capfilt, top_itm_mask
     from vlp_core.config import load_params
     from vlp_core.schema import C
-    from vlp_core.synthetic.truth import load_ground_truth, url_path
-    from vlp_core.synthetic.world import check_caption
 
     run = Path(a.run)
     rd = run / a.models / f"seed{a.seed}" / "round1"
@@ -75,25 +71,14 @@ def main() -> int:
                 round=1, calibration=run / "ingest" / "human")
     print(f"CapFilt, {a.decode} K={a.k}: {time.perf_counter() - t0:.0f} s  ({out})")
 
-    gt = load_ground_truth(run / "world").to_pandas().set_index(C.URL)
-
-    def synthetic(folder: Path) -> pd.DataFrame:
-        df = pd.concat([pq.read_table(f).to_pandas() for f in sorted((folder / CORPUS_DIR).glob("*.parquet"))],
-                       ignore_index=True)
-        df = df[df[C.SOURCE] == "synthetic"].copy()
-        df["path"] = df[C.URL].map(url_path)
-        df = df[df["path"].isin(gt.index)]
-        df[C.ITM] = df[C.ITM].astype(float).fillna(-1.0)  # no score (empty caption): below every scored one
-        df["ok"] = [bool(check_caption(t or "", s).get("all")) for t, s in zip(df[C.TEXT], gt.loc[df["path"], C.SCENE])]
-        return df
-
-    base, cand = synthetic(rd / "capfilt"), synthetic(out)
+    base = synthetic_candidates(rd / "capfilt" / CORPUS_DIR, run / "world")
+    cand = synthetic_candidates(out / CORPUS_DIR, run / "world")
     rng = random.Random(a.seed)
     best, rand, anyok, mixed_best, mixed_chance = [], [], [], [], []
     for _, g in cand.groupby(C.KEY, sort=False):
-        ok = g["ok"].to_numpy()
+        ok = g["correct"].to_numpy()
         itm = g[C.ITM].to_numpy(dtype=float)
-        pick = top_itm_mask(itm, np.ones(len(g), bool), 1)
+        pick = top_itm_mask(itm[None], np.ones((1, len(g)), bool), 1)[0]
         best.append(bool(ok[pick].any()))
         rand.append(bool(ok[rng.randrange(len(ok))]))
         anyok.append(bool(ok.any()))
@@ -102,13 +87,13 @@ def main() -> int:
             mixed_chance.append(ok.mean())
     pct = lambda x: 100.0 * float(np.mean(x)) if len(x) else float("nan")  # noqa: E731
     print(f"images {len(best)}")
-    print(f"greedy caption (the run's own)   {pct(base['ok']):5.1f} % fully right")
+    print(f"greedy caption (the run's own)   {pct(base['correct']):5.1f} % fully right")
     print(f"random one of {a.k}                 {pct(rand):5.1f} %")
     print(f"ITM-best of {a.k}                   {pct(best):5.1f} %")
     print(f"any of {a.k} (perfect selector)     {pct(anyok):5.1f} %")
     print(f"images whose {a.k} disagree: {len(mixed_best)}; ITM-best right {pct(mixed_best):.1f} % "
           f"vs {pct(mixed_chance):.1f} % by chance")
-    auc = roc_auc(~cand["ok"].to_numpy(), -cand[C.ITM].to_numpy(dtype=float))
+    auc = roc_auc(~cand["correct"].to_numpy(), -cand[C.ITM].to_numpy(dtype=float))
     print(f"filter ROC-AUC, wrong vs right among all candidates: {auc:.3f}")
     return 0
 

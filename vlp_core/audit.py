@@ -79,10 +79,31 @@ def _truth_frame(world_dir: str | Path):
     return gt.set_index(C.URL)
 
 
+def _check_captions(texts, paths, gt) -> list[dict]:
+    """``check_caption`` of each text against the scene of its image (``paths`` index ``gt``)."""
+    from vlp_core.synthetic.world import check_caption
+
+    return [check_caption(t or "", s) for t, s in zip(texts, gt.loc[paths, C.SCENE].to_numpy())]
+
+
+def synthetic_candidates(corpus: str | Path, world_dir: str | Path):
+    """The synthetic rows of a corpus whose image is in the ground truth, as a DataFrame with a
+    ``correct`` column (every attribute right) and ``itm`` with -1 where there is no score."""
+    from vlp_core.synthetic.truth import url_path
+
+    df = _read_corpus(corpus)
+    gt = _truth_frame(world_dir)
+    df = df[df[C.SOURCE] == "synthetic"].copy()
+    paths = df[C.URL].map(lambda u: url_path(u) if isinstance(u, str) else None)
+    df = df[paths.isin(gt.index)].copy()
+    df["correct"] = [bool(c.get("all")) for c in _check_captions(df[C.TEXT], paths[df.index], gt)]
+    df[C.ITM] = df[C.ITM].astype(float).fillna(-1.0)
+    return df
+
+
 def audit_corpus(corpus: str | Path, world_dir: str | Path) -> dict[str, Any]:
     """Audit one corpus (a directory of CORPUS_SCHEMA Parquet files) against the ground truth."""
     from vlp_core.synthetic.truth import url_path
-    from vlp_core.synthetic.world import check_caption
 
     df = _read_corpus(corpus)
     gt = _truth_frame(world_dir)
@@ -114,8 +135,7 @@ def audit_corpus(corpus: str | Path, world_dir: str | Path) -> dict[str, Any]:
 
     syn = (df[C.SOURCE] == "synthetic") & in_gt
     if syn.any():
-        scenes = gt.loc[paths[syn], C.SCENE].to_numpy()
-        checks = [check_caption(t or "", s) for t, s in zip(df.loc[syn, C.TEXT], scenes)]
+        checks = _check_captions(df.loc[syn, C.TEXT], paths[syn], gt)
         correct = np.array([bool(c.get("all")) for c in checks])
         kept_syn = kept[syn].to_numpy()
         out["synthetic_correct"] = float(correct.mean())

@@ -295,26 +295,22 @@ def _fingerprint(params: Params, captioner_id: str, filter_id: str, threshold: f
             "itm_threshold": round_float(threshold), "round": round}
 
 
-def check_keep_top(keep_top: Optional[int]) -> Optional[int]:
+def check_keep_top(keep_top: Optional[int]) -> None:
     """``capfilt.keep_top``: None (keep every candidate above the threshold) or N >= 1."""
     from vlp_core.capfilt.backend import CapfiltError
 
-    if keep_top is not None and (isinstance(keep_top, bool) or int(keep_top) != keep_top or keep_top < 1):
+    if keep_top is not None and (isinstance(keep_top, bool) or not isinstance(keep_top, int) or keep_top < 1):
         raise CapfiltError(f"capfilt.keep_top must be null or a whole number >= 1, got {keep_top!r}")
-    return keep_top
 
 
-def top_itm_mask(itm: np.ndarray, passed: np.ndarray, keep_top: Optional[int]) -> np.ndarray:
-    """Of one image's synthetic candidates (ITM scores, and whether each passed the filter), the
-    ones kept under ``keep_top``: the ``keep_top`` highest ITM among those that passed (ties go to
-    the earlier candidate); every passing one when ``keep_top`` is None."""
-    if keep_top is None:
-        return passed.copy()
-    idx = np.flatnonzero(passed)
-    order = idx[np.argsort(-itm[idx], kind="stable")]
-    keep = np.zeros(len(passed), bool)
-    keep[order[:keep_top]] = True
-    return keep
+def top_itm_mask(itm: np.ndarray, passed: np.ndarray, keep_top: int) -> np.ndarray:
+    """(n_images, K) synthetic ITM scores and whether each passed the filter -> the ones kept
+    under ``keep_top``: each image's ``keep_top`` highest ITM among those that passed (ties go
+    to the earlier candidate)."""
+    order = np.argsort(np.where(passed, -itm, np.inf), axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(itm.shape[1]), itm.shape), axis=1)
+    return passed & (rank < keep_top)
 
 
 def round_float(x: float) -> float:
@@ -427,9 +423,11 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
                     txt_feat[pos] = f_txt
             # ---- rows
             col_key, col_url, col_ref, col_cand, col_text, col_src, col_kept, col_reason = ([] for _ in range(8))
+            top = None  # (images, K): the synthetic captions keep_top keeps
+            if cp.keep_top is not None and k > 0:
+                syn_itm = itm.reshape(e - s, 1 + k)[:, 1:]
+                top = top_itm_mask(syn_itm, np.nan_to_num(syn_itm, nan=-np.inf) > threshold, cp.keep_top)
             for i in range(e - s):
-                syn = slice(i * (1 + k) + 1, (i + 1) * (1 + k))
-                top = top_itm_mask(itm[syn], np.nan_to_num(itm[syn], nan=-np.inf) > threshold, cp.keep_top)
                 for c in range(1 + k):
                     p = i * (1 + k) + c
                     t = texts[i][c]
@@ -441,7 +439,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
                         kept, reason = False, R_PRESCREEN
                     elif float(itm[p]) <= threshold:
                         kept, reason = False, R_BELOW
-                    elif c > 0 and not top[c - 1]:
+                    elif c > 0 and top is not None and not top[i, c - 1]:
                         kept, reason = False, R_NOT_TOP
                     else:
                         kept, reason = True, None
