@@ -172,3 +172,51 @@ def test_report_is_self_contained_with_images(two_versions, tmp_path, monkeypatc
         Image.open(io.BytesIO(base64.b64decode(b64))).verify()
     assert "a red cube above a ball" in page and "a yellow star" in page
     assert "http://" not in page and "https://" not in page  # nothing to fetch
+
+
+def test_query_stops_after_the_timeout(tmp_path):
+    import time
+
+    cat = tmp_path / "cat.duckdb"
+    catalog.connect(cat).close()
+    t0 = time.perf_counter()
+    with pytest.raises(CatalogError, match=r"query stopped after 0.5 s \(catalog.query_timeout_seconds"):
+        query(cat, "SELECT count(*) FROM range(100000000) a, range(1000000) b WHERE a.range + b.range = -1",
+              timeout=0.5)
+    assert time.perf_counter() - t0 < 10
+    assert query(cat, "SELECT 41 + 1", timeout=5)[1] == [(42,)]  # a quick one is unaffected
+
+
+def test_query_on_a_file_that_is_not_duckdb_is_one_line(tmp_path, capsys):
+    from vlp_core.cli import main
+
+    bad = tmp_path / "not.duckdb"
+    bad.write_bytes(b"PAR1" + b"\x00" * 5000)
+    with pytest.raises(CatalogError, match=r"not\.duckdb: not a DuckDB catalog"):
+        query(bad, "SELECT 1")
+    assert main(["query", "SELECT 1", "--catalog", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: ") and "\n" not in err
+
+
+def test_query_on_a_catalog_held_by_another_process_is_one_line(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from vlp_core.cli import main
+
+    cat = tmp_path / "cat.duckdb"
+    catalog.connect(cat).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time\n"
+                               f"con = duckdb.connect({str(cat)!r})\nprint('open', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(CatalogError, match="held open by another process"):
+            query(cat, "SELECT 1")
+        assert main(["query", "SELECT 1", "--catalog", str(cat)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert str(cat) in err and "\n" not in err
+    finally:
+        holder.kill()
+        holder.wait()

@@ -193,6 +193,41 @@ def test_bad_input_files_give_one_clear_line(tmp_path, name):
     assert not (tmp_path / "o" / "manifest.parquet").exists()
 
 
+@pytest.mark.parametrize("ext", ["csv", "tsv", "jsonl", "parquet"])
+def test_nul_bytes_are_removed_from_captions_wherever_they_are(tmp_path, ext):
+    """A NUL early in the file (inside the 64 KiB sniffed for binary data) or late: the file is
+    read, and the captions lose their NULs."""
+    from vlp_core.ingest.validate import validate_rows
+
+    urls = [f"http://127.0.0.1:1/{i}.jpg" for i in range(3000)]
+    caps = [f"caption {i}" for i in range(3000)]
+    caps[0], caps[-1] = "a red\x00 cube", "late \x00nul\x00"
+    path = tmp_path / f"l.{ext}"
+    if ext == "parquet":
+        pq.write_table(pa.table({"url": urls, "caption": caps}), path)
+    elif ext == "jsonl":
+        path.write_text("".join(json.dumps({"url": u, "caption": c}) + "\n" for u, c in zip(urls, caps)))
+    else:
+        d = "," if ext == "csv" else "\t"
+        path.write_text(f"url{d}caption\n" + "".join(f"{u}{d}{c}\n" for u, c in zip(urls, caps)))
+    if ext in ("csv", "tsv"):  # raw NULs, one inside the sniffed head and one after it
+        data = path.read_bytes()
+        assert b"\x00" in data[:65536] and b"\x00" in data[65536:]
+    t = read_url_list(path, tiny_params().ingest)
+    assert t.num_rows == 3000
+    v = validate_rows(t.column("url").to_pylist(), t.column("caption").to_pylist(), tiny_params().ingest)
+    assert v.captions[0] == "a red cube" and v.captions[-1] == "late nul"
+    assert not any("\x00" in c for c in v.captions)
+    assert normalise_caption("x\x00y", 512) == "xy"
+
+
+def test_a_mostly_nul_file_is_still_binary(tmp_path):
+    path = tmp_path / "utf16.csv"
+    path.write_bytes("url,caption\nhttp://127.0.0.1:1/a.jpg,x\n".encode("utf-16-le"))
+    with pytest.raises(InputFileError, match="binary data"):
+        read_url_list(path, tiny_params().ingest)
+
+
 def test_resume_guard_refuses_other_list(tiny_ingest, tmp_path):
     import shutil
 

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from vlp_core.config import Params
 from vlp_core.errors import VlpError
+from vlp_core.io import read_parquet
 from vlp_core.schema import CORPUS_SCHEMA, C
 
 VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -72,11 +72,28 @@ def connect(path: str | Path, read_only: bool = False):
     if read_only:
         if not path.exists():
             raise CatalogError(f"{path}: catalog not found (record a version first: vlp record ...)")
-        return duckdb.connect(str(path), read_only=True, config={"enable_external_access": False})
+        if not path.is_file():
+            raise CatalogError(f"{path}: not a catalog file (a folder)")
+        try:
+            return duckdb.connect(str(path), read_only=True, config={"enable_external_access": False})
+        except duckdb.Error as exc:
+            raise _open_error(path, exc) from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(path))
+    try:
+        con = duckdb.connect(str(path))
+    except duckdb.Error as exc:
+        raise _open_error(path, exc) from None
     con.execute(_DDL)
     return con
+
+
+def _open_error(path: Path, exc: Exception) -> CatalogError:
+    """One line for a catalog DuckDB cannot open: another process holds it, or not DuckDB."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "lock" in msg.lower():
+        return CatalogError(f"{path}: the catalog is held open by another process (wait for it to finish, or "
+                            f"query a copy)")
+    return CatalogError(f"{path}: not a DuckDB catalog, or damaged ({msg[:200]})")
 
 
 def catalog_path(params: Params) -> Path:
@@ -101,7 +118,7 @@ def read_corpus_light(corpus_dir: str | Path) -> pa.Table:
     """The light columns (:data:`CORPUS_COLUMNS`) of every corpus file, one table."""
     tables = []
     for f in corpus_files(corpus_dir):
-        t = pq.read_table(f)
+        t = read_parquet(f)
         missing = [c for c in (C.KEY, C.CANDIDATE, C.SOURCE, C.KEPT) if c not in t.column_names]
         if missing:
             raise CatalogError(f"{f}: not a corpus file, missing column(s) {', '.join(missing)}")
@@ -411,22 +428,44 @@ def check_read_only_sql(sql: str) -> str:
     return body
 
 
-def query(path: str | Path, sql: str, limit: Optional[int] = None) -> tuple[list[str], list[tuple]]:
+def query(path: str | Path, sql: str, limit: Optional[int] = None,
+          timeout: Optional[float] = None) -> tuple[list[str], list[tuple]]:
     """Run one read-only query; returns ``(column names, rows)``.  The database is opened
-    read-only with external file access off, and non-SELECT statements are refused."""
+    read-only with external file access off, and non-SELECT statements are refused.  A query
+    still running after ``timeout`` seconds is interrupted (:class:`CatalogError`)."""
+    import threading
+
     import duckdb
 
     body = check_read_only_sql(sql)
     con = connect(path, read_only=True)
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        con.interrupt()
+
+    timer = threading.Timer(timeout, stop) if timeout else None
     try:
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         try:
             cur = con.execute(body)
-        except duckdb.Error as exc:
+            cols = [d[0] for d in cur.description] if cur.description else []
+            rows = cur.fetchmany(limit) if limit else cur.fetchall()
+        except (duckdb.Error, RuntimeError) as exc:
+            if fired.is_set():
+                raise CatalogError(f"{path}: query stopped after {timeout:g} s (catalog.query_timeout_seconds; "
+                                   f"narrow the query or raise the limit)") from None
             raise CatalogError(f"query failed: {str(exc).splitlines()[0]}") from None
-        cols = [d[0] for d in cur.description] if cur.description else []
-        rows = cur.fetchmany(limit) if limit else cur.fetchall()
+        if fired.is_set():
+            raise CatalogError(f"{path}: query stopped after {timeout:g} s (catalog.query_timeout_seconds; "
+                               f"narrow the query or raise the limit)")
         return cols, rows
     finally:
+        if timer is not None:
+            timer.cancel()
         con.close()
 
 

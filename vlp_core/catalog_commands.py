@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     dp.set_defaults(func=_diff)
 
     q = subparsers.add_parser("query", help="run one read-only SQL query (SELECT/WITH) on the catalog",
-                              description="Tables: versions, stage_stats, metrics, corpus. Writes are refused.")
+                              description="Tables: versions, stage_stats, metrics, corpus. Writes are refused; "
+                                          "a query is stopped after catalog.query_timeout_seconds.")
     q.add_argument("sql")
     q.add_argument("--limit", type=int, default=None, help="print at most this many rows")
     q.add_argument("--json", action="store_true", help="print rows as JSON lines")
@@ -96,8 +97,11 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _query(args: argparse.Namespace) -> int:
     from vlp_core.catalog import format_table, query
+    from vlp_core.cli import load_params_from_args
 
-    cols, rows = query(_catalog_file(args), args.sql, limit=args.limit)
+    params = load_params_from_args(args)
+    cols, rows = query(args.catalog or params.catalog.path, args.sql, limit=args.limit,
+                       timeout=params.catalog.query_timeout_seconds)
     if args.json:
         for r in rows:
             print(json.dumps(dict(zip(cols, r)), default=str))

@@ -14,10 +14,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from vlp_core.errors import VlpError
+
+
+class ParquetReadError(VlpError, OSError):
+    """A Parquet input that cannot be read (missing, truncated, not Parquet); names the file."""
 
 
 @contextlib.contextmanager
@@ -40,6 +46,36 @@ def write_parquet(table: pa.Table, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
+
+
+def _parquet_error(path: Any, exc: Exception) -> ParquetReadError:
+    name = ", ".join(str(p) for p in path) if isinstance(path, (list, tuple)) else str(path)
+    if isinstance(exc, FileNotFoundError):
+        return ParquetReadError(f"{name}: file not found")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ParquetReadError(f"{name}: not a readable Parquet file (truncated or damaged? {first[:200]})")
+
+
+def read_parquet(path: Any, columns: Optional[Sequence[str]] = None) -> pa.Table:
+    """``pq.read_table`` with one clear error naming the file (:class:`ParquetReadError`)."""
+    try:
+        return pq.read_table(path, columns=list(columns) if columns is not None else None)
+    except (pa.ArrowException, OSError) as exc:
+        raise _parquet_error(path, exc) from None
+
+
+def read_parquet_schema(path: str | Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise _parquet_error(path, exc) from None
+
+
+def read_parquet_metadata(path: str | Path) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise _parquet_error(path, exc) from None
 
 
 def write_json(obj: Any, path: str | Path) -> Path:

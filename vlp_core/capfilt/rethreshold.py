@@ -16,10 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import pyarrow.parquet as pq
-
 from vlp_core.errors import VlpError
-from vlp_core.io import StageStats, read_json, write_json, write_parquet
+from vlp_core.io import StageStats, read_json, read_parquet_metadata, read_parquet_schema, write_json, write_parquet
 from vlp_core.schema import CORPUS_SCHEMA, C, conform, require_columns
 
 from vlp_core.capfilt.stage import (CALIBRATION_FILE, CORPUS_DIR, R_BELOW, R_NOT_TOP, THRESHOLD_FILE,
@@ -67,6 +65,7 @@ def percentile_threshold(calibration: str | Path, percentile: float) -> float:
     if not path.is_file():
         raise VlpError(f"{path}: no stored calibration scores (run capfilt with threshold_mode=calibrated "
                        "and --calibration first, or give an ITM threshold)")
+    require_columns(read_parquet_schema(path), [C.ITM], path)  # one line for a damaged file
     with duckdb.connect() as con:
         return float(con.execute(f"SELECT quantile_cont({C.ITM}, $q) FROM read_parquet($p)",
                                  {"q": percentile / 100.0, "p": str(path)}).fetchone()[0])
@@ -94,13 +93,15 @@ def rethreshold(corpus_dir: str | Path, out_dir: str | Path, itm_threshold: Opti
     if out_dir.resolve() == stage_dir.resolve():
         raise VlpError(f"{out_dir}: rethreshold writes a new corpus; choose another --out than the input")
     stats = StageStats(stage="capfilt_rethreshold")
+    files = sorted(folder.glob("*.parquet"))
+    for f in files:  # every input readable before the first output is written
+        require_columns(read_parquet_schema(f), CORPUS_SCHEMA.names, f)
     with duckdb.connect() as con:
-        for f in sorted(folder.glob("*.parquet")):
-            require_columns(pq.read_schema(f), CORPUS_SCHEMA.names, f)
+        for f in files:
             table = con.sql(_QUERY, params={"t": float(itm_threshold), "path": str(f),
                                             "n": keep_top}).to_arrow_table()
             table = conform(table, CORPUS_SCHEMA)
-            stats.rows_in += pq.read_metadata(f).num_rows
+            stats.rows_in += read_parquet_metadata(f).num_rows
             stats.rows_out += table.num_rows
             write_parquet(table, out_dir / CORPUS_DIR / f.name)
             for source, kept, reason in zip(table[C.SOURCE].to_pylist(), table[C.KEPT].to_pylist(),

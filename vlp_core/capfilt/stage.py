@@ -42,7 +42,8 @@ import pyarrow.parquet as pq
 
 from vlp_core.config import Params, section_dict
 from vlp_core.errors import VlpError
-from vlp_core.io import StageStats, atomic_path, done_marker, mark_done, read_json, write_json, write_parquet
+from vlp_core.io import (StageStats, atomic_path, done_marker, mark_done, read_json, read_parquet, read_parquet_schema,
+                         write_json, write_parquet)
 from vlp_core.schema import CORPUS_SCHEMA, C, features_schema, require_columns
 from vlp_core.shards import ShardError, ShardReader
 
@@ -91,9 +92,9 @@ def manifest_path(manifest: str | Path) -> Path:
 
 def read_manifest(manifest: str | Path, columns: Sequence[str] = (C.KEY, C.URL, C.CAPTION, C.STATUS, C.SHARD)) -> pa.Table:
     p = manifest_path(manifest)
-    schema = pq.read_schema(p)
+    schema = read_parquet_schema(p)
     require_columns(schema, columns, p)
-    return pq.read_table(p, columns=list(columns))
+    return read_parquet(p, columns=list(columns))
 
 
 def shard_name(ref: str) -> str:
@@ -493,6 +494,8 @@ def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, fil
     _clean_stale_temps(out_dir / CORPUS_DIR, out_dir / FEATS_DIR)
     stats = StageStats(stage="capfilt")
     table = read_manifest(manifest, (C.STATUS, C.SHARD))
+    if params.capfilt.threshold_mode == "calibrated" and isinstance(calibration, (str, Path)):
+        read_manifest(calibration, (C.KEY, C.CAPTION, C.STATUS, C.SHARD))  # readable before anything is written
     status_counts: dict[str, int] = {}
     for st in table[C.STATUS].to_pylist():
         status_counts[st] = status_counts.get(st, 0) + 1

@@ -30,11 +30,11 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from vlp_core.config import Params, section_dict
 from vlp_core.errors import VlpError
-from vlp_core.io import StageStats, done_marker, mark_done, read_json, write_parquet
+from vlp_core.io import (ParquetReadError, StageStats, done_marker, mark_done, read_json, read_parquet,
+                         read_parquet_metadata, read_parquet_schema, write_parquet)
 from vlp_core.schema import C, features_schema, require_columns
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,13 @@ class Backbone:
 def _reuse_sidecar(sidecar: Path, corpus: pa.Table, model_id: str) -> Optional[pa.Table]:
     if not sidecar.is_file():
         return None
-    meta = pq.read_schema(sidecar).metadata or {}
-    if meta.get(META_MODEL_ID, b"").decode() != model_id:
+    try:  # a cache: one that cannot be read is recomputed
+        meta = read_parquet_schema(sidecar).metadata or {}
+        if meta.get(META_MODEL_ID, b"").decode() != model_id:
+            return None
+        t = read_parquet(sidecar)
+    except ParquetReadError:
         return None
-    t = pq.read_table(sidecar)
     if t.num_rows != corpus.num_rows or t[C.KEY] != corpus[C.KEY] or t[C.CANDIDATE] != corpus[C.CANDIDATE]:
         return None
     return t
@@ -202,7 +205,7 @@ def _flag_duplicates(files: list[Path], threshold: float, block_size: int) -> di
     per_file_img: list[np.ndarray] = []
     seen: dict[tuple, int] = {}
     for f in files:
-        t = pq.read_table(f, columns=[C.KEY, C.SHARD, C.SHA256, C.IMAGE_EMB])
+        t = read_parquet(f, columns=[C.KEY, C.SHARD, C.SHA256, C.IMAGE_EMB])
         dim = t.schema.field(C.IMAGE_EMB).type.list_size
         e, ok = to_numpy_list(t[C.IMAGE_EMB], dim)
         rows_img = np.zeros(t.num_rows, np.int64)
@@ -230,7 +233,7 @@ def _flag_duplicates(files: list[Path], threshold: float, block_size: int) -> di
     counts = {"images": len(img_keys), "exact_dup_images": int((exact >= 0).sum()),
               "near_dup_images": int(is_near.sum())}
     for f, rows_img in zip(files, per_file_img):
-        t = pq.read_table(f)
+        t = read_parquet(f)
         schema = t.schema
         d = dup_of[rows_img]
         sim = near_sim[rows_img]
@@ -255,6 +258,8 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
     t0 = time.perf_counter()
     fp = params.features
     folder, files = _corpus_files(corpus_dir)
+    for f in files:  # every input readable before the first output is written
+        require_columns(read_parquet_schema(f), [C.KEY, C.SHARD, C.CANDIDATE, C.TEXT, C.SOURCE, C.KEPT], f)
     stage_dir = folder.parent
     out_dir = Path(out_dir)
     emb_dir = out_dir / EMB_DIR
@@ -267,7 +272,7 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
     outs = []
     for f in files:
         name = f.stem
-        corpus = pq.read_table(f)
+        corpus = read_parquet(f)
         require_columns(corpus, [C.KEY, C.SHARD, C.CANDIDATE, C.TEXT, C.SOURCE, C.KEPT], f)
         corpus_sha = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
         marker = done_marker(emb_dir, name)
@@ -276,7 +281,7 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
         if marker.is_file() and out_path.is_file() and read_json(marker).get("fingerprint") == {
                 **fingerprint, "corpus_sha": corpus_sha}:
             stats.shards_skipped += 1
-            stats.rows_out += pq.read_metadata(out_path).num_rows
+            stats.rows_out += read_parquet_metadata(out_path).num_rows
             outs.append(out_path)
             continue
         sidecar = None if backbone else _reuse_sidecar(stage_dir / FEATS_DIR / f.name, corpus, flt.model_id)

@@ -37,14 +37,19 @@ def detect_format(path: Path, input_format: str) -> str:
 
 
 def _check_text(path: Path, head: bytes) -> None:
+    """Refuse binary files.  A few NUL bytes in otherwise UTF-8 text are not binary: they are
+    removed from the captions (:func:`vlp_core.ingest.validate.normalise_caption`)."""
     nul = head.find(b"\x00")
-    if nul >= 0:
-        raise InputFileError(f"{path}: binary data in a text URL list (NUL byte at offset {nul})")
+    text = head.replace(b"\x00", b"") if nul >= 0 else head
     try:
-        head.decode("utf-8")
+        text.decode("utf-8")
     except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 4:  # not just a multi-byte char cut by the read size
+        if exc.start < len(text) - 4:  # not just a multi-byte char cut by the read size
+            if nul >= 0:
+                raise InputFileError(f"{path}: binary data in a text URL list (NUL byte at offset {nul})") from None
             raise InputFileError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    if nul >= 0 and head.count(b"\x00") * 100 > len(head):  # more than 1%: UTF-16 or binary
+        raise InputFileError(f"{path}: binary data in a text URL list (NUL byte at offset {nul})")
 
 
 def _other_delimiter(header: str, delimiter: str) -> str | None:

@@ -23,11 +23,11 @@ _SPACE = re.compile(r"\s+")
 
 
 def normalise_caption(text: Optional[str], max_chars: int) -> str:
-    """Unescape HTML entities (twice, for double-escaped alt-text), strip tags, collapse
-    whitespace and cap the length (on a word boundary when possible)."""
+    """Remove NUL characters, unescape HTML entities (twice, for double-escaped alt-text),
+    strip tags, collapse whitespace and cap the length (on a word boundary when possible)."""
     if text is None:
         return ""
-    s = html.unescape(html.unescape(str(text)))
+    s = html.unescape(html.unescape(str(text).replace("\x00", "")))
     s = _TAG.sub(" ", s)
     s = _SPACE.sub(" ", s.replace("\u00a0", " ")).strip()
     if len(s) > max_chars:

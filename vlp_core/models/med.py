@@ -432,13 +432,19 @@ class BlipMED(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """``config.json`` + ``model.safetensors`` (+ ``tokenizer/``) into ``directory``.  Shared
         tensors (the decoder's tied parameters) are stored once."""
-        from safetensors.torch import save_model
+        from safetensors.torch import _remove_duplicate_names, save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         cfg = {"model_type": MODEL_TYPE, **asdict(self.config)}
         (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        save_model(self, str(d / WEIGHTS_FILE))
+        # as safetensors' save_model, minus its per-dropped-name metadata: that map is written in
+        # hash order, so the same weights would give different bytes from run to run
+        state = self.state_dict()
+        for dropped in _remove_duplicate_names(state).values():
+            for name in dropped:
+                del state[name]
+        save_file({k: v.contiguous() for k, v in state.items()}, str(d / WEIGHTS_FILE), metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(d / TOKENIZER_DIR))
         return d

@@ -24,11 +24,11 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.utils.data
 
 from vlp_core.errors import VlpError
+from vlp_core.io import read_parquet, read_parquet_schema
 from vlp_core.schema import SOURCES, C, require_columns
 from vlp_core.shards import load_images
 
@@ -76,7 +76,7 @@ def _pairs_table(key, shard, text, source, url) -> pa.Table:
 
 
 def _read_manifest(path: Path, name: str) -> pa.Table:
-    table = pq.read_table(path)
+    table = read_parquet(path)
     require_columns(table, [C.KEY, C.SHARD, C.CAPTION, C.STATUS, C.URL], path)
     table = table.filter(pc.equal(table[C.STATUS], "success"))
     cache: dict[str, str] = {}
@@ -86,7 +86,7 @@ def _read_manifest(path: Path, name: str) -> pa.Table:
 
 
 def _read_corpus_file(path: Path) -> pa.Table:
-    table = pq.read_table(path)
+    table = read_parquet(path)
     require_columns(table, [C.KEY, C.SHARD, C.TEXT, C.SOURCE, C.KEPT], path)
     table = table.filter(pc.fill_null(table[C.KEPT], False))
     cache: dict[str, str] = {}
@@ -97,7 +97,7 @@ def _read_corpus_file(path: Path) -> pa.Table:
 
 
 def _read_world_list(path: Path, name: str) -> pa.Table:
-    table = pq.read_table(path)
+    table = read_parquet(path)
     require_columns(table, [WORLD_URL_COL, C.CAPTION], path)
     www = path.parent / "www"
     url_paths = table[WORLD_URL_COL].to_pylist()
@@ -107,7 +107,7 @@ def _read_world_list(path: Path, name: str) -> pa.Table:
 
 
 def _read_parquet(path: Path, name: str) -> pa.Table:
-    names = pq.read_schema(path).names
+    names = read_parquet_schema(path).names
     if C.KEPT in names:
         return _read_corpus_file(path)
     if C.STATUS in names:
@@ -134,6 +134,19 @@ def read_source(path: str | Path, name: str = "web") -> pa.Table:
             raise DataError(f"{path}: no {MANIFEST_FILE}, no {CORPUS_DIR}/ and no Parquet files")
         return pa.concat_tables([_read_parquet(f, name) for f in files])
     raise DataError(f"{path}: no such file or folder")
+
+
+def source_files(path: str | Path) -> list[Path]:
+    """The Parquet files :func:`read_source` reads for ``path`` (sorted; none if missing)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        if (path / MANIFEST_FILE).is_file():
+            return [path / MANIFEST_FILE]
+        folder = path / CORPUS_DIR if (path / CORPUS_DIR).is_dir() else path
+        return sorted(folder.glob("*.parquet"))
+    return []
 
 
 def load_pairs(sources: Iterable[Source]) -> pa.Table:
@@ -264,4 +277,4 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
 
 
 __all__ = ["PAIR_COLUMNS", "DataError", "PairData", "PairDataset", "collate_pairs", "decode_pairs",
-           "epoch_batches", "get_batch", "load_pairs", "parse_source", "read_source"]
+           "epoch_batches", "get_batch", "load_pairs", "parse_source", "read_source", "source_files"]
