@@ -13,9 +13,13 @@ import argparse
 import json
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    from vlp_core.cli import add_params_args
+def add_params_args(p: argparse.ArgumentParser) -> None:
+    from vlp_core.cli import add_params_args as add
 
+    add(p)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=".", help="the repo / data root (default: .)")
     add_params_args(p)
 
@@ -49,8 +53,10 @@ def register(subparsers) -> None:
     m.add_argument("--port", type=int, default=8765, help="port of the loopback server (fixed, so the URL "
                                                           "lists -- DVC inputs -- do not change between runs)")
     m.add_argument("--no-controls", dest="controls", action="store_false",
-                   help="skip the filter-only, human-only and oracle controls (and the comparison table)")
-    _common(m)
+                   help="skip the controls (raw web, filter-only, human-only, oracle) and the comparison table")
+    m.add_argument("--workdir", default="demo",
+                   help="the demo's own git + DVC repo, made on first use (default: demo/)")
+    add_params_args(m)
     m.set_defaults(func=_demo)
 
 
@@ -107,9 +113,10 @@ def _demo(args: argparse.Namespace) -> int:
                    controls=args.controls)
     print(_summary(res))
     if res.get("table"):
-        print("\nCapFilt on the synthetic web (every model trained from scratch for the same steps; "
-              "'round k' = retrained on CapFilt round k's corpus):\n")
+        print("\nCapFilt on the synthetic web: 'round 0' is pretrained on the raw web, 'round k' retrained on "
+              "CapFilt's corpus of round k-1; each control gets round 1's training on its own corpus "
+              "('raw web': round 0 trained on, on the raw web, when retrain.init is continue):\n")
         print(res["table"])
-        print("\n(data/comparison/table.md, results.json)")
-    print(f"report: {res.get('report')}\ncompare: vlp versions diff round0 round1")
+        print(f"\n({args.workdir}/data/comparison/table.md, results.json)")
+    print(f"report: {res.get('report')}\ncompare: cd {args.workdir} && vlp versions diff round0 round1")
     return 0

@@ -1,12 +1,18 @@
 """``vlp demo``: the synthetic web, served on 127.0.0.1, bootstrapped through the cycles.
 
+0. :func:`prepare_demo_repo` makes the demo's own git + DVC repo (``demo/`` by default):
+   ``params.yaml`` is the platform's ``params.yaml`` with the demo's settings
+   (``flows/demo.yaml``: a one-object world, CPU-sized budgets, ``retrain.init: continue``)
+   laid over it, ``dvc.yaml`` is the project's, and ``vlp_core`` links to the code (DVC's code
+   dependencies).  DVC then records exactly the settings the demo ran with;
 1. ``synthetic`` makes the seeded world in ``data/world`` (a cached stage, DVC-committed);
 2. the world is served on ``127.0.0.1:<port>`` and the URL lists ``data/urls/<split>.parquet``
    are written for that base URL (a fixed port keeps them, and so DVC's inputs, stable);
 3. the rounds run as in :func:`flows.cycles.cycles_flow`, then the report is written;
-4. the controls (filter-only, human-only, oracle) are trained from scratch for the same number
-   of steps, and the comparison table (:mod:`vlp_core.comparison`) is written to
-   ``data/comparison/table.md`` and printed.
+4. the controls (filter-only, human-only, oracle; and "raw web", round 0 trained on the raw web
+   for the same steps, when ``retrain.init`` is continue) are trained like round 1, and the
+   comparison table (:mod:`vlp_core.comparison`) is written to ``data/comparison/table.md`` and
+   printed.
 
 Model names in the table: "round 0" is the model pretrained on the raw web (the flow's
 ``round0/pretrain``), "round k" for k >= 1 is the model retrained on CapFilt version
@@ -14,16 +20,77 @@ Model names in the table: "round 0" is the model pretrained on the raw web (the 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
+import yaml
+
 from flows import tasks as T
 from flows.bootstrap import in_workdir, run_round, task_runner_for
 from flows.cycles import write_report_if_possible
 from vlp_core.config import Params, load_params
+
+
+PROJECT = Path(__file__).resolve().parents[1]
+DEMO_SETTINGS = Path(__file__).with_name("demo.yaml")
+DEMO_GITIGNORE = "/data/*\n!/data/.gitignore\n/report/\n__pycache__/\n*.duckdb\n*.duckdb.wal\n.prefect/\n"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def demo_params_text(base_params: str | Path = PROJECT / "params.yaml", settings: str | Path = DEMO_SETTINGS) -> str:
+    """The demo's ``params.yaml``: ``base_params`` with ``settings`` laid over it (validated)."""
+    from vlp_core.config import params_from_dict
+
+    base = yaml.safe_load(Path(base_params).read_text()) or {}
+    merged = _merge(base, yaml.safe_load(Path(settings).read_text()) or {})
+    params_from_dict(merged, str(settings))  # unknown keys / wrong types: one line naming the file
+    head = (f"# Written by `vlp demo`: {Path(base_params).name} with the demo's settings ({Path(settings).name}) laid\n"
+            "# over it.  Edit it to change the demo (delete it to have it written again).\n")
+    return head + yaml.safe_dump(merged, sort_keys=False)
+
+
+def prepare_demo_repo(workdir: str | Path, base_params: str | Path = PROJECT / "params.yaml") -> Path:
+    """Make ``workdir`` the demo's own git + DVC repo (idempotent) and return it.
+
+    Writes ``params.yaml`` (:func:`demo_params_text`) unless one exists, copies the project's
+    ``dvc.yaml``, links ``vlp_core`` to the project's code (the stages' code dependencies),
+    and runs ``git init`` + ``dvc init`` + a first commit the first time."""
+    from vlp_core import versioning as V
+
+    root = Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    params = root / "params.yaml"
+    if not params.exists():
+        params.write_text(demo_params_text(base_params))
+    dvc_yaml = (PROJECT / "dvc.yaml").read_text()
+    if not (root / "dvc.yaml").exists() or (root / "dvc.yaml").read_text() != dvc_yaml:
+        (root / "dvc.yaml").write_text(dvc_yaml)
+    link = root / "vlp_core"
+    if not link.exists() and not link.is_symlink():
+        link.symlink_to(os.path.relpath(PROJECT / "vlp_core", root.resolve()))
+    if not (root / ".gitignore").exists():
+        (root / ".gitignore").write_text(DEMO_GITIGNORE)
+    if not (root / ".git").exists():
+        V.git(["init", "-q"], root)
+    for key, value in (("user.name", "vlp demo"), ("user.email", "vlp-demo@localhost")):
+        if V.git(["config", key], root, check=False).returncode != 0:
+            V.git(["config", key, value], root)
+    if not V.is_dvc_repo(root):
+        V.dvc(["init", "-q"], root)
+    if V.git(["rev-parse", "--verify", "HEAD"], root, check=False).returncode != 0:
+        V.git(["add", "."], root)
+        V.git(["commit", "-q", "-m", "vlp demo: params, pipeline"], root)
+    return root
 
 
 @task(name="synthetic", cache_policy=NONE)
@@ -72,14 +139,17 @@ def controls_task(params: Params, layout: T.Layout, round0: dict) -> dict[str, A
     from vlp_core.io import write_json
 
     out = layout.data / "comparison"
-    upstream = [round0[n] for n in ("capfilt", "ingest_web", "ingest_human", "ingest_test") if n in round0]
+    upstream = [round0[n] for n in ("pretrain", "capfilt", "ingest_web", "ingest_human", "ingest_test")
+                if n in round0]
 
-    def run() -> None:
-        res = run_controls(params, comparison_inputs(layout), layout.stage(0, "capfilt") / "corpus", out)
+    def run(fresh: bool) -> None:
+        res = run_controls(params, comparison_inputs(layout), layout.stage(0, "capfilt") / "corpus", out,
+                           base=layout.model(0, "pretrain"), fresh=fresh)
         write_json({"controls": results_to_json(res)}, out / "controls.json")
 
-    return T.cached_stage(params, layout, "controls", None, out, ["pretrain", "model", "evaluate", "capfilt.prompt"],
-                          upstream, [layout.ground_truth], run, done_file="controls.json")
+    return T.cached_stage(params, layout, "controls", None, out,
+                          ["pretrain", "retrain", "model", "evaluate", "capfilt.prompt"],
+                          upstream, [layout.ground_truth], run, done_file="controls.json", pass_fresh=True)
 
 
 def comparison_results(params: Params, layout: T.Layout, rounds: int) -> list[Any]:
@@ -150,8 +220,12 @@ def write_comparison(params: Params, layout: T.Layout, rounds: int) -> str:
     return text
 
 
-def run_demo(params_path: str = "params.yaml", overrides: Sequence[str] = (), workdir: str = ".",
+def run_demo(params_path: str = "params.yaml", overrides: Sequence[str] = (), workdir: str = "demo",
              rounds: Optional[int] = None, port: int = 8765, controls: bool = True) -> dict:
+    """Prepare the demo's repo in ``workdir`` (:func:`prepare_demo_repo`, its params.yaml from
+    ``params_path`` + ``flows/demo.yaml``) and run :func:`demo_flow` there."""
+    prepare_demo_repo(workdir, params_path)
+    params_path = "params.yaml"  # the demo repo's own, relative to workdir
     with in_workdir(workdir):
         params = load_params(params_path, list(demo_overrides(overrides)))
         f = demo_flow.with_options(task_runner=task_runner_for(params))

@@ -180,25 +180,32 @@ class StageResult:
 
 def cached_stage(params: Params, layout: Layout, name: str, round: Optional[int], out_dir: Path,
                  sections: Sequence[str], upstream: Sequence[dict], files: Sequence[str | Path],
-                 run: Callable[[], Any], done_file: str = "stats.json") -> dict[str, Any]:
+                 run: Callable[..., Any], done_file: str = "stats.json", pass_fresh: bool = False) -> dict[str, Any]:
     """Run ``run()`` unless the stage's marker holds the same input key and ``done_file``
     exists in ``out_dir``; then write the marker.  ``orchestration.fail_before == name``
-    raises instead of running (to exercise resume)."""
+    raises instead of running (to exercise resume).  With ``pass_fresh`` (training stages)
+    ``run(fresh=...)`` is told whether the marker holds another key: the inputs changed, so
+    the old checkpoint must not be resumed (a run that crashed, with no marker, resumes)."""
     sid = stage_id(name, round)
     key = input_key(sid, params, sections, upstream, files)
     marker = layout.marker(sid)
     done = Path(out_dir) / done_file
-    if marker.exists() and done.exists():
+    old: dict[str, Any] = {}
+    if marker.exists():
         try:
             old = read_json(marker)
         except (OSError, ValueError):
             old = {}
-        if old.get("key") == key:
-            return StageResult(name, round, key, str(out_dir), True, _stats_of(done)).as_dict()
+        old = old if isinstance(old, dict) else {}
+    if old.get("key") == key and done.exists():
+        return StageResult(name, round, key, str(out_dir), True, _stats_of(done)).as_dict()
     if params.orchestration.fail_before == name:
         raise FlowStageError(f"{sid}: stopped before running (orchestration.fail_before={name})")
     t0 = time.time()
-    run()
+    if pass_fresh:
+        run(fresh=bool(old) and old.get("key") != key)
+    else:
+        run()
     stats = _stats_of(done) if done.exists() else {}
     write_json({"stage": sid, "key": key, "finished": time.time(), "seconds": time.time() - t0,
                 "out_dir": str(out_dir)}, marker)
@@ -256,7 +263,7 @@ def pretrain_task(params: Params, layout: Layout, web: dict, human: dict) -> dic
     out = layout.stage(0, "pretrain")
     sources = [(str(layout.ingest("web")), "web"), (str(layout.ingest("human")), "human")]
     return cached_stage(params, layout, "pretrain", 0, out, ["pretrain", "model"], [web, human], [],
-                        lambda: run_pretrain(params, sources, out))
+                        lambda fresh: run_pretrain(params, sources, out, fresh=fresh), pass_fresh=True)
 
 
 @task(name="import-checkpoint", cache_policy=NONE)
@@ -277,7 +284,8 @@ def finetune_task(params: Params, layout: Layout, round: int, target: str, init_
     sources = [(str(layout.ingest("human")), "human")]
     with at_home(layout):
         return cached_stage(params, layout, f"finetune_{target}", round, out, [f"finetune.{target}"],
-                            [base, human], [], lambda: run_finetune(params, target, sources, init_model, out))
+                            [base, human], [], lambda fresh: run_finetune(params, target, sources, init_model, out,
+                                                                          fresh=fresh), pass_fresh=True)
 
 
 @task(name="capfilt-shard", cache_policy=NONE)
@@ -320,15 +328,18 @@ def features_task(params: Params, layout: Layout, round: int, capfilt: dict, fil
 
 
 @task(name="retrain", cache_policy=NONE)
-def retrain_task(params: Params, layout: Layout, round: int, capfilt: dict, human: dict) -> dict[str, Any]:
-    """Pretrain a fresh model on the bootstrapped corpus plus the human pairs."""
-    from vlp_core.train.loop import run_pretrain
+def retrain_task(params: Params, layout: Layout, round: int, capfilt: dict, human: dict,
+                 base_model: Optional[str] = None) -> dict[str, Any]:
+    """Retrain on the bootstrapped corpus plus the human pairs: a fresh model, or the round's
+    base model trained on (``retrain.init``)."""
+    from vlp_core.train.loop import in_fresh_process, run_retrain
 
     _threads()
     out = layout.stage(round, "retrain")
     sources = [(str(layout.stage(round, "capfilt")), "web"), (str(layout.ingest("human")), "human")]
-    return cached_stage(params, layout, "retrain", round, out, ["pretrain", "model"], [capfilt, human], [],
-                        lambda: run_pretrain(params, sources, out))
+    return cached_stage(params, layout, "retrain", round, out, ["pretrain", "retrain", "model"], [capfilt, human], [],
+                        lambda fresh: in_fresh_process(run_retrain, params, sources, base_model, out, fresh=fresh),
+                        pass_fresh=True)
 
 
 @task(name="evaluate", cache_policy=NONE)

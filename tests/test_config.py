@@ -57,3 +57,69 @@ def test_params_are_frozen_and_replace_validates():
 def test_missing_explicit_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; float settings take it as a number."""
+    assert load_params("params.yaml", ["pretrain.lr=1e-3"]).pretrain.lr == 1e-3
+    assert load_params("params.yaml", ["capfilt.itc_prescreen=-2E-1"]).capfilt.itc_prescreen == -0.2
+    f = tmp_path / "p.yaml"
+    f.write_text("pretrain:\n  lr: 2e-3\n  min_lr: 1e-5\n")
+    p = load_params(f)
+    assert p.pretrain.lr == 2e-3 and p.pretrain.min_lr == 1e-5
+    with pytest.raises(ConfigError, match="pretrain.lr: expected a number"):
+        load_params("params.yaml", ["pretrain.lr=1e-3x"])
+    with pytest.raises(ConfigError, match="pretrain.steps: expected an integer"):  # ints stay strict
+        load_params("params.yaml", ["pretrain.steps=1e3"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("pretrain.steps=-5", "pretrain.steps"),
+    ("pretrain.steps=0", "pretrain.steps"),
+    ("pretrain.batch_size=1", "pretrain.batch_size"),
+    ("pretrain.lr=0", "pretrain.lr"),
+    ("finetune.filter.lr=-1e-3", "finetune.filter.lr"),
+    ("pretrain.lr=.nan", "pretrain.lr"),
+    ("pretrain.min_lr=0.5", "pretrain.min_lr"),
+    ("ingest.number_sample_per_shard=0", "ingest.number_sample_per_shard"),
+    ("ingest.processes_count=0", "ingest.processes_count"),
+    ("ingest.thread_count=0", "ingest.thread_count"),
+    ("ingest.timeout=0", "ingest.timeout"),
+    ("ingest.retries=-1", "ingest.retries"),
+    ("capfilt.calibrate_percentile=101", "capfilt.calibrate_percentile"),
+    ("capfilt.calibrate_percentile=-1", "capfilt.calibrate_percentile"),
+    ("capfilt.top_p=0", "capfilt.top_p"),
+    ("capfilt.keep_top=0", "capfilt.keep_top"),
+    ("capfilt.min_length=50", "capfilt.min_length"),
+    ("synthetic.noise_rate=1.5", "synthetic.noise_rate"),
+    ("catalog.query_timeout_seconds=0", "catalog.query_timeout_seconds"),
+    ("orchestration.network_timeout_seconds=0", "orchestration.network_timeout_seconds"),
+])
+def test_impossible_numbers_are_refused_at_load_time(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_params("params.yaml", [override])
+    msg = str(e.value)
+    assert "\n" not in msg and key in msg and "params.yaml" in msg and override in msg
+
+
+def test_impossible_number_in_the_file_names_the_file(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("ingest:\n  thread_count: 0\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: ingest\.thread_count: must be >= 1, got 0"):
+        load_params(f)
+    # and at the edges, the sane values load
+    p = load_params("params.yaml", ["pretrain.batch_size=2", "pretrain.steps=1", "capfilt.calibrate_percentile=100",
+                                    "capfilt.num_captions=0", "pretrain.lm_weight=0", "ingest.retries=0"])
+    assert p.pretrain.batch_size == 2 and p.capfilt.calibrate_percentile == 100.0
+
+
+def test_cli_refuses_impossible_settings_in_one_line(capsys):
+    from vlp_core.cli import main
+
+    assert main(["query", "SELECT 1", "-S", "ingest.number_sample_per_shard=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "ingest.number_sample_per_shard" in err
+
+
+def test_query_timeout_is_a_setting():
+    assert load_params("params.yaml").catalog.query_timeout_seconds == 60

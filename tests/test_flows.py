@@ -107,6 +107,30 @@ def test_stage_cache_key_and_skip(tmp_path):
                        tmp_path / "r", ["pretrain"], [], [], run)
 
 
+def test_training_stage_starts_fresh_only_when_its_inputs_changed(tmp_path):
+    """A training stage resumes its checkpoint after a crash (no marker yet) but starts afresh
+    when the marker holds another key: the settings changed, and the old checkpoint (whose
+    fingerprint no longer matches) must not be resumed."""
+    layout = T.Layout(tmp_path)
+    out = tmp_path / "out"
+    calls = []
+
+    def run(fresh):
+        calls.append(fresh)
+        out.mkdir(exist_ok=True)
+        (out / "stats.json").write_text('{"rows_in": 1, "rows_out": 1}')
+
+    p = Params()
+    T.cached_stage(p, layout, "retrain", 0, out, ["pretrain"], [], [], run, pass_fresh=True)  # first run
+    T.cached_stage(p, layout, "retrain", 0, out, ["pretrain"], [], [], run, pass_fresh=True)  # cached
+    T.cached_stage(p.replace(**{"pretrain.lr": 0.002}), layout, "retrain", 0, out, ["pretrain"], [], [], run,
+                   pass_fresh=True)  # settings changed
+    (out / "stats.json").unlink()  # a crash before the end: same key, no output
+    T.cached_stage(p.replace(**{"pretrain.lr": 0.002}), layout, "retrain", 0, out, ["pretrain"], [], [], run,
+                   pass_fresh=True)
+    assert calls == [False, True, False]
+
+
 def test_ingest_task_fn_is_one_call_and_cached(tmp_path, tiny_world, world_server):
     """``ingest_task.fn`` runs the real ingest once; the second call is a cache hit."""
     from fixtures_world import tiny_params

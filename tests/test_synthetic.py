@@ -15,7 +15,7 @@ from fixtures_world import tiny_params
 from vlp_core.cli import main as vlp_main
 from vlp_core.schema import GROUND_TRUTH_SCHEMA
 from vlp_core.synthetic import world as w
-from vlp_core.synthetic.make import FAIL_KINDS, NOISE_KINDS, run_synthetic_make
+from vlp_core.synthetic.make import FAIL_KINDS, NOISE_KINDS, SINGLE_NOISE_KINDS, run_synthetic_make
 from vlp_core.synthetic.truth import load_ground_truth, url_path
 
 
@@ -211,3 +211,55 @@ def test_cli_serve_prints_port_and_writes_absolute_urls(tiny_world):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "stopped" in out and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- one-object world (the demo's)
+def test_one_object_scenes_positions_and_captions():
+    seen = Counter()
+    for i in range(200):
+        rng = np.random.default_rng([3, 1, i])
+        scene = w.sample_scene(rng, 48, objects=1)
+        assert scene.single and scene.relation in w.POSITIONS
+        x0, y0, x1, y1 = scene.objects[0].bbox
+        assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        # the centre lies on the named side of the image's middle
+        side = {"left": cx < 20, "right": cx > 28, "top": cy < 20, "bottom": cy > 28,
+                "centre": 18 <= cx <= 30 and 18 <= cy <= 30}[scene.relation]
+        assert side, (scene.relation, scene.objects[0].bbox)
+        seen[scene.relation] += 1
+        text = w.caption(scene, rng)
+        assert w.check_caption(text, scene) == {"colour": True, "shape": True, "size": True, "relation": True,
+                                                "all": True}
+        assert w.check_caption(text, scene.to_json())["all"]  # the JSON round trip
+        wrong, attr = w.corrupt_attribute(scene, rng)
+        assert wrong.single and w.check_caption(w.caption(wrong, rng), scene)[attr] is False
+        assert w.check_caption(w.partial_caption(scene, rng), scene)["all"] is False  # says not where
+    assert set(seen) == set(w.POSITIONS)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("a big red circle on the left", {"colour": True, "shape": True, "size": True, "relation": True, "all": True}),
+    ("a red circle in the middle", {"colour": True, "shape": True, "size": None, "relation": False, "all": False}),
+    ("a red circle", {"colour": True, "shape": True, "size": None, "relation": None, "all": False}),
+    ("a large blue ball at the left", {"colour": False, "shape": True, "size": True, "relation": True, "all": False}),
+])
+def test_check_caption_one_object_hand_cases(text, expected):
+    scene = w.Scene((w.SceneObject("red", "circle", "large", (2, 14, 22, 34)),), "left", (128, 128, 128))
+    assert w.check_caption(text, scene) == expected
+
+
+def test_one_object_world_is_made_and_deterministic(tmp_path):
+    p = tiny_params().replace(**{"synthetic.objects": 1})
+    run_synthetic_make(p, tmp_path / "a")
+    run_synthetic_make(p, tmp_path / "b")
+    gt = load_ground_truth(tmp_path / "a").to_pandas()
+    web = gt[gt.split == "web"]
+    # no "partial" kind with one object: 40 % noise over the other five kinds
+    assert Counter(web.noise_kind.dropna()) == {k: 24 for k in SINGLE_NOISE_KINDS}
+    scenes = [w.Scene.from_json(s) for s in gt.scene]
+    assert all(s.single for s in scenes)
+    clean = gt[~gt.is_noise]
+    assert all(w.check_caption(c, s)["all"] for c, s in zip(clean.caption, clean.scene))
+    for f in ("ground_truth.parquet", "web.parquet"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()

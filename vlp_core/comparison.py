@@ -149,32 +149,54 @@ def evaluated(params, name: str, model_dir: str | Path, eval_dir: str | Path, in
 
 
 def train_and_evaluate(params, name: str, sources: list[tuple[str, str]], inputs: Inputs, out_dir: str | Path,
-                       corpus: Optional[str | Path] = None, log=print) -> ModelResult:
-    """Pretrain a fresh model on ``sources`` for ``params.pretrain.steps`` steps (resumes from its
-    checkpoint, skips when finished), evaluate it and audit its corpus."""
-    from vlp_core.train.loop import run_pretrain
+                       corpus: Optional[str | Path] = None, log=print,
+                       base: Optional[str | Path] = None, fresh: bool = False) -> ModelResult:
+    """Train a model on ``sources`` (resumes from its checkpoint, skips when finished),
+    evaluate it and audit its corpus.  Without ``base`` it is pretrained from scratch (round
+    0); with one it is *retrained* as ``params.retrain`` says: from scratch for
+    ``pretrain.steps`` (BLIP), or ``base`` trained on for ``retrain.steps``."""
+    from vlp_core.train.loop import in_fresh_process, retrain_settings, run_pretrain, run_retrain
 
     d = Path(out_dir)
-    log(f"[{name}] training from scratch on {', '.join(s for _, s in sources)} for {params.pretrain.steps} steps")
-    run_pretrain(params, sources, d / "train")
+    what = ", ".join(s for _, s in sources)
+    if base is None or params.retrain.init == "scratch":
+        log(f"[{name}] training from scratch on {what} for {params.pretrain.steps} steps")
+    else:
+        log(f"[{name}] training {base} on {what} for {retrain_settings(params).steps} more steps")
+    if base is None:
+        in_fresh_process(run_pretrain, params, sources, d / "train", fresh=fresh)
+    else:
+        in_fresh_process(run_retrain, params, sources, base, d / "train", fresh=fresh)
     return evaluated(params, name, d / "train" / "model", d / "eval", inputs, sources, corpus)
 
 
 def run_controls(params, inputs: Inputs, round1_corpus: str | Path, workdir: str | Path,
-                 log=print) -> list[ModelResult]:
-    """The three controls, each trained from scratch like the rounds:
+                 log=print, base: Optional[str | Path] = None, fresh: bool = False) -> list[ModelResult]:
+    """The controls, each trained like round 1 (``base``: round 1's base model, i.e. round 0's;
+    see :func:`train_and_evaluate`):
 
+    * **raw web** (only when ``retrain.init`` is continue): round 0 trained on, for the same
+      steps, on the raw web pairs plus human -- the fair baseline of round 1, which got those
+      steps too;
     * **filter-only**: round 1's corpus without its synthetic captions (what the filter alone gives);
     * **human-only**: the human pairs alone;
-    * **oracle**: the web pairs the ground truth calls clean, plus the human pairs."""
+    * **oracle**: the web pairs the ground truth calls clean, plus the human pairs.
+
+    ``fresh`` retrains every control from the start (their settings or inputs changed)."""
     work = Path(workdir)
     human = (inputs.human, "human")
     fo = filter_only_corpus(round1_corpus, work / "filteronly" / "corpus")
     oc = oracle_corpus(inputs.web, inputs.world, work / "oracle" / "corpus")
-    return [
-        train_and_evaluate(params, "filter-only", [(str(fo), "web"), human], inputs, work / "filteronly", fo, log),
-        train_and_evaluate(params, "human-only", [human], inputs, work / "humanonly", None, log),
-        train_and_evaluate(params, "oracle", [(str(oc), "web"), human], inputs, work / "oracle", oc, log),
+    out = []
+    if base is not None and params.retrain.init == "continue":
+        raw = raw_corpus(inputs.web, work / "rawweb" / "corpus")
+        out.append(train_and_evaluate(params, "raw web", [(inputs.web, "web"), human], inputs, work / "rawweb", raw,
+                                      log, base, fresh))
+    return out + [
+        train_and_evaluate(params, "filter-only", [(str(fo), "web"), human], inputs, work / "filteronly", fo, log,
+                           base, fresh),
+        train_and_evaluate(params, "human-only", [human], inputs, work / "humanonly", None, log, base, fresh),
+        train_and_evaluate(params, "oracle", [(str(oc), "web"), human], inputs, work / "oracle", oc, log, base, fresh),
     ]
 
 
@@ -207,10 +229,10 @@ def run_comparison(params, inputs: Inputs, workdir: str | Path, rounds: int = 2,
         corpora[k] = rd / "capfilt" / "corpus"
         # the corpus audit of round k describes the data its model trained on
         results.append(train_and_evaluate(params, f"round {k}", [(str(rd / "capfilt"), "web"), human], inputs,
-                                          rd, corpora[k], log))
+                                          rd, corpora[k], log, prev))
         prev = rd / "train" / "model"
     if controls:
-        results += run_controls(params, inputs, corpora[1], work, log)
+        results += run_controls(params, inputs, corpora[1], work, log, base=work / "round0" / "train" / "model")
     return results
 
 
@@ -251,8 +273,8 @@ def table_rows(results: list[ModelResult]) -> list[tuple[str, list[str]]]:
         add(f"pairs: {src}", lambda r, s=src: str(r.sizes.get(s, 0)) if r.sizes else "-")
     add("noise in kept web texts %", lambda r: _pct(_get(r.audit, "web_noise_rate_kept")))
     add("synthetic correct % (all)", lambda r: _pct(_get(r.audit, "synthetic_correct")))
-    for a in ("colour", "shape", "size", "relation"):
-        add(f"synthetic correct % {a}", lambda r, a=a: _pct(_get(r.audit, "synthetic_correct_by_attribute", a)))
+    for a in ("colour", "shape", "size", "relation"):  # relation: the position in a one-object world
+        add(f"synthetic correct % {'relation/pos' if a == 'relation' else a}", lambda r, a=a: _pct(_get(r.audit, "synthetic_correct_by_attribute", a)))
     add("synthetic kept correct %", lambda r: _pct(_get(r.audit, "synthetic_correct_kept")))
     for what, key in (("web noise", "web_detection"), ("wrong synth", "synthetic_detection")):
         add(f"filter {what} precision %", lambda r, k=key: _pct(_get(r.audit, k, "precision")))

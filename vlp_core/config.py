@@ -8,6 +8,8 @@ and the file; command-line overrides use DVC's ``-S section.key=value`` form.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ class SyntheticParams:
     """The synthetic web (``vlp synthetic make``)."""
 
     seed: int = 0
+    objects: int = 2  # per image: 2 (a relation between them) or 1 (at a position; learns in minutes)
     image_size: int = 48
     n_web: int = 20000
     n_human: int = 2000
@@ -78,6 +81,9 @@ class ModelParams:
     tokenizer: Optional[str] = None  # a local HF tokenizer dir; None = train WordPiece offline
     vocab_size: int = 512
     max_text_len: int = 32
+    # bf16 autocast in training (vlp_core/precision.py): auto = on CUDA and on CPUs with native
+    # bf16 (AMX-BF16 / AVX512-BF16); fp32 / bf16 force either
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,22 @@ class TrainParams:
 class FinetuneParams:
     captioner: TrainParams = TrainParams(steps=300, lr=5e-4, warmup_steps=20, itc_weight=0.0, itm_weight=0.0)
     filter: TrainParams = TrainParams(steps=300, lr=5e-4, warmup_steps=20, lm_weight=0.0)
+
+
+@dataclass(frozen=True)
+class RetrainParams:
+    """How each round's model is retrained on its bootstrapped corpus (and the controls on theirs).
+
+    ``scratch`` (BLIP; the benchmarks): a fresh model trained like round 0, ``pretrain.steps``.
+    ``continue`` (the demo): the round's base model (round 0's pretrained model, or the previous
+    round's retrained one) trained on for ``steps`` more, with ``pretrain``'s other settings
+    unless set here; the comparison then adds "raw web", round 0 continued on the raw web for the
+    same steps, as the fair baseline."""
+
+    init: Literal["scratch", "continue"] = "scratch"
+    steps: Optional[int] = None  # continue: None = pretrain.steps
+    lr: Optional[float] = None  # continue: None = pretrain.lr
+    warmup_steps: Optional[int] = None  # continue: None = pretrain.warmup_steps
 
 
 @dataclass(frozen=True)
@@ -146,6 +168,7 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class CatalogParams:
     path: str = "data/catalog.duckdb"
+    query_timeout_seconds: float = 60.0  # `vlp query` stops a query that runs longer
 
 
 @dataclass(frozen=True)
@@ -173,6 +196,7 @@ class Params:
     model: ModelParams = ModelParams()
     pretrain: TrainParams = TrainParams()
     finetune: FinetuneParams = FinetuneParams()
+    retrain: RetrainParams = RetrainParams()
     capfilt: CapfiltParams = CapfiltParams()
     features: FeaturesParams = FeaturesParams()
     evaluate: EvaluateParams = EvaluateParams()
@@ -211,6 +235,7 @@ def load_params(path: str | Path | None = DEFAULT_PARAMS_FILE, overrides: typing
             data = loaded
         elif str(path) != DEFAULT_PARAMS_FILE:
             raise ConfigError(source, "<file>", "file not found")
+    origins: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError("-S", item, "an override must look like section.key=value")
@@ -220,11 +245,13 @@ def load_params(path: str | Path | None = DEFAULT_PARAMS_FILE, overrides: typing
         except yaml.YAMLError:
             value = raw
         _set_dotted(data, key.strip(), value, f"-S {item}")
-    return params_from_dict(data, source)
+        origins[key.strip()] = f"{source} (-S {item})"
+    return params_from_dict(data, source, origins)
 
 
-def params_from_dict(data: dict[str, Any], source: str = "<dict>") -> Params:
-    return _build(Params, data, source, "")
+def params_from_dict(data: dict[str, Any], source: str = "<dict>", origins: Optional[dict[str, str]] = None) -> Params:
+    """``origins``: dotted key -> where its value came from (a ``-S`` override), for errors."""
+    return _build(Params, data, source, "", origins or {})
 
 
 def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
@@ -238,7 +265,8 @@ def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
     cur[parts[-1]] = value
 
 
-def _build(cls: type, data: Any, source: str, prefix: str):
+def _build(cls: type, data: Any, source: str, prefix: str, origins: Optional[dict[str, str]] = None):
+    origins = origins or {}
     where = prefix or "<top level>"
     if data is None:
         data = {}
@@ -264,10 +292,78 @@ def _build(cls: type, data: Any, source: str, prefix: str):
         if dataclasses.is_dataclass(typ):
             default = f.default if f.default is not dataclasses.MISSING else typ()
             merged = {**_to_plain(default), **(value or {})} if isinstance(value, dict) else value
-            kwargs[name] = _build(typ, merged, source, key)
+            kwargs[name] = _build(typ, merged, source, key, origins)
         else:
-            kwargs[name] = _coerce(typ, value, source, key)
+            src = origins.get(key, source)
+            kwargs[name] = _coerce(typ, value, src, key)
+            _check_bounds(cls, name, kwargs[name], src, key)
+    for check in _CROSS_CHECKS.get(cls.__name__, ()):
+        check(kwargs, lambda n: origins.get(f"{prefix}.{n}" if prefix else n, source), prefix)
     return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- bounds
+# Impossible numbers are refused when the settings load (one line: file, key, bound), not
+# deep inside a stage.  Each bound: ">= 0", "> 0", "[0, 1]", "(0, 1]", "[0, 1)".
+_BOUNDS: dict[str, dict[str, str]] = {
+    "SyntheticParams": {"seed": ">= 0", "image_size": ">= 8", "n_web": ">= 0", "n_human": ">= 0", "n_test": ">= 0",
+                        "noise_rate": "[0, 1]", "holdout_frac": "[0, 1)", "fail_rate": "[0, 1]",
+                        "jpeg_quality": "[1, 100]"},
+    "IngestParams": {"image_size": ">= 1", "encode_quality": "[0, 100]", "number_sample_per_shard": ">= 1",
+                     "processes_count": ">= 1", "thread_count": ">= 1", "timeout": "> 0", "retries": ">= 0",
+                     "max_caption_chars": ">= 1"},
+    "ModelParams": {"vocab_size": ">= 8", "max_text_len": ">= 4"},
+    "TrainParams": {"steps": ">= 1", "batch_size": ">= 2", "lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0",
+                    "warmup_steps": ">= 0", "seed": ">= 0", "alpha": "[0, 1]", "itc_weight": ">= 0",
+                    "itm_weight": ">= 0", "lm_weight": ">= 0", "checkpoint_every": ">= 1", "log_every": ">= 1",
+                    "num_workers": ">= 0"},
+    "CapfiltParams": {"num_captions": ">= 0", "top_p": "(0, 1]", "num_beams": ">= 1", "max_length": ">= 1",
+                      "min_length": ">= 0", "itm_threshold": "[0, 1]", "calibrate_percentile": "[0, 100]",
+                      "itc_prescreen": "[-1, 1]", "keep_top": ">= 1", "batch_size": ">= 1", "seed": ">= 0"},
+    "FeaturesParams": {"near_dup_threshold": "[-1, 1]", "block_size": ">= 1", "batch_size": ">= 1"},
+    "EvaluateParams": {"k_test": ">= 1", "batch_size": ">= 1"},
+    "CatalogParams": {"query_timeout_seconds": "> 0"},
+    "OrchestrationParams": {"dask_workers": ">= 1", "retries": ">= 0", "retry_delay_seconds": ">= 0",
+                            "network_timeout_seconds": "> 0", "rounds": ">= 0"},
+}
+_RANGE_RE = re.compile(r"^([\[(])\s*(\S+),\s*(\S+)\s*([\])])$")
+
+
+def _check_bounds(cls: type, name: str, value: Any, source: str, key: str) -> None:
+    spec = _BOUNDS.get(cls.__name__, {}).get(name)
+    if spec is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(source, key, f"must be a finite number, got {value!r}")
+    m = _RANGE_RE.match(spec)
+    if m:
+        lo, hi = float(m.group(2)), float(m.group(3))
+        ok = (value >= lo if m.group(1) == "[" else value > lo) and (value <= hi if m.group(4) == "]" else value < hi)
+        if not ok:
+            raise ConfigError(source, key, f"must be in {spec}, got {value!r}")
+        return
+    op, bound = spec.split()
+    if not (value >= float(bound) if op == ">=" else value > float(bound)):
+        raise ConfigError(source, key, f"must be {spec}, got {value!r}")
+
+
+def _train_checks(kw: dict[str, Any], src, prefix: str) -> None:
+    if "lr" in kw and "min_lr" in kw and kw["min_lr"] > kw["lr"]:
+        raise ConfigError(src("min_lr"), f"{prefix}.min_lr", f"must not exceed {prefix}.lr ({kw['lr']!r}), "
+                                                             f"got {kw['min_lr']!r}")
+    weights = [kw.get(w) for w in ("itc_weight", "itm_weight", "lm_weight")]
+    if all(w is not None for w in weights) and sum(weights) <= 0:
+        raise ConfigError(src("lm_weight"), f"{prefix}.itc_weight/itm_weight/lm_weight",
+                          "at least one loss weight must be > 0")
+
+
+def _capfilt_checks(kw: dict[str, Any], src, prefix: str) -> None:
+    if "min_length" in kw and "max_length" in kw and kw["min_length"] > kw["max_length"]:
+        raise ConfigError(src("min_length"), f"{prefix}.min_length",
+                          f"must not exceed {prefix}.max_length ({kw['max_length']}), got {kw['min_length']}")
+
+
+_CROSS_CHECKS = {"TrainParams": (_train_checks,), "CapfiltParams": (_capfilt_checks,)}
 
 
 def _coerce(typ: Any, value: Any, source: str, key: str) -> Any:
@@ -306,12 +402,17 @@ def _coerce(typ: Any, value: Any, source: str, key: str) -> Any:
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _NUMBER_RE.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         raise ConfigError(source, key, f"expected a number, got {value!r}")
     if typ is str:
         if isinstance(value, str):
             return value
         raise ConfigError(source, key, f"expected a string, got {value!r}")
     raise ConfigError(source, key, f"unsupported type {typ!r}")
+
+
+_NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def _type_name(typ: Any) -> str:

@@ -29,6 +29,14 @@ from vlp_core.synthetic import world as w
 SPLITS = ("web", "human", "test")
 _SPLIT_CODE = {"web": 1, "human": 2, "test": 3}
 NOISE_KINDS = ("swapped", "attribute", "boilerplate", "empty", "html", "partial")
+# One object per image: a caption cannot name part of the scene and leave the rest out, so
+# "partial" (one object of two) has no counterpart, and HTML junk never wraps a caption.
+SINGLE_NOISE_KINDS = ("swapped", "attribute", "boilerplate", "empty", "html")
+
+
+def noise_kinds(objects: int) -> tuple[str, ...]:
+    """The web's noise kinds in a world of ``objects`` objects per image."""
+    return SINGLE_NOISE_KINDS if objects == 1 else NOISE_KINDS
 FAIL_KINDS = ("404", "not_image", "truncated")
 URL_LIST_COLUMNS = ("url_path", C.CAPTION)
 
@@ -57,7 +65,7 @@ def _noisy_caption(kind: str, i: int, scene: w.Scene, rng: np.random.Generator,
     if kind == "empty":
         return ("", " ", "  \n", "\t")[rng.integers(4)]
     if kind == "html":
-        if rng.random() < 0.5:
+        if scene.single or rng.random() < 0.5:
             return w.HTML_JUNK[rng.integers(len(w.HTML_JUNK))]
         return f"<div class=\"caption\"><b>{w.partial_caption(scene, rng)}</b>&nbsp;</div>"
     if kind == "partial":
@@ -86,12 +94,12 @@ def _make_split(split: str, n: int, params: Params, out_dir: Path, holdout: froz
     images: list[np.ndarray] = []
     for i in tqdm(range(n), desc=f"render {split}", unit="img", disable=None, leave=False):
         rng = np.random.default_rng([sp.seed, _SPLIT_CODE[split], i])
-        scene = w.sample_scene(rng, size, exclude)
+        scene = w.sample_scene(rng, size, exclude, objects=sp.objects)
         scenes.append(scene)
         images.append(w.render(scene, rng, size))
         captions.append(w.caption(scene, rng))
     split_rng = np.random.default_rng([sp.seed, _SPLIT_CODE[split], 10**9])
-    noise = _assign(n, sp.noise_rate, NOISE_KINDS, split_rng) if split == "web" else [None] * n
+    noise = _assign(n, sp.noise_rate, noise_kinds(sp.objects), split_rng) if split == "web" else [None] * n
     fails = _assign(n, sp.fail_rate, FAIL_KINDS, split_rng) if split == "web" else [None] * n
     urls, published = [], []
     for i in range(n):

@@ -2,10 +2,14 @@
 
 A *scene* is two objects on a noisy background, each with a colour, a shape and a size,
 placed so that exactly one of four relations holds unambiguously between them:
-``objects[0] <relation> objects[1]`` with relation in left/right/above/below.
+``objects[0] <relation> objects[1]`` with relation in left/right/above/below.  A
+*one-object* scene (``synthetic.objects: 1``, the demo's world, which a small model learns in
+minutes) has one object at one of five positions (left, right, top, bottom, centre); its
+``relation`` field holds the position.
 
 Captions are varied English built from templates and synonyms, e.g. "a big red circle to
-the left of a small blue square" or "there is a little blue box under a large red disc".
+the left of a small blue square" or "there is a little blue box under a large red disc"; with
+one object, "a big red circle on the left" or "there is a little blue box in the middle".
 :func:`check_caption` parses any such text back (tolerating a "a picture of " prefix, extra
 words and punctuation) and scores each stated attribute against a scene.
 """
@@ -45,6 +49,27 @@ RELATION_PHRASES = {
     "above": ("above", "over", "on top of"),
     "below": ("below", "under", "beneath"),
 }
+# One-object scenes: where the object is, and the words that say it (the first is canonical).
+POSITIONS = ("left", "right", "top", "bottom", "centre")
+POSITION_PHRASES = {
+    "left": ("on the left", "at the left", "to the left"),
+    "right": ("on the right", "at the right", "to the right"),
+    "top": ("at the top", "near the top"),
+    "bottom": ("at the bottom", "near the bottom"),
+    "centre": ("in the middle", "in the centre", "in the center"),
+}
+POSITION_TEMPLATES = (
+    "a {a} {pos}",
+    "{a} {pos}",
+    "there is a {a} {pos}",
+    "a photo of a {a} {pos}",
+    "an image with a {a} {pos}",
+    "a {a} placed {pos}",
+    "the {a} is {pos}",
+    "a {a} sits {pos}",
+)
+_POS_WORD = {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "middle": "centre",
+             "centre": "centre", "center": "centre"}
 # Templates: {a}/{b} are object phrases, {rel} a relation phrase.
 TEMPLATES = (
     "a {a} {rel} a {b}",
@@ -76,12 +101,12 @@ _REL_WORD = {"left": "left", "right": "right", "above": "above", "over": "above"
 def vocabulary() -> list[str]:
     """Every word a clean or noisy-but-grammatical caption can use (sorted)."""
     words: set[str] = set(COLOURS)
-    for group in (SHAPE_WORDS, SIZE_WORDS, RELATION_PHRASES):
+    for group in (SHAPE_WORDS, SIZE_WORDS, RELATION_PHRASES, POSITION_PHRASES):
         for values in group.values():
             for v in values:
                 words.update(v.split())
-    for t in TEMPLATES + PARTIAL_TEMPLATES:
-        words.update(w for w in t.replace("{a}", "").replace("{b}", "").replace("{rel}", "").split())
+    for t in TEMPLATES + PARTIAL_TEMPLATES + POSITION_TEMPLATES:
+        words.update(w for w in t.replace("{a}", "").replace("{b}", "").replace("{rel}", "").replace("{pos}", "").split())
     words.add("an")
     return sorted(words)
 
@@ -97,9 +122,10 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """Two objects; ``objects[0] <relation> objects[1]`` holds unambiguously."""
+    """Two objects, ``objects[0] <relation> objects[1]`` holding unambiguously; or one object,
+    with ``relation`` its position (one of :data:`POSITIONS`)."""
 
-    objects: tuple[SceneObject, SceneObject]
+    objects: tuple[SceneObject, ...]
     relation: str
     background: tuple[int, int, int]
 
@@ -113,6 +139,11 @@ class Scene:
         objs = tuple(SceneObject(o["colour"], o["shape"], o["size"], tuple(o["bbox"])) for o in d["objects"])
         return Scene(objs, d["relation"], tuple(d.get("background", (128, 128, 128))))  # type: ignore[arg-type]
 
+    @property
+    def single(self) -> bool:
+        """One object, placed at a position."""
+        return len(self.objects) == 1
+
 
 def holdout_pairs(seed: int, frac: float) -> frozenset[tuple[str, str]]:
     """The (colour, shape) pairs never shown in the web and human splits."""
@@ -123,9 +154,41 @@ def holdout_pairs(seed: int, frac: float) -> frozenset[tuple[str, str]]:
     return frozenset(pairs[i] for i in sorted(idx))
 
 
+def sample_single(rng: np.random.Generator, image_size: int,
+                  exclude: frozenset[tuple[str, str]] = frozenset()) -> Scene:
+    """A one-object scene: one object, not an excluded (colour, shape) pair, at one of five
+    positions (its centre a third of the way in from the named side, or the middle, with a
+    small jitter)."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    while True:
+        c, s = colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))]
+        if (c, s) not in exclude:
+            break
+    size = SIZES[rng.integers(2)]
+    position = POSITIONS[rng.integers(len(POSITIONS))]
+    scale = image_size / 48.0
+    px = max(4, int(round(SIZE_PX[size] * scale)))
+    margin = max(1, int(round(2 * scale)))
+    near, mid, far = 0.22 * image_size, 0.5 * image_size, 0.78 * image_size
+    cx, cy = {"left": (near, mid), "right": (far, mid), "top": (mid, near), "bottom": (mid, far),
+              "centre": (mid, mid)}[position]
+    jitter = int(3 * scale)
+    x0 = int(round(cx - px / 2)) + int(rng.integers(-jitter, jitter + 1))
+    y0 = int(round(cy - px / 2)) + int(rng.integers(-jitter, jitter + 1))
+    x0 = min(max(margin, x0), image_size - margin - px)
+    y0 = min(max(margin, y0), image_size - margin - px)
+    background = tuple(int(v) for v in rng.integers(90, 166, size=3))
+    return Scene((SceneObject(c, s, size, (x0, y0, x0 + px, y0 + px)),), position, background)  # type: ignore[arg-type]
+
+
 def sample_scene(rng: np.random.Generator, image_size: int,
-                 exclude: frozenset[tuple[str, str]] = frozenset()) -> Scene:
-    """Draw a random scene; no object uses an excluded (colour, shape) pair."""
+                 exclude: frozenset[tuple[str, str]] = frozenset(), objects: int = 2) -> Scene:
+    """Draw a random scene of ``objects`` (1 or 2) objects; none uses an excluded (colour,
+    shape) pair."""
+    if objects == 1:
+        return sample_single(rng, image_size, exclude)
+    if objects != 2:
+        raise ValueError(f"objects must be 1 or 2, not {objects}")
     colours, shapes = list(COLOURS), list(SHAPES)
     objs: list[tuple[str, str, str]] = []
     while len(objs) < 2:
@@ -224,6 +287,11 @@ def _fix_articles(text: str) -> str:
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A random true caption of ``scene`` (either object may come first)."""
+    if scene.single:
+        template = POSITION_TEMPLATES[rng.integers(len(POSITION_TEMPLATES))]
+        phrases = POSITION_PHRASES[scene.relation]
+        return _fix_articles(template.format(a=object_phrase(scene.objects[0], rng),
+                                             pos=phrases[rng.integers(len(phrases))]))
     a, b, rel = scene.objects[0], scene.objects[1], scene.relation
     if rng.random() < 0.5:
         a, b, rel = b, a, INVERSE[rel]
@@ -235,8 +303,8 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def partial_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption that describes only one of the two objects."""
-    obj = scene.objects[int(rng.integers(2))]
+    """A caption that describes only one of the two objects (one object: not where it is)."""
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
     template = PARTIAL_TEMPLATES[rng.integers(len(PARTIAL_TEMPLATES))]
     return _fix_articles(template.format(a=object_phrase(obj, rng)))
 
@@ -249,15 +317,16 @@ def corrupt_attribute(scene: Scene, rng: np.random.Generator,
         wrong, attr = _corrupt_once(scene, rng)
         if not any((o.colour, o.shape) in exclude for o in wrong.objects):
             return wrong, attr
-    return Scene(scene.objects, INVERSE[scene.relation], scene.background), "relation"
+    wrong_rel = ([p for p in POSITIONS if p != scene.relation][0] if scene.single else INVERSE[scene.relation])
+    return Scene(scene.objects, wrong_rel, scene.background), "relation"
 
 
 def _corrupt_once(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
     attr = ("colour", "shape", "size", "relation")[rng.integers(4)]
     if attr == "relation":
-        others = [r for r in RELATIONS if r != scene.relation]
-        return Scene(scene.objects, others[rng.integers(3)], scene.background), attr
-    i = int(rng.integers(2))
+        others = [r for r in (POSITIONS if scene.single else RELATIONS) if r != scene.relation]
+        return Scene(scene.objects, others[rng.integers(len(others))], scene.background), attr
+    i = int(rng.integers(len(scene.objects)))
     objs = list(scene.objects)
     o = objs[i]
     if attr == "colour":
@@ -268,7 +337,7 @@ def _corrupt_once(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
         objs[i] = SceneObject(o.colour, choices[rng.integers(len(choices))], o.size, o.bbox)
     else:
         objs[i] = SceneObject(o.colour, o.shape, "large" if o.size == "small" else "small", o.bbox)
-    return Scene((objs[0], objs[1]), scene.relation, scene.background), attr
+    return Scene(tuple(objs), scene.relation, scene.background), attr
 
 
 # --------------------------------------------------------------------------- checking
@@ -330,6 +399,8 @@ def check_caption(text: str, scene: Scene | str) -> dict[str, Optional[bool]]:
     """
     if isinstance(scene, str):
         scene = Scene.from_json(scene)
+    if scene.single:
+        return _check_single(text, scene)
     first, second, relation = parse_caption(text)
     mentions = [m for m in (first, second) if not m.empty()]
     o0, o1 = scene.objects
@@ -353,5 +424,22 @@ def check_caption(text: str, scene: Scene | str) -> dict[str, Optional[bool]]:
         result[attr] = None if not stated else all(a == b for a, b in stated)
     result["relation"] = None if relation is None or len(mentions) < 2 else relation == truth_rel
     complete = (len(mentions) == 2 and all(m.colour and m.shape for m, _ in pairs) and relation is not None)
+    result["all"] = bool(complete and all(v is not False for v in result.values()))
+    return result
+
+
+def _check_single(text: str, scene: Scene) -> dict[str, Optional[bool]]:
+    """:func:`check_caption` for a one-object scene: ``relation`` scores the stated position;
+    ``all`` needs colour, shape and position stated and everything stated true."""
+    words = _words(text)
+    m = _mention(words)
+    position = next((_POS_WORD[w] for w in words if w in _POS_WORD), None)
+    o = scene.objects[0]
+    result: dict[str, Optional[bool]] = {}
+    for attr in ("colour", "shape", "size"):
+        v = getattr(m, attr)
+        result[attr] = None if v is None else v == getattr(o, attr)
+    result["relation"] = None if position is None else position == scene.relation
+    complete = bool(m.colour and m.shape and position is not None)
     result["all"] = bool(complete and all(v is not False for v in result.values()))
     return result

@@ -1,7 +1,8 @@
 """`vlp` sub-commands of vlp_core.train (registered by vlp_core.cli).
 
-    vlp pretrain --train SRC [--train SRC ...] --out DIR [--init DIR]
-    vlp finetune --target captioner|filter --init DIR --train SRC [--train SRC ...] --out DIR
+    vlp pretrain --train SRC [--train SRC ...] --out DIR [--init DIR] [--fresh]
+    vlp finetune --target captioner|filter --init DIR --train SRC [--train SRC ...] --out DIR [--fresh]
+    vlp retrain --train SRC [--train SRC ...] --base DIR --out DIR [--fresh]
     vlp evaluate --model DIR --test SRC [--ground-truth W/ground_truth.parquet] --out DIR
 
 ``SRC`` is ``path[:source]`` with source one of web|synthetic|human (default web): an ingest
@@ -40,7 +41,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from vlp_core.cli import load_params_from_args
     from vlp_core.train.loop import run_pretrain
 
-    stats = run_pretrain(load_params_from_args(args), _sources(args.train), args.out, init_from=args.init)
+    stats = run_pretrain(load_params_from_args(args), _sources(args.train), args.out, init_from=args.init,
+                         fresh=args.fresh)
     _print_stats(stats)
     return 0
 
@@ -49,7 +51,17 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from vlp_core.cli import load_params_from_args
     from vlp_core.train.loop import run_finetune
 
-    stats = run_finetune(load_params_from_args(args), args.target, _sources(args.train), args.init, args.out)
+    stats = run_finetune(load_params_from_args(args), args.target, _sources(args.train), args.init, args.out,
+                         fresh=args.fresh)
+    _print_stats(stats)
+    return 0
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from vlp_core.cli import load_params_from_args
+    from vlp_core.train.loop import run_retrain
+
+    stats = run_retrain(load_params_from_args(args), _sources(args.train), args.base, args.out, fresh=args.fresh)
     _print_stats(stats)
     return 0
 
@@ -66,11 +78,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``pretrain``, ``finetune`` and ``evaluate``."""
+    fresh_help = ("delete the out folder's checkpoint and model first (a rerun otherwise resumes, and only "
+                  "when the settings, sources and model are those the checkpoint was trained with)")
     src_help = "training pairs: path[:web|synthetic|human] (manifest, corpus or world URL list); repeatable"
     p = subparsers.add_parser("pretrain", help="pretrain the BLIP MED model (ITC + ITM + LM)")
     p.add_argument("--train", action="append", required=True, metavar="SRC", help=src_help)
     p.add_argument("--out", required=True, help="output folder (model/, checkpoint/, loss.csv, stats.json)")
     p.add_argument("--init", default=None, help="start from this model folder (default: model.init_from or new)")
+    p.add_argument("--fresh", action="store_true", help=fresh_help)
     _add_params(p)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -79,8 +94,18 @@ def register(subparsers) -> None:
     p.add_argument("--init", required=True, help="the model folder to start from")
     p.add_argument("--train", action="append", required=True, metavar="SRC", help=src_help)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--fresh", action="store_true", help=fresh_help)
     _add_params(p)
     p.set_defaults(func=_cmd_finetune)
+
+    p = subparsers.add_parser("retrain", help="retrain on a bootstrapped corpus: from scratch, or continuing the "
+                                              "round's base model (retrain.init)")
+    p.add_argument("--train", action="append", required=True, metavar="SRC", help=src_help)
+    p.add_argument("--base", default=None, help="the round's base model (used when retrain.init is continue)")
+    p.add_argument("--out", required=True, help="output folder (model/, checkpoint/, loss.csv, stats.json)")
+    p.add_argument("--fresh", action="store_true", help=fresh_help)
+    _add_params(p)
+    p.set_defaults(func=_cmd_retrain)
 
     p = subparsers.add_parser("evaluate", help="retrieval R@k (ITC + ITM re-rank), ITM accuracy, BLEU-4, CIDEr")
     p.add_argument("--model", required=True, help="the model folder")

@@ -16,18 +16,24 @@ Outputs under ``out_dir``::
     stats.json                   StageStats
 
 A rerun resumes from ``checkpoint/`` and gives the same final weights as an uninterrupted run
-(data order is a pure function of (seed, epoch), and the RNG state is restored).
+(data order is a pure function of (seed, epoch), and the RNG state is restored).  It resumes
+only when the run's fingerprint (:func:`train_fingerprint`: stage, settings, sources and a
+hash of their Parquet files, model) is the checkpoint's; else it stops with one line saying
+what differs (``fresh=True`` / ``--fresh`` starts over).  ``stats.json`` records it too.
 
 Scale: launched by ``torchrun`` (``WORLD_SIZE > 1``) it initialises ``gloo`` (CPU) or
 ``nccl`` (CUDA), gives each rank its share of every batch (``batch_size`` is the *global*
 batch) and wraps the model in DDP; the model's ITC gathers features across ranks.  Only rank
-0 writes files.  On CUDA the forward pass runs under bf16 autocast.
+0 writes files.  The forward pass runs under bf16 autocast where ``model.precision`` says so
+(:mod:`vlp_core.precision`: by default on CUDA and on CPUs with native bf16).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -41,8 +47,10 @@ import torch
 from tqdm import tqdm
 
 from vlp_core.config import Params, TrainParams
+from vlp_core.env import keep_freed_memory
 from vlp_core.errors import VlpError
 from vlp_core.io import StageStats, atomic_path
+from vlp_core.precision import use_bf16
 from vlp_core.train.data import PairDataset, Source, decode_pairs, epoch_batches, get_batch, load_pairs
 from vlp_core.train.schedule import make_scheduler
 
@@ -94,6 +102,7 @@ def set_entry_threads() -> None:
     total = int(os.environ.get("TORCH_NUM_THREADS", "2"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, total // max(1, local_world)))
+    keep_freed_memory()  # glibc: no unmap/page-fault churn of the step's buffers (vlp_core.env)
 
 
 def seed_everything(seed: int) -> None:
@@ -207,6 +216,95 @@ def _save_final(out_dir: Path, model) -> None:
     os.replace(tmp, final)
 
 
+def _clear_outputs(out_dir: Path) -> None:
+    """``fresh=True``: remove what an earlier run left (checkpoint, model, loss log, stats)."""
+    for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old", f".{CHECKPOINT_DIR}.tmp", MODEL_DIR, f".{MODEL_DIR}.tmp"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in (LOSS_CSV, STATS_JSON):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- fingerprint
+# TrainParams fields that do not change the trained weights
+FINGERPRINT_IGNORES = ("checkpoint_every", "log_every", "num_workers")
+STATS_JSON = "stats.json"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def train_fingerprint(stage: str, section: str, tp: TrainParams, sources: Sequence[Source],
+                      model_inputs: dict[str, Any]) -> dict[str, Any]:
+    """What a run's weights depend on, as a flat dict: the stage, the settings of ``section``
+    (all but :data:`FINGERPRINT_IGNORES`), the sources (path:label) and a sha256 of every
+    Parquet file they read, and the model inputs (arch and tokenizer, or the init model)."""
+    from vlp_core.train.data import source_files
+
+    fp: dict[str, Any] = {"stage": stage}
+    for f in dataclasses.fields(tp):
+        if f.name not in FINGERPRINT_IGNORES:
+            fp[f"{section}.{f.name}"] = getattr(tp, f.name)
+    fp["sources"] = [f"{os.path.normpath(str(p))}:{n}" for p, n in sources]
+    for p, _ in sources:
+        for file in source_files(p):
+            fp[f"data {os.path.normpath(str(file))}"] = _file_sha256(file)
+    fp.update(model_inputs)
+    return fp
+
+
+def fingerprint_sha256(fp: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs, one short phrase per key (``pretrain.lr 0.001 -> 0.002``)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key.startswith("data "):
+            what = "is new" if a is None else "is gone" if b is None else "changed"
+            out.append(f"{key[5:]} {what}")
+        elif key == "sources":
+            out.append(f"sources {', '.join(a or [])} -> {', '.join(b or [])}")
+        else:
+            out.append(f"{key} {a} -> {b}")
+    return out
+
+
+def _check_fingerprint(out_dir: Path, what: str, old: Optional[dict[str, Any]], new: dict[str, Any]) -> None:
+    """Raise :class:`TrainError` (one line) unless ``old`` (from the checkpoint or the finished
+    run's stats) is ``new``."""
+    if old is None:
+        raise TrainError(f"{out_dir}: the {what} has no training fingerprint (an older vlp wrote it), so it "
+                         f"cannot be checked against these settings; rerun with a fresh out dir or --fresh")
+    diff = _fingerprint_diff(old, new)
+    if diff:
+        shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+        raise TrainError(f"{out_dir}: the {what} was trained with other settings ({shown}); "
+                         f"rerun with a fresh out dir or --fresh")
+
+
+def _finished_fingerprint(out_dir: Path) -> tuple[bool, Optional[dict[str, Any]]]:
+    """``(True, fingerprint or None)`` when ``out_dir`` holds a finished run (model/ and
+    stats.json), else ``(False, None)``."""
+    stats = out_dir / STATS_JSON
+    if not (out_dir / MODEL_DIR).is_dir() or not stats.is_file():
+        return False, None
+    try:
+        extra = json.loads(stats.read_text()).get("extra") or {}
+    except (OSError, ValueError, AttributeError):
+        return True, None
+    fp = extra.get("fingerprint_inputs")
+    return True, fp if isinstance(fp, dict) else None
+
+
 # --------------------------------------------------------------------------- loss log
 class LossLog:
     """``loss.csv``: one row per log window (means over the window), appended as it goes.
@@ -246,34 +344,55 @@ class LossLog:
 
 # --------------------------------------------------------------------------- the loop
 def _train(stage: str, params: Params, tp: TrainParams, sources: Sequence[Source], out_dir: str | Path,
-           build_model, stop_after_step: Optional[int]) -> StageStats:
+           build_model, stop_after_step: Optional[int], *, section: Optional[str] = None,
+           model_inputs: Optional[dict[str, Any]] = None, fresh: bool = False) -> StageStats:
     set_entry_threads()
     dist = setup_distributed()
     before = torch.are_deterministic_algorithms_enabled()
     if dist.device.type == "cpu":
         # CPU index_put/scatter backward (ITM hard negatives) is otherwise not bit-reproducible
         torch.use_deterministic_algorithms(True)
+    out_dir = Path(out_dir)
+    existed = out_dir.exists()
     try:
-        return _train_run(stage, tp, sources, Path(out_dir), build_model, stop_after_step, dist)
+        bf16 = use_bf16(params.model.precision, dist.device)
+        inputs = {**(model_inputs or {}), "precision": "bf16" if bf16 else "fp32"}
+        return _train_run(stage, tp, sources, out_dir, build_model, stop_after_step, dist,
+                          section=section or stage, model_inputs=inputs, fresh=fresh, bf16=bf16)
+    except BaseException:
+        if not existed and dist.is_main and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a run that failed before writing anything leaves no empty folder
+        raise
     finally:
         torch.use_deterministic_algorithms(before)
 
 
 def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: Path, build_model,
-               stop_after_step: Optional[int], dist: DistInfo) -> StageStats:
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+               stop_after_step: Optional[int], dist: DistInfo, *, section: str, model_inputs: dict[str, Any],
+               fresh: bool = False, bf16: bool = False) -> StageStats:
     t0 = time.perf_counter()
     seed_everything(tp.seed)
 
     table = load_pairs(sources)
+    fingerprint = train_fingerprint(stage, section, tp, sources, model_inputs)
+    if dist.is_main:
+        if fresh:
+            _clear_outputs(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if fresh and dist.enabled:
+        torch.distributed.barrier()
     ckpt = _find_checkpoint(out_dir)
     state: Optional[dict[str, Any]] = None
     if ckpt is not None:
-        model = _load_model(ckpt / MODEL_DIR)
+        # resume only what these inputs would train (else: one line saying what differs)
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
+        _check_fingerprint(out_dir, "checkpoint", state.get("fingerprint"), fingerprint)
+        model = _load_model(ckpt / MODEL_DIR)
         model.load_state_dict(state["model"])
     else:
+        finished, old = _finished_fingerprint(out_dir)
+        if finished and old is not None:  # model/ without checkpoint/: it must be this run's
+            _check_fingerprint(out_dir, "model", old, fingerprint)
         model = build_model(table)
     data = decode_pairs(table, _image_size(model))
     dataset = PairDataset(data)
@@ -306,8 +425,7 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             broadcast_buffers=True, find_unused_parameters=any(w == 0 for w in weights.values()))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
     log = LossLog(out_dir / LOSS_CSV, start, dist.is_main)
     last = stop_after_step if stop_after_step is not None else tp.steps
     last = min(last, tp.steps)
@@ -339,7 +457,8 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
             if dist.enabled:
                 _sync_buffers(model)
             if dist.is_main:
-                _save_checkpoint(out_dir, model, optimizer, scheduler, done, {"stage": stage})
+                _save_checkpoint(out_dir, model, optimizer, scheduler, done,
+                                 {"stage": stage, "fingerprint": fingerprint})
             if dist.enabled:
                 torch.distributed.barrier()
         bar.update(1)
@@ -357,6 +476,7 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         "train_seconds": round(loop_s, 3), "world_size": dist.world_size, "images": int(len(data.images)),
         "final_losses": {k: round(v, 6) for k, v in means.items()},
         "sources": [[str(p), n] for p, n in sources],
+        "fingerprint": fingerprint_sha256(fingerprint), "fingerprint_inputs": fingerprint,
     }
     param_hashes, hashes = [state_sha256(model, params_only=True)], [state_sha256(model)]
     if dist.enabled:
@@ -378,35 +498,90 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
 
 
 def run_pretrain(params: Params, sources: Sequence[Source], out_dir: str | Path,
-                 init_from: Optional[str | Path] = None, *, stop_after_step: Optional[int] = None) -> StageStats:
+                 init_from: Optional[str | Path] = None, *, stop_after_step: Optional[int] = None,
+                 fresh: bool = False) -> StageStats:
     """Pretrain on ``sources`` with ``params.pretrain`` (ITC + ITM + LM).
 
     The model starts from ``init_from`` (or ``params.model.init_from``) when given, else it
     is created from ``params.model.arch``; with ``params.model.tokenizer`` unset, a WordPiece
     tokenizer is trained offline on the source captions.  ``stop_after_step`` ends the run
-    early after checkpointing (as if interrupted); a rerun resumes from there.
+    early after checkpointing (as if interrupted); a rerun resumes from there, but only when
+    its fingerprint (settings, sources and their content, model) matches the checkpoint's,
+    else :class:`TrainError`.  ``fresh`` deletes an earlier run's checkpoint and model first.
     """
     init = init_from or params.model.init_from
+    mp = params.model
+    model_inputs: dict[str, Any] = ({"model.init_from": os.path.normpath(str(init))} if init else
+                                    {"model.arch": mp.arch, "model.max_text_len": mp.max_text_len})
+    if not init:  # vocab_size only matters for a tokenizer trained here
+        model_inputs.update({"model.tokenizer": mp.tokenizer} if mp.tokenizer else {"model.vocab_size": mp.vocab_size})
 
     def build(table):
         if init:
             return _load_model(init)
         return _new_model(params, [t for t in table["text"].to_pylist() if t and t.strip()])
 
-    return _train("pretrain", params, params.pretrain, sources, out_dir, build, stop_after_step)
+    return _train("pretrain", params, params.pretrain, sources, out_dir, build, stop_after_step,
+                  section="pretrain", model_inputs=model_inputs, fresh=fresh)
+
+
+def in_fresh_process(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a fresh (spawned) Python process; returns its result and
+    re-raises its exception.
+
+    Why: a training run started late in a long-lived process -- a Prefect flow after CapFilt
+    ran its shard tasks in worker threads -- ran at 106-131 samples/s where the same run
+    alone ran at 167-207 (the demo, 2 cores); a spawned child costs a few seconds of imports
+    and trains at full speed.  Used for the retrains and the comparison's arms."""
+    import concurrent.futures
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:  # e.g. a Dask worker: it may not have children
+        return fn(*args, **kwargs)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(fn, *args, **kwargs).result()
+
+
+def retrain_settings(params: Params) -> TrainParams:
+    """The training settings of a retrain: ``pretrain``'s, with ``retrain``'s steps, lr and
+    warm-up when it continues a base model (:class:`vlp_core.config.RetrainParams`)."""
+    r, tp = params.retrain, params.pretrain
+    if r.init == "scratch":
+        return tp
+    changes = {k: v for k, v in (("steps", r.steps), ("lr", r.lr), ("warmup_steps", r.warmup_steps)) if v is not None}
+    return dataclasses.replace(tp, **changes)
+
+
+def run_retrain(params: Params, sources: Sequence[Source], base_model: Optional[str | Path], out_dir: str | Path,
+                *, stop_after_step: Optional[int] = None, fresh: bool = False) -> StageStats:
+    """Retrain on a bootstrapped corpus (or a control's corpus), as ``params.retrain`` says:
+
+    * ``init: scratch`` (BLIP's recipe): a fresh model, exactly :func:`run_pretrain`;
+    * ``init: continue``: ``base_model`` (the round's starting model) trained on for
+      :func:`retrain_settings`' steps -- cheaper, and every arm of a comparison then starts
+      from the same weights."""
+    if params.retrain.init == "scratch":
+        return run_pretrain(params, sources, out_dir, stop_after_step=stop_after_step, fresh=fresh)
+    if base_model is None:
+        raise TrainError("retrain.init is continue, but no base model was given")
+    tp = retrain_settings(params)
+    return _train("retrain", params, tp, sources, out_dir, lambda table: _load_model(base_model), stop_after_step,
+                  section="retrain", model_inputs={"model.init_from": os.path.normpath(str(base_model))}, fresh=fresh)
 
 
 def run_finetune(params: Params, target: Target, sources: Sequence[Source], init_from: str | Path,
-                 out_dir: str | Path, *, stop_after_step: Optional[int] = None) -> StageStats:
+                 out_dir: str | Path, *, stop_after_step: Optional[int] = None, fresh: bool = False) -> StageStats:
     """Fine-tune the model at ``init_from`` into the captioner (LM loss, weights from
     ``params.finetune.captioner``) or the filter (ITC + ITM, ``params.finetune.filter``).
-    The tokenizer is the init model's."""
+    The tokenizer is the init model's.  Resume and ``fresh`` as :func:`run_pretrain`."""
     if target not in ("captioner", "filter"):
         raise TrainError(f"unknown fine-tune target {target!r} (captioner or filter)")
     tp: TrainParams = getattr(params.finetune, target)
     return _train(f"finetune_{target}", params, tp, sources, out_dir, lambda table: _load_model(init_from),
-                  stop_after_step)
+                  stop_after_step, section=f"finetune.{target}",
+                  model_inputs={"model.init_from": os.path.normpath(str(init_from))}, fresh=fresh)
 
 
-__all__ = ["DistInfo", "LossLog", "TrainError", "run_finetune", "run_pretrain", "setup_distributed", "state_sha256"]
+__all__ = ["DistInfo", "LossLog", "TrainError", "fingerprint_sha256", "in_fresh_process", "retrain_settings", "run_finetune", "run_pretrain", "run_retrain",
+           "setup_distributed", "state_sha256", "train_fingerprint"]
 

@@ -1,0 +1,54 @@
+"""Numeric precision: when to run under bf16 autocast (``model.precision``).
+
+``auto`` turns bf16 autocast on for CUDA and for CPUs with native bf16 instructions
+(AMX-BF16 or AVX512-BF16, read from ``/proc/cpuinfo``), and leaves fp32 elsewhere;
+``fp32`` and ``bf16`` force either.  Measured (see README *Benchmarks*): on a CPU with
+AMX-BF16, bf16 made a ``blip-base`` image encode 4.0x faster and a training step 2.5x; on
+this project's AVX512-BF16 CI machine the ``tiny`` arch's training step was 1.3x faster.
+Weights stay fp32 (autocast only lowers the matmuls), so checkpoints do not change format.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AMX-BF16 or AVX512-BF16)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return any(f in flags for f in BF16_CPU_FLAGS)
+    return False
+
+
+def use_bf16(precision: str, device: torch.device | str) -> bool:
+    """Whether ``precision`` (auto | fp32 | bf16) means bf16 autocast on ``device``."""
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and cpu_has_bf16())
+
+
+def autocast(precision: str, device: torch.device | str) -> ContextManager:
+    """bf16 autocast on ``device`` when :func:`use_bf16` says so, else a no-op context."""
+    kind = torch.device(device).type
+    if use_bf16(precision, device):
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+__all__ = ["autocast", "cpu_has_bf16", "use_bf16"]
