@@ -36,7 +36,7 @@ def test_prepare_demo_repo_makes_its_own_git_dvc_repo_once(tmp_path):
     assert load_params(root / "params.yaml").synthetic.objects == 1
     head = V.git(["rev-parse", "HEAD"], root).stdout.strip()
     # a second call changes nothing, and keeps a params.yaml the user edited
-    edited = (root / "params.yaml").read_text().replace("n_web: 6000", "n_web: 500")
+    edited = (root / "params.yaml").read_text().replace("n_web: 5000", "n_web: 500")
     (root / "params.yaml").write_text(edited)
     prepare_demo_repo(root)
     assert (root / "params.yaml").read_text() == edited
