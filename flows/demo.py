@@ -224,7 +224,14 @@ def run_demo(params_path: str = "params.yaml", overrides: Sequence[str] = (), wo
              rounds: Optional[int] = None, port: int = 8765, controls: bool = True) -> dict:
     """Prepare the demo's repo in ``workdir`` (:func:`prepare_demo_repo`, its params.yaml from
     ``params_path`` + ``flows/demo.yaml``) and run :func:`demo_flow` there."""
-    prepare_demo_repo(workdir, params_path)
+    base = Path(params_path)
+    if not base.exists() and params_path == "params.yaml":
+        base = PROJECT / "params.yaml"  # run from elsewhere: the platform's own settings
+    elif not base.exists():
+        from vlp_core.config import ConfigError
+
+        raise ConfigError(params_path, "<file>", "file not found")
+    prepare_demo_repo(workdir, base)
     params_path = "params.yaml"  # the demo repo's own, relative to workdir
     with in_workdir(workdir):
         params = load_params(params_path, list(demo_overrides(overrides)))

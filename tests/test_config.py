@@ -123,3 +123,10 @@ def test_cli_refuses_impossible_settings_in_one_line(capsys):
 
 def test_query_timeout_is_a_setting():
     assert load_params("params.yaml").catalog.query_timeout_seconds == 60
+
+
+def test_demo_world_and_retrain_settings_are_bounded():
+    for override in ("synthetic.objects=3", "retrain.steps=0", "retrain.lr=0", "retrain.warmup_steps=-1"):
+        with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+            load_params("params.yaml", [override])
+    assert load_params("params.yaml", ["synthetic.objects=1", "retrain.init=continue"]).retrain.init == "continue"

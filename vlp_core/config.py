@@ -306,7 +306,7 @@ def _build(cls: type, data: Any, source: str, prefix: str, origins: Optional[dic
 # Impossible numbers are refused when the settings load (one line: file, key, bound), not
 # deep inside a stage.  Each bound: ">= 0", "> 0", "[0, 1]", "(0, 1]", "[0, 1)".
 _BOUNDS: dict[str, dict[str, str]] = {
-    "SyntheticParams": {"seed": ">= 0", "image_size": ">= 8", "n_web": ">= 0", "n_human": ">= 0", "n_test": ">= 0",
+    "SyntheticParams": {"seed": ">= 0", "objects": "[1, 2]", "image_size": ">= 8", "n_web": ">= 0", "n_human": ">= 0", "n_test": ">= 0",
                         "noise_rate": "[0, 1]", "holdout_frac": "[0, 1)", "fail_rate": "[0, 1]",
                         "jpeg_quality": "[1, 100]"},
     "IngestParams": {"image_size": ">= 1", "encode_quality": "[0, 100]", "number_sample_per_shard": ">= 1",
@@ -317,6 +317,7 @@ _BOUNDS: dict[str, dict[str, str]] = {
                     "warmup_steps": ">= 0", "seed": ">= 0", "alpha": "[0, 1]", "itc_weight": ">= 0",
                     "itm_weight": ">= 0", "lm_weight": ">= 0", "checkpoint_every": ">= 1", "log_every": ">= 1",
                     "num_workers": ">= 0"},
+    "RetrainParams": {"steps": ">= 1", "lr": "> 0", "warmup_steps": ">= 0"},
     "CapfiltParams": {"num_captions": ">= 0", "top_p": "(0, 1]", "num_beams": ">= 1", "max_length": ">= 1",
                       "min_length": ">= 0", "itm_threshold": "[0, 1]", "calibrate_percentile": "[0, 100]",
                       "itc_prescreen": "[-1, 1]", "keep_top": ">= 1", "batch_size": ">= 1", "seed": ">= 0"},

@@ -9,10 +9,8 @@ Weights stay fp32 (autocast only lowers the matmuls), so checkpoints do not chan
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from pathlib import Path
-from typing import ContextManager
 
 import torch
 
@@ -43,12 +41,4 @@ def use_bf16(precision: str, device: torch.device | str) -> bool:
     return kind == "cuda" or (kind == "cpu" and cpu_has_bf16())
 
 
-def autocast(precision: str, device: torch.device | str) -> ContextManager:
-    """bf16 autocast on ``device`` when :func:`use_bf16` says so, else a no-op context."""
-    kind = torch.device(device).type
-    if use_bf16(precision, device):
-        return torch.autocast(kind, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-__all__ = ["autocast", "cpu_has_bf16", "use_bf16"]
+__all__ = ["cpu_has_bf16", "use_bf16"]
