@@ -101,6 +101,10 @@ class TrainParams:
     itc_weight: float = 1.0
     itm_weight: float = 1.0
     lm_weight: float = 1.0
+    # the share of pairs given a compositional hard negative text for ITM and ITC (train/hardneg.py):
+    # the caption with two content words swapped or one replaced by a word that keeps the same
+    # company in the corpus; 0 = BLIP's ITM (negatives mined from the batch only)
+    hard_negatives: float = 0.0
     checkpoint_every: int = 200
     log_every: int = 10
     num_workers: int = 0
@@ -315,7 +319,7 @@ _BOUNDS: dict[str, dict[str, str]] = {
     "ModelParams": {"vocab_size": ">= 8", "max_text_len": ">= 4"},
     "TrainParams": {"steps": ">= 1", "batch_size": ">= 2", "lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0",
                     "warmup_steps": ">= 0", "seed": ">= 0", "alpha": "[0, 1]", "itc_weight": ">= 0",
-                    "itm_weight": ">= 0", "lm_weight": ">= 0", "checkpoint_every": ">= 1", "log_every": ">= 1",
+                    "itm_weight": ">= 0", "lm_weight": ">= 0", "hard_negatives": "[0, 1]", "checkpoint_every": ">= 1", "log_every": ">= 1",
                     "num_workers": ">= 0"},
     "RetrainParams": {"steps": ">= 1", "lr": "> 0", "warmup_steps": ">= 0"},
     "CapfiltParams": {"num_captions": ">= 0", "top_p": "(0, 1]", "num_beams": ">= 1", "max_length": ">= 1",

@@ -287,10 +287,14 @@ class BlipMED(nn.Module):
 
     # ------------------------------------------------------------------ losses
     def forward(self, pixel_values: torch.Tensor, texts: Sequence[str], image_idx: Optional[torch.Tensor] = None,
-                alpha: float = 0.4, weights: Optional[dict[str, float]] = None) -> dict[str, torch.Tensor]:
+                alpha: float = 0.4, weights: Optional[dict[str, float]] = None,
+                hard_texts: Optional[Sequence[Optional[str]]] = None) -> dict[str, torch.Tensor]:
         """BLIP's pretraining objective.  ``image_idx (B,)`` identifies images (pairs that
-        share an image are positives for ITC and never ITM negatives).  Returns
-        ``{loss, itc, itm, lm}`` (a loss whose weight is 0 is skipped)."""
+        share an image are positives for ITC and never ITM negatives).  ``hard_texts``: per
+        pair, a compositional hard negative text (``vlp_core.train.hardneg``) or None; each one
+        is one more ITM negative with the pair's own image, and one more ITC text column (as
+        in NegCLIP).  Returns ``{loss, itc, itm, lm}``
+        (a loss whose weight is 0 is skipped)."""
         w = {"itc": 1.0, "itm": 1.0, "lm": 1.0, **(weights or {})}
         bs = pixel_values.shape[0]
         if image_idx is None:
@@ -329,6 +333,11 @@ class BlipMED(nn.Module):
                 sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
             sim_i2t = image_feat @ text_feat_m_all / self.temp  # (B, G+Q)
             sim_t2i = text_feat @ image_feat_m_all / self.temp
+            hard_rows = [i for i, t in enumerate(hard_texts or ()) if t]
+            if hard_rows:  # NegCLIP: the hard negative texts are more columns for every image, target 0
+                hard_feat = self.text_feat([hard_texts[i] for i in hard_rows])  # (H, E)
+                sim_i2t = torch.cat([sim_i2t, image_feat @ hard_feat.t() / self.temp], 1)
+                sim_i2t_targets = F.pad(sim_i2t_targets, (0, len(hard_rows)))
             loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
             loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
             out["itc"] = (loss_i2t + loss_t2i) / 2
@@ -369,9 +378,17 @@ class BlipMED(nn.Module):
             out_neg = self.text_encoder(input_ids=text_ids_all, attention_mask=text_atts_all,
                                         encoder_hidden_states=image_embeds_all, encoder_attention_mask=image_atts_all,
                                         is_decoder=False)
-            vl = torch.cat([out_pos.last_hidden_state[:, 0, :], out_neg.last_hidden_state[:, 0, :]], 0)  # (3B, H)
-            logits = self.itm_head(vl)
-            labels = torch.cat([torch.ones(bs), torch.zeros(2 * bs)]).long().to(logits.device)
+            vl = [out_pos.last_hidden_state[:, 0, :], out_neg.last_hidden_state[:, 0, :]]  # (3B, H)
+            rows = [i for i, t in enumerate(hard_texts or ()) if t]
+            if rows:  # the pair's own image with its text changed in one place
+                hard_ids, hard_mask = self.tokenize([hard_texts[i] for i in rows], "itm")
+                sel = torch.tensor(rows, device=image_embeds.device)
+                out_hard = self.text_encoder(input_ids=hard_ids, attention_mask=hard_mask,
+                                             encoder_hidden_states=image_embeds[sel],
+                                             encoder_attention_mask=image_atts[sel], is_decoder=False)
+                vl.append(out_hard.last_hidden_state[:, 0, :])
+            logits = self.itm_head(torch.cat(vl, 0))
+            labels = torch.cat([torch.ones(bs), torch.zeros(2 * bs + len(rows))]).long().to(logits.device)
             out["itm"] = F.cross_entropy(logits.float(), labels)
             loss = loss + w["itm"] * out["itm"]
 

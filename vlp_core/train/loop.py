@@ -52,6 +52,7 @@ from vlp_core.errors import VlpError
 from vlp_core.io import StageStats, atomic_path
 from vlp_core.precision import use_bf16
 from vlp_core.train.data import PairDataset, Source, decode_pairs, epoch_batches, get_batch, load_pairs
+from vlp_core.train.hardneg import HardNegatives
 from vlp_core.train.schedule import make_scheduler
 
 CHECKPOINT_DIR = "checkpoint"
@@ -420,6 +421,7 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         del state
 
     weights = {"itc": tp.itc_weight, "itm": tp.itm_weight, "lm": tp.lm_weight}
+    hard = HardNegatives(data.texts) if tp.hard_negatives > 0 and tp.itm_weight > 0 else None
     net = model
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -440,8 +442,9 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         image_idx = image_idx.to(dist.device)
         # BLIP ramps momentum distillation in over the first epoch
         alpha = tp.alpha * min(1.0, step / max(1, steps_per_epoch))
+        hard_texts = hard.batch(texts, tp.hard_negatives, tp.seed, step * dist.world_size + dist.rank) if hard else None
         with autocast:
-            out = net(pixel_values, texts, image_idx=image_idx, alpha=alpha, weights=weights)
+            out = net(pixel_values, texts, image_idx=image_idx, alpha=alpha, weights=weights, hard_texts=hard_texts)
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
