@@ -64,7 +64,7 @@ def main() -> int:
             "pretrain.seed": a.seed, "capfilt.keep_top": None}
     if a.decode == "beam":
         over["capfilt.num_beams"] = a.k
-    params = load_params(a.params, ["ingest.allow_private_network=true"]).replace(**over)
+    params = load_params(a.params).replace(**over)
     out = Path(a.out) / f"{a.models}_seed{a.seed}_{a.decode}{a.k}"
     t0 = time.perf_counter()
     run_capfilt(params, run / "ingest" / "web", rd / "captioner" / "model", rd / "filter" / "model", out,

@@ -89,6 +89,7 @@ def _ingest(params, world: Path, out: Path) -> dict[str, str]:
 
     dirs = {}
     with serve_world(world) as srv:
+        params = params.replace(**{"ingest.allowed_hosts": (srv.host_port,)})
         for split in ("web", "human", "test"):
             urls = write_url_list(world, split, srv.base_url, out / "urls" / f"{split}.parquet")
             d = out / "ingest" / split
@@ -143,7 +144,7 @@ def main() -> int:
     from vlp_core.config import load_params
     from vlp_core.synthetic.make import run_synthetic_make
 
-    base = load_params(a.params, ["ingest.allow_private_network=true", *a.overrides])
+    base = load_params(a.params, list(a.overrides))
     base = base.replace(**{"synthetic.n_web": a.n_web, "synthetic.n_human": a.n_human, "synthetic.n_test": a.n_test,
                            "pretrain.steps": a.steps, "finetune.captioner.steps": a.captioner_steps,
                            "finetune.filter.steps": a.finetune_steps, "pretrain.batch_size": a.batch,

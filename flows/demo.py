@@ -117,12 +117,11 @@ def write_urls_if_changed(layout: T.Layout, base_url: str) -> None:
             tmp.replace(target)
 
 
-DEMO_OVERRIDES = ("ingest.allow_private_network=true",)  # the demo's web is its own 127.0.0.1 server
-
-
-def demo_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
-    """The user's overrides plus the demo's own (theirs win: they come last)."""
-    return tuple(DEMO_OVERRIDES) + tuple(overrides)
+def allow_server(params: Params, host_port: str) -> Params:
+    """``params`` that may download from the demo's own server (``127.0.0.1:PORT``), the one host
+    not on the public network that the demo contacts."""
+    allowed = tuple(params.ingest.allowed_hosts)
+    return params if host_port in allowed else params.replace(**{"ingest.allowed_hosts": allowed + (host_port,)})
 
 
 def comparison_inputs(layout: T.Layout) -> Any:
@@ -179,7 +178,7 @@ def demo_flow(params_path: str = "params.yaml", overrides: Sequence[str] = (), w
     from vlp_core import versioning as V
     from vlp_core.synthetic.server import serve_world
 
-    overrides = demo_overrides(overrides)
+    overrides = tuple(overrides)
     with in_workdir(workdir):
         params = load_params(params_path, list(overrides))
         layout = T.Layout(Path("."), home=str(Path.cwd()))
@@ -189,6 +188,7 @@ def demo_flow(params_path: str = "params.yaml", overrides: Sequence[str] = (), w
         n = params.orchestration.rounds if rounds is None else rounds
         with serve_world(layout.world, port=port) as srv:
             write_urls_if_changed(layout, srv.base_url)
+            params = allow_server(params, srv.host_port)
             for k in range(n):
                 out[f"round{k}"] = run_round(params, layout, k, overridden=T.tracked_overrides(overrides))
         report = write_report_if_possible(params, layout)
@@ -234,7 +234,7 @@ def run_demo(params_path: str = "params.yaml", overrides: Sequence[str] = (), wo
     prepare_demo_repo(workdir, base)
     params_path = "params.yaml"  # the demo repo's own, relative to workdir
     with in_workdir(workdir):
-        params = load_params(params_path, list(demo_overrides(overrides)))
+        params = load_params(params_path, list(overrides))
         f = demo_flow.with_options(task_runner=task_runner_for(params))
         return f(params_path=params_path, overrides=tuple(overrides), workdir=".", rounds=rounds, port=port,
                  controls=controls)

@@ -94,8 +94,9 @@ class Layout:
 
 
 UNTRACKED_SECTIONS = ("orchestration",)  # how to run, not what is computed
-# policies dvc.yaml does not list (see its ingest stages): which hosts may be contacted
-UNTRACKED_KEYS = ("ingest.allow_private_network",)
+# policies dvc.yaml does not list (see its ingest stages): which hosts may be contacted, how
+# large an image may be decoded
+UNTRACKED_KEYS = ("ingest.allowed_hosts", "ingest.max_image_pixels")
 
 
 def tracked_overrides(overrides: Sequence[str]) -> bool:
@@ -141,13 +142,16 @@ def digest_path(path: str | Path) -> str:
 
 
 def params_subset(params: Params, sections: Sequence[str]) -> dict[str, Any]:
-    """The settings a stage reads, by dotted section (``finetune.captioner``)."""
+    """The settings a stage reads, by dotted section (``finetune.captioner``), without the
+    policies of :data:`UNTRACKED_KEYS` (which hosts may be contacted is not an input)."""
     out = {}
     plain = params.to_dict()
     for dotted in sections:
         cur: Any = plain
         for part in dotted.split("."):
             cur = cur[part]
+        if isinstance(cur, dict):
+            cur = {k: v for k, v in cur.items() if f"{dotted}.{k}" not in UNTRACKED_KEYS}
         out[dotted] = cur
     return out
 

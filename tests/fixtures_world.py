@@ -21,7 +21,6 @@ TINY_INGEST = {
     "ingest.processes_count": 1,
     "ingest.thread_count": 8,
     "ingest.number_sample_per_shard": 100,
-    "ingest.allow_private_network": True,
     "ingest.timeout": 5,
 }
 
@@ -42,10 +41,22 @@ def tiny_world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def world_server(tiny_world) -> Iterator[Any]:
+    """The tiny world on 127.0.0.1; while it runs, ``VLP_ALLOWED_HOSTS`` lets downloads (and the
+    subprocesses of the flow and deployment tests) reach it and nothing else on loopback."""
+    import os
+
     from vlp_core.synthetic.server import serve_world
 
     with serve_world(tiny_world) as srv:
-        yield srv
+        before = os.environ.get("VLP_ALLOWED_HOSTS")
+        os.environ["VLP_ALLOWED_HOSTS"] = srv.host_port
+        try:
+            yield srv
+        finally:
+            if before is None:
+                os.environ.pop("VLP_ALLOWED_HOSTS", None)
+            else:
+                os.environ["VLP_ALLOWED_HOSTS"] = before
 
 
 @pytest.fixture(scope="session")

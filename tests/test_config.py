@@ -35,8 +35,22 @@ def test_wrong_type_names_key_and_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_params(f)
     assert "pretrain.steps" in str(e.value) and str(f) in str(e.value)
-    with pytest.raises(ConfigError, match="ingest.allow_private_network"):
-        load_params(f, ["pretrain.steps=3", "ingest.allow_private_network=maybe"])
+    with pytest.raises(ConfigError, match="ingest.incremental"):
+        load_params(f, ["pretrain.steps=3", "ingest.incremental=maybe"])
+
+
+def test_network_policy_settings(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("ingest:\n  allow_private_network: true\n")
+    with pytest.raises(ConfigError, match="replaced by ingest.allowed_hosts"):
+        load_params(f)
+    p = load_params(None, ["ingest.allowed_hosts=[127.0.0.1:8765, 'images.example:443']"])
+    assert p.ingest.allowed_hosts == ("127.0.0.1:8765", "images.example:443")
+    for bad in ("[127.0.0.1]", "[127.0.0.1:99999]", "[:80]"):
+        with pytest.raises(ConfigError, match=r"ingest.allowed_hosts\[0\].*host:port"):
+            load_params(None, [f"ingest.allowed_hosts={bad}"])
+    with pytest.raises(ConfigError, match="ingest.max_image_pixels"):
+        load_params(None, ["ingest.max_image_pixels=0"])
 
 
 def test_bad_override_syntax():

@@ -169,7 +169,7 @@ def test_flow_resumes_and_dvc_status_is_clean(harness, dvc_repo):
     lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())["stages"]
     recorded = lock["ingest_web"]["params"]["params.yaml"]
     assert recorded["ingest.number_sample_per_shard"] == 100
-    assert "ingest.allow_private_network" not in recorded  # a network policy, not an input
+    assert "ingest.allowed_hosts" not in recorded  # a network policy, not an input
     assert set(V.dvc_lock_hashes(dvc_repo)) == {"ingest_web", "ingest_human", "ingest_test"}
 
     # the round's markdown artifact holds the stage stats

@@ -65,7 +65,7 @@ def cycled(tmp_path_factory, harness):
     root.mkdir()
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "vlp_core", root / "vlp_core", ignore=shutil.ignore_patterns("__pycache__"))
-    _params_yaml(root / "params.yaml", {"ingest.allow_private_network": False})  # the demo allows its own server
+    _params_yaml(root / "params.yaml", {})  # the demo allows its own server (ingest.allowed_hosts)
     (root / ".gitignore").write_text("/data/\n__pycache__/\n/report/\n")
     V.git(["init", "-q"], root)
     V.dvc(["init", "-q"], root)
@@ -142,8 +142,8 @@ def test_rerun_skips_everything(cycled):
     from flows.cycles import cycles_flow
 
     root, _ = cycled
-    # the demo's URLs are its own loopback server's: the same network policy as the demo
-    again = cycles_flow(rounds=2, workdir=str(root), overrides=("ingest.allow_private_network=true",))
+    # the network policy is not an input: the demo's allowed server does not change any stage
+    again = cycles_flow(rounds=2, workdir=str(root))
     for k in (0, 1):
         ran = [n for n, v in again[f"round{k}"].items() if isinstance(v, dict) and v.get("skipped") is False]
         assert ran == [], f"round {k} re-ran {ran}"
@@ -161,7 +161,6 @@ def test_capfilt_fanout_on_dask_equals_default(cycled, tmp_path):
     shutil.rmtree(copy / "data" / "round0" / "capfilt")
     (copy / "data" / ".flow" / "round0-capfilt.json").unlink()
     _params_yaml(copy / "params.yaml", {"orchestration.task_runner": "dask", "orchestration.dask_workers": 2,
-                                        "ingest.allow_private_network": True,
                                         "orchestration.dvc_commit": False, "orchestration.git_tag": False})
     params = load_params(copy / "params.yaml")
     runner = task_runner_for(params)

@@ -104,7 +104,8 @@ def test_every_status_in_one_list(tiny_world, world_server, tmp_path):
     assert df.caption[7] == "no url"  # captions are kept even when the row is refused
 
 
-def test_private_addresses_refused_without_any_request(tiny_world, world_server, tmp_path):
+def test_private_addresses_refused_without_any_request(tiny_world, world_server, tmp_path, monkeypatch):
+    monkeypatch.delenv("VLP_ALLOWED_HOSTS")  # nothing allowed: the world's own server is refused too
     base = world_server.base_url
     port = base.rsplit(":", 1)[1]
     marker = "/web/000003.jpg?refused-test="
@@ -115,27 +116,38 @@ def test_private_addresses_refused_without_any_request(tiny_world, world_server,
         f"http://10.0.0.7:{port}{marker}4",
         f"http://192.168.1.20{marker}5",
         f"http://169.254.169.254/latest/meta-data{marker}6",
+        f"http://localhost.:{port}{marker}7",
+        f"http://127.0.0.1.:{port}{marker}8",
+        f"http://100.64.0.1{marker}9",
+        f"http://[2002:7f00:1::1]:{port}{marker}10",
+        f"http://[::ffff:127.0.0.1]:{port}{marker}11",
     ]
     lst = tmp_path / "urls.txt"
     lst.write_text("\n".join(urls) + "\n")
     before = len(world_server.request_log)
-    stats = run_ingest(tiny_params(**{"ingest.allow_private_network": False}), lst, tmp_path / "out")
+    stats = run_ingest(tiny_params(), lst, tmp_path / "out")
     df = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pandas()
     assert stats.counts == {"refused_url": len(urls)}
-    assert all("allow_private_network" in r for r in df.reason)
+    assert all("not in ingest.allowed_hosts" in r for r in df.reason)
     assert "loopback" in df.reason[0] and "link-local" in df.reason[5] and "private" in df.reason[3]
+    assert "loopback" in df.reason[6] and "loopback" in df.reason[7] and "shared" in df.reason[8]
+    assert "embedding a loopback" in df.reason[9] and "embedding a loopback" in df.reason[10]
     time.sleep(0.2)
     assert not any("refused-test" in p for p in world_server.request_log[before:])
     assert world_server.requests_for(marker) == []
 
 
 def test_hostname_resolving_to_private_is_refused():
-    v = UrlValidator(allow_private_network=False, resolver=lambda host: ["10.1.2.3"])
+    v = UrlValidator(resolver=lambda host: ["10.1.2.3"])
     status, reason = v.check("http://intranet.example/a.jpg")
     assert status == "refused_url" and "resolves to private address 10.1.2.3" in reason
-    public = UrlValidator(allow_private_network=False, resolver=lambda host: ["93.184.216.34"])
+    public = UrlValidator(resolver=lambda host: ["93.184.216.34"])
     assert public.check("https://images.example/a.jpg") == (None, None)
-    assert UrlValidator(allow_private_network=True).check("http://127.0.0.1:1/x") == (None, None)
+    # an allowed host:port, and only that one
+    allowed = UrlValidator(allowed_hosts=frozenset({("127.0.0.1", 1)}))
+    assert allowed.check("http://127.0.0.1:1/x") == (None, None)
+    assert allowed.check("http://127.0.0.1:2/x")[0] == "refused_url"
+    assert allowed.check("http://127.0.0.1/x")[0] == "refused_url"  # port 80
 
 
 def test_normalise_caption():
@@ -250,7 +262,7 @@ def test_killed_run_resumes_without_missing_or_duplicate_rows(tiny_world, tmp_pa
     with serve_world(tiny_world, delay=0.03) as slow:
         urls = write_url_list(tiny_world, "web", slow.base_url, tmp_path / "web.parquet")
         args = VLP + ["ingest", "--urls", str(urls), "--out", str(out)]
-        for k, v in {**overrides, "ingest.allow_private_network": "true"}.items():
+        for k, v in {**overrides, "ingest.allowed_hosts": f"[{slow.host_port}]"}.items():
             args += ["-S", f"{k}={v}"]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,

@@ -67,7 +67,10 @@ class IngestParams:
     timeout: int = 10
     retries: int = 0
     incremental: bool = True
-    allow_private_network: bool = False
+    # host:port entries that may be contacted although they are not public addresses (the demo:
+    # its own 127.0.0.1 server); everything else must resolve to global addresses only
+    allowed_hosts: tuple[str, ...] = ()
+    max_image_pixels: int = 40_000_000  # width x height, read from the header before decoding
     max_caption_chars: int = 512
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
 
@@ -281,6 +284,8 @@ def _build(cls: type, data: Any, source: str, prefix: str, origins: Optional[dic
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if key in _REPLACED:
+            raise ConfigError(source, key, _REPLACED[key])
         raise ConfigError(source, key, f"unknown key (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, f in fields.items():
@@ -315,7 +320,7 @@ _BOUNDS: dict[str, dict[str, str]] = {
                         "jpeg_quality": "[1, 100]"},
     "IngestParams": {"image_size": ">= 1", "encode_quality": "[0, 100]", "number_sample_per_shard": ">= 1",
                      "processes_count": ">= 1", "thread_count": ">= 1", "timeout": "> 0", "retries": ">= 0",
-                     "max_caption_chars": ">= 1"},
+                     "max_caption_chars": ">= 1", "max_image_pixels": ">= 1"},
     "ModelParams": {"vocab_size": ">= 8", "max_text_len": ">= 4"},
     "TrainParams": {"steps": ">= 1", "batch_size": ">= 2", "lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0",
                     "warmup_steps": ">= 0", "seed": ">= 0", "alpha": "[0, 1]", "itc_weight": ">= 0",
@@ -331,6 +336,8 @@ _BOUNDS: dict[str, dict[str, str]] = {
     "OrchestrationParams": {"dask_workers": ">= 1", "retries": ">= 0", "retry_delay_seconds": ">= 0",
                             "network_timeout_seconds": "> 0", "rounds": ">= 0"},
 }
+_REPLACED = {"ingest.allow_private_network": "was replaced by ingest.allowed_hosts, a list of host:port "
+                                             "entries that may be contacted (e.g. [127.0.0.1:8765])"}
 _RANGE_RE = re.compile(r"^([\[(])\s*(\S+),\s*(\S+)\s*([\])])$")
 
 
@@ -368,7 +375,15 @@ def _capfilt_checks(kw: dict[str, Any], src, prefix: str) -> None:
                           f"must not exceed {prefix}.max_length ({kw['max_length']}), got {kw['min_length']}")
 
 
-_CROSS_CHECKS = {"TrainParams": (_train_checks,), "CapfiltParams": (_capfilt_checks,)}
+def _ingest_checks(kw: dict[str, Any], src, prefix: str) -> None:
+    for i, entry in enumerate(kw.get("allowed_hosts") or ()):
+        host, sep, port = str(entry).strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(src("allowed_hosts"), f"{prefix}.allowed_hosts[{i}]",
+                              f"must be host:port (e.g. 127.0.0.1:8765), got {entry!r}")
+
+
+_CROSS_CHECKS = {"TrainParams": (_train_checks,), "CapfiltParams": (_capfilt_checks,), "IngestParams": (_ingest_checks,)}
 
 
 def _coerce(typ: Any, value: Any, source: str, key: str) -> Any:

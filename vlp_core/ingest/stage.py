@@ -28,7 +28,7 @@ from vlp_core.config import IngestParams, Params
 from vlp_core.errors import VlpError
 from vlp_core.io import StageStats, Timer, read_json, write_json, write_parquet
 from vlp_core.ingest.reader import read_url_list
-from vlp_core.ingest.validate import validate_rows
+from vlp_core.ingest.validate import allowed_hosts, validate_rows
 from vlp_core.schema import INGEST_STATUSES, MANIFEST_SCHEMA, C
 
 SHARDS_DIR = "shards"
@@ -90,20 +90,23 @@ def _guard_resume(work: Path, shards: Path, fp: dict[str, Any], incremental: boo
 def _run_img2dataset(url_list: Path, shards: Path, ip: IngestParams) -> None:
     import img2dataset  # heavy: imported only when downloading
 
+    from vlp_core.ingest.workers import guarded_download
+
     previous = signal.getsignal(signal.SIGINT)
     try:
-        img2dataset.download(
-            url_list=str(url_list),
-            output_folder=str(shards),
-            input_format="parquet",
-            url_col=C.URL,
-            caption_col=C.CAPTION,
-            save_additional_columns=[C.ROW],
-            # "incremental" on a folder that _guard_resume emptied when ingest.incremental is off:
-            # img2dataset 1.47's own "overwrite" mode deletes its _tmp folder and then loops forever
-            incremental_mode="incremental",
-            **img2dataset_kwargs(ip),
-        )
+        with guarded_download(allowed_hosts(ip), ip.max_image_pixels):  # checked in every download process
+            img2dataset.download(
+                url_list=str(url_list),
+                output_folder=str(shards),
+                input_format="parquet",
+                url_col=C.URL,
+                caption_col=C.CAPTION,
+                save_additional_columns=[C.ROW],
+                # "incremental" on a folder that _guard_resume emptied when ingest.incremental is off:
+                # img2dataset 1.47's own "overwrite" mode deletes its _tmp folder and then loops forever
+                incremental_mode="incremental",
+                **img2dataset_kwargs(ip),
+            )
     except SystemExit as exc:  # img2dataset's SIGINT handler exits 0; that is an interruption
         raise KeyboardInterrupt from exc
     finally:

@@ -7,7 +7,6 @@ drops a row: a caption that normalises to nothing becomes an empty string.
 from __future__ import annotations
 
 import html
-import ipaddress
 import os
 import re
 import socket
@@ -16,8 +15,10 @@ from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from vlp_core.config import IngestParams
+from vlp_core.ingest.netguard import address_verdict, normalise_host, parse_allowed
 
 ALLOWED_SCHEMES = ("http", "https")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 _TAG = re.compile(r"<[^>]{0,1000}>")
 _SPACE = re.compile(r"\s+")
 
@@ -37,18 +38,6 @@ def normalise_caption(text: Optional[str], max_chars: int) -> str:
     return s
 
 
-def _address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Optional[str]:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_private or ip.is_unspecified or ip.is_reserved or ip.is_multicast:
-        return "private"
-    return None
-
-
 def _resolve(host: str) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
@@ -59,9 +48,14 @@ def _resolve(host: str) -> list[str]:
 
 @dataclass
 class UrlValidator:
-    """Checks one URL at a time; host resolutions are cached."""
+    """Checks one URL at a time, before download; host resolutions are cached.
 
-    allow_private_network: bool = False
+    This early check gives refused rows their reason in the manifest; the authority is the
+    connect-time guard in the download processes (:mod:`vlp_core.ingest.netguard`), which
+    checks every hop and every address again.  A name whose lookup fails here is passed on (the
+    download fails closed on it)."""
+
+    allowed_hosts: frozenset = frozenset()  # {(host, port)} from netguard.parse_allowed
     resolver: Callable[[str], list[str]] = _resolve
 
     def __post_init__(self) -> None:
@@ -71,22 +65,18 @@ class UrlValidator:
         if host in self._cache:
             return self._cache[host]
         verdict: Optional[str] = None
-        try:
-            kind = _address_kind(ipaddress.ip_address(host))
+        if address_verdict(host) != "not an IP address":
+            kind = address_verdict(host)
             if kind:
                 verdict = f"host {host} is a {kind} address"
-        except ValueError:
-            if host == "localhost" or host.endswith(".localhost"):
-                verdict = f"host {host} is a loopback name"
-            else:
-                for addr in self.resolver(host):
-                    try:
-                        kind = _address_kind(ipaddress.ip_address(addr.split("%")[0]))
-                    except ValueError:
-                        continue
-                    if kind:
-                        verdict = f"host {host} resolves to {kind} address {addr}"
-                        break
+        elif host == "localhost" or host.endswith(".localhost"):
+            verdict = f"host {host} is a loopback name"
+        else:
+            for addr in self.resolver(host):
+                kind = address_verdict(addr)
+                if kind:
+                    verdict = f"host {host} resolves to {kind} address {addr}"
+                    break
         self._cache[host] = verdict
         return verdict
 
@@ -98,18 +88,20 @@ class UrlValidator:
         try:
             parts = urlsplit(url)
             host = parts.hostname
-            parts.port  # noqa: B018 - raises ValueError for a bad port
+            port = parts.port  # raises ValueError for a bad port
         except ValueError as exc:
             return "invalid_row", f"malformed url ({exc})"
-        if parts.scheme.lower() not in ALLOWED_SCHEMES:
-            scheme = parts.scheme or "none"
-            return "refused_url", f"scheme {scheme!r} not allowed (only http and https)"
+        scheme = parts.scheme.lower()
+        if scheme not in ALLOWED_SCHEMES:
+            return "refused_url", f"scheme {parts.scheme or 'none'!r} not allowed (only http and https)"
         if not host:
             return "invalid_row", "url has no host"
-        if not self.allow_private_network:
-            verdict = self._host_verdict(host.lower())
-            if verdict:
-                return "refused_url", f"{verdict} (set ingest.allow_private_network=true to allow)"
+        host = normalise_host(host)
+        if (host, port or DEFAULT_PORTS[scheme]) in self.allowed_hosts:
+            return None, None
+        verdict = self._host_verdict(host)
+        if verdict:
+            return "refused_url", f"{verdict} (not in ingest.allowed_hosts)"
         return None, None
 
 
@@ -123,16 +115,17 @@ class Verdicts:
     reason: list[Optional[str]]
 
 
-def allow_private(params: IngestParams) -> bool:
-    """``ingest.allow_private_network``, or ``VLP_ALLOW_PRIVATE_NETWORK=1`` in the environment
-    (for ``dvc repro`` of the demo, whose URLs are on its own loopback server)."""
-    return bool(params.allow_private_network) or os.environ.get("VLP_ALLOW_PRIVATE_NETWORK") == "1"
+def allowed_hosts(params: IngestParams) -> frozenset[tuple[str, int]]:
+    """``ingest.allowed_hosts`` plus the comma-separated ``VLP_ALLOWED_HOSTS`` of the environment
+    (for ``dvc repro`` of the demo, whose URLs are on its own 127.0.0.1 server)."""
+    extra = [h for h in os.environ.get("VLP_ALLOWED_HOSTS", "").split(",") if h.strip()]
+    return parse_allowed([*params.allowed_hosts, *extra])
 
 
 def validate_rows(urls: list[Optional[str]], captions: list[Optional[str]], params: IngestParams,
                   validator: Optional[UrlValidator] = None) -> Verdicts:
     """Check every row; the first occurrence of a URL is kept, later ones are duplicates."""
-    validator = validator or UrlValidator(allow_private(params))
+    validator = validator or UrlValidator(allowed_hosts(params))
     seen: dict[str, int] = {}
     out = Verdicts([], [], [], [])
     for i, (url, cap) in enumerate(zip(urls, captions)):

@@ -75,6 +75,11 @@ class WorldServer:
             raise RuntimeError("server not started")
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
+    @property
+    def host_port(self) -> str:
+        """``127.0.0.1:PORT``: the ``ingest.allowed_hosts`` entry that lets downloads reach it."""
+        return self.base_url.split("//", 1)[1]
+
     def start(self) -> "WorldServer":
         handler = functools.partial(_Handler, directory=str(self.root), server_ref=self)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
