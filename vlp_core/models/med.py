@@ -292,8 +292,8 @@ class BlipMED(nn.Module):
         """BLIP's pretraining objective.  ``image_idx (B,)`` identifies images (pairs that
         share an image are positives for ITC and never ITM negatives).  ``hard_texts``: per
         pair, a compositional hard negative text (``vlp_core.train.hardneg``) or None; each one
-        is one more ITM negative with the pair's own image, and one more ITC text column (as
-        in NegCLIP).  Returns ``{loss, itc, itm, lm}``
+        is one more ITM negative with the pair's own image, and one more ITC text logit for that
+        image only.  Returns ``{loss, itc, itm, lm}``
         (a loss whose weight is 0 is skipped)."""
         w = {"itc": 1.0, "itm": 1.0, "lm": 1.0, **(weights or {})}
         bs = pixel_values.shape[0]
@@ -334,10 +334,15 @@ class BlipMED(nn.Module):
             sim_i2t = image_feat @ text_feat_m_all / self.temp  # (B, G+Q)
             sim_t2i = text_feat @ image_feat_m_all / self.temp
             hard_rows = [i for i, t in enumerate(hard_texts or ()) if t]
-            if hard_rows:  # NegCLIP: the hard negative texts are more columns for every image, target 0
+            if hard_rows:  # one more text column, target 0: the pair's hard negative, for its own image only
+                # (another image's true caption can equal it when the vocabulary is small, as in the
+                # synthetic world: NegCLIP's all-images columns would make that a false negative)
                 hard_feat = self.text_feat([hard_texts[i] for i in hard_rows])  # (H, E)
-                sim_i2t = torch.cat([sim_i2t, image_feat @ hard_feat.t() / self.temp], 1)
-                sim_i2t_targets = F.pad(sim_i2t_targets, (0, len(hard_rows)))
+                sel = torch.tensor(hard_rows, device=image_feat.device)
+                col = torch.full((bs, 1), -1e4, dtype=sim_i2t.dtype, device=sim_i2t.device)  # finite: 0 * log p stays 0
+                col[sel, 0] = ((image_feat[sel] * hard_feat).sum(-1) / self.temp).to(sim_i2t.dtype)
+                sim_i2t = torch.cat([sim_i2t, col], 1)
+                sim_i2t_targets = F.pad(sim_i2t_targets, (0, 1))
             loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
             loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
             out["itc"] = (loss_i2t + loss_t2i) / 2
@@ -478,7 +483,7 @@ class BlipMED(nn.Module):
         raw = json.loads((d / CONFIG_FILE).read_text())
         if raw.get("model_type") != MODEL_TYPE:
             raise ModelError(f"{d}/{CONFIG_FILE}: model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r} "
-                             "(for a Hugging Face BLIP folder use vlp_core.models.hf.import_hf_blip)")
+                             "(for a Hugging Face BLIP folder: `vlp import`, or vlp_core.models.hf.import_hf)")
         model = cls(MedConfig.from_dict(raw), tokenizer=load_tokenizer(d / TOKENIZER_DIR))
         load_model(model, str(d / WEIGHTS_FILE), strict=True, device=map_location)
         return model
