@@ -1,4 +1,4 @@
-"""`vlp run|cycles|deploy|demo` sub-commands (the Prefect faces) (registered by vlp_core.cli).
+"""`vlp run|cycles|deploy|demo` sub-commands (the Prefect faces) (registered by flows.cli).
 
     vlp run [--round K] [--until STEP] [--init-from DIR] [-S key=value ...]   one round
     vlp cycles [--rounds N] [--start-round K]                               rounds 0..N-1

@@ -209,7 +209,7 @@ def test_flow_resumes_and_dvc_status_is_clean(harness, dvc_repo):
 
 def test_cli_run_until_ingest(dvc_repo, harness):
     """`vlp run --until ingest` through the CLI, with a bad setting refused first."""
-    env_py = [sys.executable, "-m", "vlp_core.cli"]
+    env_py = [sys.executable, "-m", "flows.cli"]
     bad = subprocess.run(env_py + ["run", "--until", "ingest", "-S", "ingest.nope=1"], cwd=dvc_repo,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "ingest.nope" in bad.stderr

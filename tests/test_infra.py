@@ -66,7 +66,7 @@ def test_deployment_run_completes_on_real_server_and_worker(tmp_path, tiny_world
         worker = stack.start_worker(home, port, "vlp-test-pool", tmp_path / "worker.log")
         env = stack.stack_env(home, port)
         dep = subprocess.run(
-            [sys.executable, "-m", "vlp_core.cli", "deploy", "--workdir", str(work), "--name", "smoke",
+            [sys.executable, "-m", "flows.cli", "deploy", "--workdir", str(work), "--name", "smoke",
              "--pool", "vlp-test-pool", "--cron", "30 3 * * *"],
             env=env, cwd=work, capture_output=True, text=True, timeout=120)
         assert dep.returncode == 0, dep.stderr[-2000:]

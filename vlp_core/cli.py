@@ -1,8 +1,11 @@
-"""The ``vlp`` command line: one sub-command per stage, all reading ``params.yaml``.
+"""The core of the ``vlp`` command line: one sub-command per stage, all reading ``params.yaml``.
 
 Each package registers its own sub-commands in a ``commands.py`` module with a
 ``register(subparsers)`` function (listed in ``COMMAND_MODULES``); this file only wires
-them up, applies the offline environment, and turns user errors into one clear line.
+them up, applies the offline environment, and turns user errors into one clear line.  The
+``vlp`` program itself is :mod:`flows.cli`, which adds the Prefect faces (``run``, ``cycles``,
+``deploy``, ``demo``) above this: nothing in ``vlp_core`` imports ``flows``.  Registering
+imports nothing heavy; torch and friends load when a command runs.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ COMMAND_MODULES = [
     "vlp_core.capfilt.commands",  # vlp capfilt [rethreshold]
     "vlp_core.features.commands",  # vlp features
     "vlp_core.catalog_commands",  # vlp versions|query|report|record
-    "flows.commands",  # vlp run|cycles|deploy|demo
 ]
 
 
@@ -43,7 +45,7 @@ def load_params_from_args(args: argparse.Namespace):
     return load_params(args.params, args.overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: Sequence[str] = tuple(COMMAND_MODULES)) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlp",
         description="Bootstrap vision-language pretraining data with BLIP's CapFilt.",
@@ -51,14 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, modules: Sequence[str] = tuple(COMMAND_MODULES)) -> int:
     apply_offline_env()
-    parser = build_parser()
+    parser = build_parser(modules)
     args = parser.parse_args(argv)
     show_tb = args.traceback or os.environ.get("VLP_TRACEBACK") == "1"
     try:

@@ -5,13 +5,24 @@ name (``vlp_core/models/architectures/<name>.json``) or by path, as open_clip do
 """
 from __future__ import annotations
 
+import importlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vlp_core.models.med import BlipMED, MedConfig, ModelError
-from vlp_core.models.tokenizer import load_tokenizer, train_tokenizer
+if TYPE_CHECKING:  # torch and transformers load on first use, not when `vlp --help` imports this package
+    from vlp_core.models.med import BlipMED, MedConfig, ModelError
+    from vlp_core.models.tokenizer import load_tokenizer, train_tokenizer
+
+_LAZY = {"BlipMED": "med", "MedConfig": "med", "ModelError": "med", "load_tokenizer": "tokenizer",
+         "train_tokenizer": "tokenizer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"vlp_core.models.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'vlp_core.models' has no attribute {name!r}")
 
 
 def list_architectures() -> list[str]:
@@ -24,6 +35,8 @@ def load_architecture(arch: str | Path) -> dict[str, Any]:
     if not path.suffix == ".json":
         path = Path(str(resources.files("vlp_core.models") / "architectures" / f"{arch}.json"))
     if not path.is_file():
+        from vlp_core.models.med import ModelError
+
         raise ModelError(f"unknown architecture {arch!r} (known: {', '.join(list_architectures())}, or a .json path)")
     d = json.loads(path.read_text())
     d.pop("_comment", None)
@@ -31,9 +44,11 @@ def load_architecture(arch: str | Path) -> dict[str, Any]:
     return d
 
 
-def create_model(arch: str | Path = "tiny", tokenizer=None, **overrides: Any) -> BlipMED:
+def create_model(arch: str | Path = "tiny", tokenizer=None, **overrides: Any) -> "BlipMED":
     """A freshly initialised :class:`BlipMED` of architecture ``arch``; token ids and vocab
     size come from ``tokenizer``; ``overrides`` replace architecture fields."""
+    from vlp_core.models.med import BlipMED, MedConfig
+
     d = {**load_architecture(arch), **overrides}
     if tokenizer is not None:
         d.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
