@@ -35,6 +35,7 @@ class C:
     ITC = "itc"
     ITM = "itm"
     KEPT = "kept"
+    ITM_THRESHOLD = "itm_threshold"  # the threshold the keep rule used on this row (capfilt/judge.py)
     CAPTIONER_ID = "captioner_id"
     FILTER_ID = "filter_id"
     ROUND = "round"
@@ -96,6 +97,7 @@ CORPUS_SCHEMA = pa.schema(
         pa.field(C.CAPTIONER_ID, pa.string()),
         pa.field(C.FILTER_ID, pa.string()),
         pa.field(C.ROUND, pa.int32(), nullable=False),
+        pa.field(C.ITM_THRESHOLD, pa.float32()),  # null in corpora written before it was stored
     ]
 )
 

@@ -23,19 +23,6 @@ from vlp_core.capfilt.backend import Backend, CapfiltError, autocast, load_backe
 from vlp_core.config import CapfiltParams
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering of ``logits (B, V)``: keep the smallest set of tokens whose
-    probability mass reaches ``top_p`` (at least one), as transformers' ``TopPLogitsWarper``."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cum <= (1 - top_p)
-    remove_sorted[..., -1:] = False  # keep the most likely token
-    remove = remove_sorted.scatter(1, order, remove_sorted)
-    return logits.masked_fill(remove, -float("inf"))
-
-
 class Captioner:
     """``Captioner(model_dir, params.capfilt).caption(images, k) -> list[list[str]]``."""
 

@@ -23,6 +23,19 @@ import torch.nn.functional as F
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, H, N, d)
 
 
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of ``logits (B, V)``: keep the smallest set of tokens whose
+    probability mass reaches ``top_p`` (at least one), as transformers' ``TopPLogitsWarper``."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum <= (1 - top_p)
+    remove_sorted[..., -1:] = False  # keep the most likely token
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    return logits.masked_fill(remove, -float("inf"))
+
+
 class FastText:
     """SDPA forward over the modules of a ``BlipTextModel`` (``bert``), plus an optional LM
     head (``BlipTextOnlyMLMHead``) for decoding."""
@@ -107,8 +120,6 @@ class FastText:
         shards in threads stay reproducible) or greedy decoding.  ``prompt_ids (B, P)`` (BOS first,
         the same prompt for every row), ``image_embeds (B, N, Dv)``.  Returns each row's new
         token ids without EOS.  Rows leave the batch when they emit EOS."""
-        from vlp_core.capfilt.captioner import top_p_filter
-
         b, p = prompt_ids.shape
         total = p + max_new
         dev = prompt_ids.device

@@ -1,7 +1,7 @@
 """``rethreshold``: apply a new ITM threshold to a CapFilt corpus from its stored scores.
 
-No model pass: one DuckDB query per corpus shard recomputes ``kept`` and ``reason`` from the
-stored ``itm`` column.  Rows rejected for other reasons (``empty_text``, ``itc_prescreen``,
+No model pass: the keep rule (:func:`vlp_core.capfilt.judge.judge`, the same function the
+CapFilt run uses) is applied again to each shard's stored scores.  Rows rejected for other reasons (``empty_text``, ``itc_prescreen``,
 ``image_decode_error: ...``) keep them.  The threshold is either given
 (``itm_threshold``) or the ``percentile``-th percentile of the filter's ITM on the clean
 pairs stored by the calibrated run (``calibration.parquet``), so
@@ -17,45 +17,13 @@ from pathlib import Path
 from typing import Optional
 
 from vlp_core.errors import VlpError
-from vlp_core.io import StageStats, read_json, read_parquet_metadata, read_parquet_schema, write_json, write_parquet
+from vlp_core.io import (StageStats, read_json, read_parquet, read_parquet_metadata, read_parquet_schema, write_json,
+                         write_parquet)
 from vlp_core.schema import CORPUS_SCHEMA, C, conform, require_columns
 
-from vlp_core.capfilt.stage import (CALIBRATION_FILE, CORPUS_DIR, R_BELOW, R_NOT_TOP, THRESHOLD_FILE,
-                                    check_keep_top)
-
-# ``judged``: rows whose fate the threshold decides (the others keep their reason); ``rk``: the rank
-# by ITM of a synthetic candidate among its image's candidates above the threshold (for keep_top)
-_QUERY = f"""
-WITH s AS (
-  SELECT *, ({C.REASON} IS NULL OR {C.REASON} IN ('{R_BELOW}', '{R_NOT_TOP}')) AS judged,
-         coalesce(CAST({C.ITM} AS DOUBLE) > $t, false) AS above
-  FROM read_parquet($path, file_row_number = true)),
-r AS (
-  SELECT *, row_number() OVER (PARTITION BY {C.KEY}, judged AND above AND {C.SOURCE} = 'synthetic'
-                               ORDER BY {C.ITM} DESC, {C.CANDIDATE}) AS rk
-  FROM s)
-SELECT {C.KEY}, {C.URL}, {C.SHARD}, {C.CANDIDATE}, {C.TEXT}, {C.SOURCE}, {C.ITC}, {C.ITM},
-       CASE WHEN NOT judged OR NOT above THEN false
-            WHEN {C.SOURCE} = 'synthetic' AND $n IS NOT NULL AND rk > $n THEN false
-            ELSE true END AS {C.KEPT},
-       CASE WHEN NOT judged THEN {C.REASON}
-            WHEN NOT above THEN '{R_BELOW}'
-            WHEN {C.SOURCE} = 'synthetic' AND $n IS NOT NULL AND rk > $n THEN '{R_NOT_TOP}'
-            ELSE NULL END AS {C.REASON},
-       {C.CAPTIONER_ID}, {C.FILTER_ID}, {C.ROUND}
-FROM r
-ORDER BY file_row_number
-"""
-
-
-def corpus_folder(corpus_dir: str | Path) -> Path:
-    """A CapFilt stage folder (holding ``corpus/``) or the corpus folder itself."""
-    p = Path(corpus_dir)
-    folder = p / CORPUS_DIR if (p / CORPUS_DIR).is_dir() else p
-    if not folder.is_dir() or not any(folder.glob("*.parquet")):
-        raise VlpError(f"{p}: no CapFilt corpus (no {CORPUS_DIR}/*.parquet)")
-    return folder
-
+from vlp_core.capfilt.judge import judge
+from vlp_core.capfilt.stage import CALIBRATION_FILE, THRESHOLD_FILE, check_keep_top
+from vlp_core.corpus import CORPUS_DIR, corpus_folder
 
 def percentile_threshold(calibration: str | Path, percentile: float) -> float:
     """The ``percentile``-th percentile (linear, as numpy) of the stored clean-pair ITM scores."""
@@ -78,8 +46,6 @@ def rethreshold(corpus_dir: str | Path, out_dir: str | Path, itm_threshold: Opti
     and ``reason`` recomputed at the new threshold (``itm_threshold``, or ``percentile`` of
     ``calibration`` / the stage folder's ``calibration.parquet``), keeping at most ``keep_top``
     synthetic captions per image (None: all above the threshold)."""
-    import duckdb
-
     t0 = time.perf_counter()
     check_keep_top(keep_top)
     folder = corpus_folder(corpus_dir)
@@ -94,27 +60,25 @@ def rethreshold(corpus_dir: str | Path, out_dir: str | Path, itm_threshold: Opti
         raise VlpError(f"{out_dir}: rethreshold writes a new corpus; choose another --out than the input")
     stats = StageStats(stage="capfilt_rethreshold")
     files = sorted(folder.glob("*.parquet"))
+    required = [n for n in CORPUS_SCHEMA.names if n != C.ITM_THRESHOLD]  # older corpora lack it
     for f in files:  # every input readable before the first output is written
-        require_columns(read_parquet_schema(f), CORPUS_SCHEMA.names, f)
-    with duckdb.connect() as con:
-        for f in files:
-            table = con.sql(_QUERY, params={"t": float(itm_threshold), "path": str(f),
-                                            "n": keep_top}).to_arrow_table()
-            table = conform(table, CORPUS_SCHEMA)
-            stats.rows_in += read_parquet_metadata(f).num_rows
-            stats.rows_out += table.num_rows
-            write_parquet(table, out_dir / CORPUS_DIR / f.name)
-            for source, kept, reason in zip(table[C.SOURCE].to_pylist(), table[C.KEPT].to_pylist(),
-                                            table[C.REASON].to_pylist()):
-                stats.add(f"kept:{source}" if kept else f"reason:{(reason or '').split(':')[0]}")
-            marker = folder / f"{f.stem}_stats.json"
-            old = read_json(marker) if marker.is_file() else {}
-            write_json({**old, "rethreshold": {"from": str(f), "itm_threshold": itm_threshold,
-                                               "keep_top": keep_top}},
-                       out_dir / CORPUS_DIR / f"{f.stem}_stats.json")
-            stats.shards_done += 1
-        if (stage_dir / CALIBRATION_FILE).is_file():  # so a later rethreshold by percentile works on the output
-            shutil.copyfile(stage_dir / CALIBRATION_FILE, out_dir / CALIBRATION_FILE)
+        require_columns(read_parquet_schema(f), required, f)
+    for f in files:
+        table = judge(conform(read_parquet(f), CORPUS_SCHEMA), float(itm_threshold), keep_top)
+        stats.rows_in += read_parquet_metadata(f).num_rows
+        stats.rows_out += table.num_rows
+        write_parquet(table, out_dir / CORPUS_DIR / f.name)
+        for source, kept, reason in zip(table[C.SOURCE].to_pylist(), table[C.KEPT].to_pylist(),
+                                        table[C.REASON].to_pylist()):
+            stats.add(f"kept:{source}" if kept else f"reason:{(reason or '').split(':')[0]}")
+        marker = folder / f"{f.stem}_stats.json"
+        old = read_json(marker) if marker.is_file() else {}
+        write_json({**old, "rethreshold": {"from": str(f), "itm_threshold": itm_threshold,
+                                           "keep_top": keep_top}},
+                   out_dir / CORPUS_DIR / f"{f.stem}_stats.json")
+        stats.shards_done += 1
+    if (stage_dir / CALIBRATION_FILE).is_file():  # so a later rethreshold by percentile works on the output
+        shutil.copyfile(stage_dir / CALIBRATION_FILE, out_dir / CALIBRATION_FILE)
     old_thr = read_json(stage_dir / THRESHOLD_FILE) if (stage_dir / THRESHOLD_FILE).is_file() else {}
     write_json({"mode": "rethreshold", "itm_threshold": itm_threshold, "percentile": percentile,
                 "keep_top": keep_top,
@@ -126,4 +90,4 @@ def rethreshold(corpus_dir: str | Path, out_dir: str | Path, itm_threshold: Opti
     return stats
 
 
-__all__ = ["corpus_folder", "percentile_threshold", "rethreshold"]
+__all__ = ["percentile_threshold", "rethreshold"]

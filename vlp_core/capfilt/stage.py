@@ -11,8 +11,9 @@ captioner and a filter model folder (vlp_core checkpoints or local HF BLIP folde
     stats.json                  StageStats
 
 Candidate 0 of an image is its web alt-text (``source=web``), candidates ``1..K`` are the
-captioner's samples (``source=synthetic``).  Every candidate becomes a row; a rejected one
-has ``kept=false`` and a reason (``itm_below_threshold``, ``itc_prescreen``, ``empty_text``,
+captioner's samples (``source=synthetic``).  Every candidate becomes a row.  This stage
+*scores* (captions, ITC, ITM); :func:`vlp_core.capfilt.judge.judge` then *decides* from the
+scores, storing the threshold with each row.  A rejected row has ``kept=false`` and a reason (``itm_below_threshold``, ``itc_prescreen``, ``empty_text``,
 ``image_decode_error: ...``, or ``not_top_itm`` when ``capfilt.keep_top: N`` keeps only an
 image's N synthetic captions with the highest ITM among those above the threshold).
 Manifest rows whose status is not ``success`` are not candidates; they are counted in
@@ -40,7 +41,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from vlp_core.capfilt.judge import R_EMPTY, R_IMAGE, R_PRESCREEN, judge
 from vlp_core.config import Params, section_dict
+from vlp_core.corpus import CORPUS_DIR, FEATS_DIR, fixed_list, resolve_ref
 from vlp_core.errors import VlpError
 from vlp_core.io import (StageStats, atomic_path, done_marker, mark_done, read_json, read_parquet, read_parquet_schema,
                          write_json, write_parquet)
@@ -49,17 +52,10 @@ from vlp_core.shards import ShardError, ShardReader
 
 log = logging.getLogger(__name__)
 
-CORPUS_DIR = "corpus"
 THRESHOLD_FILE = "threshold.json"
 CALIBRATION_FILE = "calibration.parquet"
-FEATS_DIR = "feats"  # the filter's ITC features per corpus row, reused by run_features
 MANIFEST_FILE = "manifest.parquet"
 SUCCESS = "success"
-R_BELOW = "itm_below_threshold"
-R_PRESCREEN = "itc_prescreen"
-R_EMPTY = "empty_text"
-R_IMAGE = "image_decode_error"
-R_NOT_TOP = "not_top_itm"
 CALIBRATION_SCHEMA = pa.schema([pa.field(C.KEY, pa.string()), pa.field(C.TEXT, pa.string()),
                                 pa.field(C.ITC, pa.float32()), pa.field(C.ITM, pa.float32())])
 
@@ -101,18 +97,6 @@ def shard_name(ref: str) -> str:
     """``.../00003.tar`` -> ``00003``; a plain image path -> its folder's name."""
     p = Path(ref)
     return p.stem if p.suffix == ".tar" else (p.parent.name or "images")
-
-
-def resolve_ref(ref: str, base: Path) -> str:
-    """Shard references are relative to the working directory; fall back to the manifest's
-    folder, then to its parent (an ingest folder's ``shards/``), when the file is there."""
-    p = Path(ref)
-    if p.is_absolute() or p.exists():
-        return ref
-    for b in (base, base.parent):
-        if (b / p).exists():
-            return str(b / p)
-    return ref
 
 
 def list_capfilt_shards(params_or_manifest: Any, manifest: Optional[str | Path] = None) -> list[CapfiltShard]:
@@ -262,8 +246,6 @@ class _FeatsSidecar:
         self._write(table, shas, img_feat, txt_feat, k)
 
     def _write(self, table: pa.Table, shas: list, img_feat: np.ndarray, txt_feat: np.ndarray, k: int) -> None:
-        from vlp_core.features.stage import fixed_list
-
         n, dim = table.num_rows, img_feat.shape[1]
         reasons = table[C.REASON].to_pylist()
         texts = table[C.TEXT].to_pylist()
@@ -302,16 +284,6 @@ def check_keep_top(keep_top: Optional[int]) -> None:
 
     if keep_top is not None and (isinstance(keep_top, bool) or not isinstance(keep_top, int) or keep_top < 1):
         raise CapfiltError(f"capfilt.keep_top must be null or a whole number >= 1, got {keep_top!r}")
-
-
-def top_itm_mask(itm: np.ndarray, passed: np.ndarray, keep_top: int) -> np.ndarray:
-    """(n_images, K) synthetic ITM scores and whether each passed the filter -> the ones kept
-    under ``keep_top``: each image's ``keep_top`` highest ITM among those that passed (ties go
-    to the earlier candidate)."""
-    order = np.argsort(np.where(passed, -itm, np.inf), axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(itm.shape[1]), itm.shape), axis=1)
-    return passed & (rank < keep_top)
 
 
 def round_float(x: float) -> float:
@@ -422,46 +394,30 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
                         txt_feat = np.zeros((n, feat_dim), np.float32)
                     img_feat[good] = f_img
                     txt_feat[pos] = f_txt
-            # ---- rows
-            col_key, col_url, col_ref, col_cand, col_text, col_src, col_kept, col_reason = ([] for _ in range(8))
-            top = None  # (images, K): the synthetic captions keep_top keeps
-            if cp.keep_top is not None and k > 0:
-                syn_itm = itm.reshape(e - s, 1 + k)[:, 1:]
-                top = top_itm_mask(syn_itm, np.nan_to_num(syn_itm, nan=-np.inf) > threshold, cp.keep_top)
+            # ---- rows: scores, and why a row could not be scored; then the rule decides (judge.py)
+            m = n
+            prior: list[Optional[str]] = []
             for i in range(e - s):
                 for c in range(1 + k):
                     p = i * (1 + k) + c
-                    t = texts[i][c]
-                    if i in bad:
-                        kept, reason = False, bad[i]
-                    elif not _is_text(t):
-                        kept, reason = False, R_EMPTY
-                    elif np.isnan(itm[p]):
-                        kept, reason = False, R_PRESCREEN
-                    elif float(itm[p]) <= threshold:
-                        kept, reason = False, R_BELOW
-                    elif c > 0 and top is not None and not top[i, c - 1]:
-                        kept, reason = False, R_NOT_TOP
-                    else:
-                        kept, reason = True, None
-                    col_key.append(keys[s + i])
-                    col_url.append(urls[s + i])
-                    col_ref.append(refs[s + i])
-                    col_cand.append(c)
-                    col_text.append(t)
-                    col_src.append(cand_src[c])
-                    col_kept.append(kept)
-                    col_reason.append(reason)
-                    tag = f"kept:{cand_src[c]}" if kept else f"reason:{reason.split(':')[0]}"
-                    counts[tag] = counts.get(tag, 0) + 1
-            m = len(col_key)
-            table = pa.table({
-                C.KEY: col_key, C.URL: col_url, C.SHARD: col_ref, C.CANDIDATE: pa.array(col_cand, pa.int16()),
-                C.TEXT: pa.array(col_text, pa.string()), C.SOURCE: col_src,
+                    prior.append(bad[i] if i in bad else R_EMPTY if not _is_text(texts[i][c])
+                                 else R_PRESCREEN if np.isnan(itm[p]) else None)
+            table = judge(pa.table({
+                C.KEY: [keys[s + i] for i in range(e - s) for _ in range(1 + k)],
+                C.URL: [urls[s + i] for i in range(e - s) for _ in range(1 + k)],
+                C.SHARD: [refs[s + i] for i in range(e - s) for _ in range(1 + k)],
+                C.CANDIDATE: pa.array([c for _ in range(e - s) for c in range(1 + k)], pa.int16()),
+                C.TEXT: pa.array([t for row in texts for t in row], pa.string()),
+                C.SOURCE: [cand_src[c] for _ in range(e - s) for c in range(1 + k)],
                 C.ITC: pa.array(itc, pa.float32(), mask=np.isnan(itc)), C.ITM: pa.array(itm, pa.float32(), mask=np.isnan(itm)),
-                C.KEPT: pa.array(col_kept, pa.bool_()), C.REASON: pa.array(col_reason, pa.string()),
+                C.KEPT: pa.array(np.zeros(m, bool), pa.bool_()), C.REASON: pa.array(prior, pa.string()),
                 C.CAPTIONER_ID: [cap.model_id] * m, C.FILTER_ID: [flt.model_id] * m,
-                C.ROUND: pa.array([round] * m, pa.int32())}, schema=CORPUS_SCHEMA)
+                C.ROUND: pa.array([round] * m, pa.int32()),
+                C.ITM_THRESHOLD: pa.nulls(m, pa.float32())}, schema=CORPUS_SCHEMA), threshold, cp.keep_top)
+            for src, kept, reason in zip(table[C.SOURCE].to_pylist(), table[C.KEPT].to_pylist(),
+                                         table[C.REASON].to_pylist()):
+                tag = f"kept:{src}" if kept else f"reason:{reason.split(':')[0]}"
+                counts[tag] = counts.get(tag, 0) + 1
             writer.write_table(table)
             stats["rows_out"] += m
             feats.write(table, shas, img_feat, txt_feat, k)
@@ -535,4 +491,4 @@ def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, fil
 
 
 __all__ = ["CapfiltShard", "CapfiltShardError", "calibrate_threshold", "calibration_scores", "check_keep_top",
-           "list_capfilt_shards", "read_manifest", "run_capfilt", "run_capfilt_shard", "top_itm_mask"]
+           "list_capfilt_shards", "read_manifest", "run_capfilt", "run_capfilt_shard"]

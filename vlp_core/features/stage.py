@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from vlp_core.config import Params, section_dict
+from vlp_core.corpus import FEATS_DIR, corpus_folder, fixed_list, resolve_ref, to_numpy_list
 from vlp_core.errors import VlpError
 from vlp_core.io import (ParquetReadError, StageStats, done_marker, mark_done, read_json, read_parquet,
                          read_parquet_metadata, read_parquet_schema, write_parquet)
@@ -40,35 +41,12 @@ from vlp_core.schema import C, features_schema, require_columns
 log = logging.getLogger(__name__)
 
 EMB_DIR = "embeddings"
-FEATS_DIR = "feats"  # the CapFilt stage's sidecar (same schema, flags unset)
 META_MODEL_ID = b"vlp.model_id"
 
 
 def _corpus_files(corpus_dir: str | Path) -> tuple[Path, list[Path]]:
-    from vlp_core.capfilt.rethreshold import corpus_folder
-
     folder = corpus_folder(corpus_dir)
     return folder, sorted(folder.glob("*.parquet"))
-
-
-def fixed_list(arr: np.ndarray, valid: np.ndarray, dim: int) -> pa.Array:
-    """``(n, dim)`` float32 rows -> ``FixedSizeList<float32, dim>`` with nulls where not ``valid``."""
-    flat = pa.array(np.ascontiguousarray(arr, np.float32).reshape(-1), pa.float32())
-    out = pa.FixedSizeListArray.from_arrays(flat, dim)
-    if valid.all():
-        return out
-    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~valid))
-
-
-def to_numpy_list(col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed-size list column -> ``((n, dim) float32, valid (n,))`` (zeros where null)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n = len(arr)
-    valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), bool)
-    values = arr.values.slice(arr.offset * dim, n * dim).to_numpy(zero_copy_only=False)
-    out = np.nan_to_num(np.asarray(values, np.float32)).reshape(n, dim)
-    out[~valid] = 0.0
-    return out, valid
 
 
 # --------------------------------------------------------------------------- backbone
@@ -120,7 +98,6 @@ def _compute_shard(params: Params, corpus: pa.Table, flt, backbone: Optional[Bac
                    name: str) -> tuple[pa.Table, dict[str, int]]:
     from tqdm.auto import tqdm
 
-    from vlp_core.capfilt.stage import resolve_ref
     from vlp_core.capfilt.backend import decode_image
     from vlp_core.shards import ShardReader
 
