@@ -109,10 +109,6 @@ def done_marker(out_dir: str | Path, shard_name: str) -> Path:
     return Path(out_dir) / f"{shard_name}_stats.json"
 
 
-def is_done(out_dir: str | Path, shard_name: str) -> bool:
-    return done_marker(out_dir, shard_name).exists()
-
-
 def mark_done(out_dir: str | Path, shard_name: str, stats: dict[str, Any]) -> Path:
     return write_json(stats, done_marker(out_dir, shard_name))
 

@@ -161,13 +161,6 @@ class Backend:
     def text_feat(self, texts: Sequence[str]) -> torch.Tensor:  # -> (N,E)
         raise NotImplementedError
 
-    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str], index: Optional[torch.Tensor] = None,
-                  cross: Optional[list] = None) -> torch.Tensor:  # -> (N,)
-        """ITM match probability of text ``i`` with image ``index[i]`` (default ``i``); the
-        images' cross-attention keys/values (``cross``, from ``fast_encoder.cross_kv``) are
-        computed once, however many texts each has."""
-        raise NotImplementedError
-
     def tokenize_pair(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One tokenization for both filter passes: ``(itc_ids, itm_ids, mask)`` ``(N, L)``."""
         raise NotImplementedError
@@ -229,12 +222,6 @@ class VlpBackend(Backend):
     def text_feat(self, texts: Sequence[str]) -> torch.Tensor:
         ids, mask = self.model.tokenize(list(texts), "enc")
         return F.normalize(self.model.text_proj(self.fast_encoder.encode(ids, mask)[:, 0, :]), dim=-1)
-
-    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str], index: Optional[torch.Tensor] = None,
-                  cross: Optional[list] = None) -> torch.Tensor:
-        ids, mask = self.model.tokenize(list(texts), "itm")
-        h = self.fast_encoder.encode(ids, mask, cross or self.fast_encoder.cross_kv(image_embeds), index)
-        return self.model.itm_head(h[:, 0, :]).float().softmax(dim=-1)[:, 1]
 
     def decoder_inputs(self, prompt: str, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, int, int]:
         cfg = self.model.config
@@ -316,13 +303,6 @@ class HfBackend(Backend):
     def text_feat(self, texts: Sequence[str]) -> torch.Tensor:
         ids, mask = self._tok(texts)
         return F.normalize(self.model.text_proj(self.fast_encoder.encode(ids, mask)[:, 0, :]), dim=-1)
-
-    def itm_probs(self, image_embeds: torch.Tensor, texts: Sequence[str], index: Optional[torch.Tensor] = None,
-                  cross: Optional[list] = None) -> torch.Tensor:
-        # BlipForImageTextRetrieval(use_itm_head=True): the processor's ids ([CLS] first), cross-attending
-        ids, mask = self._tok(texts)
-        h = self.fast_encoder.encode(ids, mask, cross or self.fast_encoder.cross_kv(image_embeds), index)
-        return self.model.itm_head(h[:, 0, :]).float().softmax(dim=-1)[:, 1]
 
     def decoder_inputs(self, prompt: str, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, int, int]:
         tc = self.text_config

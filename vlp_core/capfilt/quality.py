@@ -17,27 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlp_core.audit import roc_auc
 from vlp_core.schema import C
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mann-Whitney ROC-AUC with average ranks for ties (``nan`` when one class is absent)."""
-    scores = np.asarray(scores, np.float64)
-    labels = np.asarray(labels, bool)
-    n1, n0 = int(labels.sum()), int((~labels).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    ranks = np.empty(len(s), np.float64)
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[labels].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
 def _url_path(url: Any) -> str:
@@ -73,8 +54,12 @@ def detection_report(corpus: pa.Table | str | Path, ground_truth: str | Path) ->
         tp = int((y & f).sum())
         out[kind] = {"n_clean": int((~y).sum()), "n_noisy": int(y.sum()),
                      "precision": tp / max(1, int(f.sum())), "recall": tp / max(1, int(y.sum())),
-                     "roc_auc": roc_auc(score_a[m], y)}
+                     "roc_auc": _nan_if_none(roc_auc(y, score_a[m]))}
     return out
+
+
+def _nan_if_none(x):
+    return float("nan") if x is None else x
 
 
 def format_report(report: dict[str, dict[str, float]]) -> str:
@@ -85,4 +70,4 @@ def format_report(report: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["detection_report", "format_report", "roc_auc"]
+__all__ = ["detection_report", "format_report"]

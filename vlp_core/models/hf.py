@@ -402,7 +402,5 @@ def import_hf(hf_dir: str | Path, **overrides: Any) -> BlipMED:
     return model
 
 
-import_hf_blip = import_hf  # the name BlipMED.from_pretrained's error message gives
-
-__all__ = ["CAPTIONER_CLASS", "FILTER_CLASS", "export_captioner", "export_filter", "import_hf", "import_hf_blip",
+__all__ = ["CAPTIONER_CLASS", "FILTER_CLASS", "export_captioner", "export_filter", "import_hf",
            "is_hf_blip_dir"]
