@@ -77,7 +77,7 @@ def _after(step: str, until: Optional[str]) -> bool:
     return STEPS.index(step) > STEPS.index(u)
 
 
-@task(name="version", cache_policy=NONE)
+@task(name="version", task_run_name="version-round{round}", cache_policy=NONE)
 def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Sequence[str], complete: bool,
                  overridden: bool) -> dict[str, Any]:
     """Record the stages this round ran in dvc.lock (``dvc commit``), then -- for a complete

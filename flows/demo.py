@@ -37,7 +37,7 @@ from vlp_core.config import Params, load_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEMO_SETTINGS = Path(__file__).with_name("demo.yaml")
-DEMO_GITIGNORE = "/data/*\n!/data/.gitignore\n/report/\n__pycache__/\n*.duckdb\n*.duckdb.wal\n.prefect/\n"
+DEMO_GITIGNORE = "/data/*\n!/data/.gitignore\n/report/\n/dvc_plots/\n__pycache__/\n*.duckdb\n*.duckdb.wal\n.prefect/\n"
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -62,7 +62,8 @@ def demo_params_text(base_params: str | Path = PROJECT / "params.yaml", settings
 def prepare_demo_repo(workdir: str | Path, base_params: str | Path = PROJECT / "params.yaml") -> Path:
     """Make ``workdir`` the demo's own git + DVC repo (idempotent) and return it.
 
-    Writes ``params.yaml`` (:func:`demo_params_text`) unless one exists, copies the project's
+    Writes ``params.yaml`` (:func:`demo_params_text`) unless one exists (from an older version it
+    only drops ``ingest.allow_private_network``, replaced by the server the demo allows itself), copies the project's
     ``dvc.yaml``, links ``vlp_core`` to the project's code (the stages' code dependencies),
     and runs ``git init`` + ``dvc init`` + a first commit the first time."""
     from vlp_core import versioning as V
@@ -72,6 +73,9 @@ def prepare_demo_repo(workdir: str | Path, base_params: str | Path = PROJECT / "
     params = root / "params.yaml"
     if not params.exists():
         params.write_text(demo_params_text(base_params))
+    elif "allow_private_network:" in params.read_text():  # an older demo's: the demo now allows its server itself
+        params.write_text("".join(ln for ln in params.read_text().splitlines(keepends=True)
+                                  if "allow_private_network:" not in ln))
     dvc_yaml = (PROJECT / "dvc.yaml").read_text()
     if not (root / "dvc.yaml").exists() or (root / "dvc.yaml").read_text() != dvc_yaml:
         (root / "dvc.yaml").write_text(dvc_yaml)

@@ -246,7 +246,7 @@ def _threads() -> None:
 
 
 # --------------------------------------------------------------------------- tasks
-@task(name="ingest", cache_policy=NONE)
+@task(name="ingest", task_run_name="ingest-{split}", cache_policy=NONE)
 def ingest_task(params: Params, layout: Layout, split: str) -> dict[str, Any]:
     """Ingest ``data/urls/<split>.parquet`` into ``data/ingest/<split>`` (incremental)."""
     from vlp_core.ingest.stage import run_ingest
@@ -277,7 +277,7 @@ def import_task(params: Params, layout: Layout, init_from: str) -> dict[str, Any
     return StageResult("pretrain", 0, key, str(Path(init_from).parent), True, {"imported": init_from}).as_dict()
 
 
-@task(name="finetune", cache_policy=NONE)
+@task(name="finetune", task_run_name="finetune-{target}-round{round}", cache_policy=NONE)
 def finetune_task(params: Params, layout: Layout, round: int, target: str, init_model: str,
                   base: dict, human: dict) -> dict[str, Any]:
     """Fine-tune ``init_model`` into the captioner or the filter on the human pairs."""
@@ -292,7 +292,7 @@ def finetune_task(params: Params, layout: Layout, round: int, target: str, init_
                                                                           fresh=fresh), pass_fresh=True)
 
 
-@task(name="capfilt-shard", cache_policy=NONE)
+@task(name="capfilt-shard", task_run_name="capfilt-round{round}-{shard.name}", cache_policy=NONE)
 def capfilt_shard_task(params: Params, layout: Layout, round: int, shard: Any, captioner: str,
                        filter: str, calibration: Any) -> Any:
     """Caption and filter ONE ingest shard (the fan-out unit; idempotent by done marker)."""
@@ -304,7 +304,7 @@ def capfilt_shard_task(params: Params, layout: Layout, round: int, shard: Any, c
                                  round=round, calibration=calibration)
 
 
-@task(name="capfilt", cache_policy=NONE)
+@task(name="capfilt", task_run_name="capfilt-round{round}", cache_policy=NONE)
 def capfilt_task(params: Params, layout: Layout, round: int, captioner: dict, filter: dict, web: dict,
                  human: dict, shard_results: Sequence[Any] = ()) -> dict[str, Any]:
     """Finish CapFilt (all shards: those the fan-out did are skipped by done marker)."""
@@ -319,7 +319,7 @@ def capfilt_task(params: Params, layout: Layout, round: int, captioner: dict, fi
                             calibration=layout.manifest("human")))
 
 
-@task(name="features", cache_policy=NONE)
+@task(name="features", task_run_name="features-round{round}", cache_policy=NONE)
 def features_task(params: Params, layout: Layout, round: int, capfilt: dict, filter: dict) -> dict[str, Any]:
     """Embeddings and duplicate flags of the round's corpus (with the round's filter)."""
     from vlp_core.features.stage import run_features
@@ -331,7 +331,7 @@ def features_task(params: Params, layout: Layout, round: int, capfilt: dict, fil
                                              layout.model(round, "finetune_filter"), out))
 
 
-@task(name="retrain", cache_policy=NONE)
+@task(name="retrain", task_run_name="retrain-round{round}", cache_policy=NONE)
 def retrain_task(params: Params, layout: Layout, round: int, capfilt: dict, human: dict,
                  base_model: Optional[str] = None) -> dict[str, Any]:
     """Retrain on the bootstrapped corpus plus the human pairs: a fresh model, or the round's
@@ -346,7 +346,7 @@ def retrain_task(params: Params, layout: Layout, round: int, capfilt: dict, huma
                         pass_fresh=True)
 
 
-@task(name="evaluate", cache_policy=NONE)
+@task(name="evaluate", task_run_name="evaluate-{which}-round{round}", cache_policy=NONE)
 def evaluate_task(params: Params, layout: Layout, round: int, model: dict, test: dict,
                   which: str = "retrain") -> dict[str, Any]:
     """Evaluate the round's retrained model (``which="retrain"``, stage ``evaluate``) or round
@@ -371,7 +371,7 @@ def round_stats_paths(layout: Layout, round: int) -> list[Path]:
     return [p for p in (layout.stage(round, n) / "stats.json" for n in names) if p.exists()]
 
 
-@task(name="record", cache_policy=NONE)
+@task(name="record", task_run_name="record-round{round}", cache_policy=NONE)
 def record_task(params: Params, layout: Layout, round: int, upstream: Sequence[dict]) -> dict[str, Any]:
     """Record the round as version ``round<k>`` in the DuckDB catalog."""
     from vlp_core.catalog import record_version

@@ -42,6 +42,13 @@ def test_prepare_demo_repo_makes_its_own_git_dvc_repo_once(tmp_path):
     assert (root / "params.yaml").read_text() == edited
     assert V.git(["rev-parse", "HEAD"], root).stdout.strip() == head
     assert V.git(["status", "--porcelain", "--", "dvc.yaml", ".gitignore"], root).stdout == ""
+    # an older demo's params.yaml loses the replaced network switch and keeps the rest
+    old = edited.replace("ingest:\n", "ingest:\n  allow_private_network: false\n", 1)
+    assert old != edited
+    (root / "params.yaml").write_text(old)
+    prepare_demo_repo(root)
+    assert (root / "params.yaml").read_text() == edited
+    assert load_params(root / "params.yaml").synthetic.n_web == 500
 
 
 def test_retrain_continue_starts_from_the_base_model(tiny_world, tmp_path):

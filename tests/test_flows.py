@@ -185,6 +185,13 @@ def test_flow_resumes_and_dvc_status_is_clean(harness, dvc_repo):
     arts = run_coro_as_sync(artifacts())
     assert arts and "| ingest_test | False | 100 | 100 |" in arts[0].data
 
+    async def task_run_names():
+        async with get_client() as c:
+            return {t.name for t in await c.read_task_runs()}
+
+    names = run_coro_as_sync(task_run_names())  # which split / round, not a random suffix
+    assert {"ingest-web", "ingest-human", "ingest-test", "version-round0"} <= names, names
+
     # `dvc repro` reproduces a stage without Prefect: same manifest as the flow's
     import pyarrow.parquet as pq
 
