@@ -117,6 +117,7 @@ def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optio
     res: dict[str, dict] = {}
     dvc_stages: list[str] = []
     ingest = T.ingest_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_seconds,
+                                        retry_condition_fn=T.retry_unless_permanent,
                                         timeout_seconds=o.network_timeout_seconds)
     for split in T.SPLITS:
         res[f"ingest_{split}"] = ingest(params, layout, split)

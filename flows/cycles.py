@@ -79,6 +79,7 @@ def nightly_flow(params_path: str = "params.yaml", workdir: str = ".") -> dict:
         layout = T.Layout(Path("."), home=str(Path.cwd()))
         o = params.orchestration
         ingest = T.ingest_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_seconds,
+                                            retry_condition_fn=T.retry_unless_permanent,
                                             timeout_seconds=o.network_timeout_seconds)
         res: dict[str, Any] = {"ingest_web": ingest(params, layout, "web")}
         rounds = sorted(int(p.name[5:]) for p in layout.data.glob("round*")

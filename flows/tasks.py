@@ -123,6 +123,19 @@ def dvc_stage_name(name: str, round: Optional[int] = None) -> str:
     return f"{name}@round{round}"
 
 
+def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failure that may pass on another try (a network
+    error, a timeout, a killed process), never one that cannot (a :class:`VlpError`: bad settings,
+    bad input, a folder holding other data)."""
+    try:
+        state.result()
+    except VlpError:
+        return False
+    except BaseException:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------- digests
 def digest_path(path: str | Path) -> str:
     """SHA-256 of a file's bytes, or of a folder's (relative path, file digest) list."""

@@ -59,6 +59,27 @@ def dvc_repo(tmp_path, tiny_world, world_server):
     return root
 
 
+def test_permanent_errors_are_not_retried(harness):
+    from prefect import flow, task
+
+    calls = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=T.retry_unless_permanent)
+    def flaky(exc: BaseException):
+        calls.append(type(exc).__name__)
+        raise exc
+
+    @flow
+    def run(exc: BaseException) -> bool:
+        return flaky(exc, return_state=True).is_failed()
+
+    from vlp_core.errors import VlpError
+
+    assert run(VlpError("bad setting")) and calls == ["VlpError"]  # once: it cannot pass
+    calls.clear()
+    assert run(ConnectionError("reset")) and calls == ["ConnectionError"] * 3  # 1 + 2 retries
+
+
 def test_only_tracked_overrides_block_dvc_commit():
     assert not T.tracked_overrides(["orchestration.fail_before=x", "orchestration.task_runner=dask"])
     assert T.tracked_overrides(["orchestration.retries=1", "capfilt.itm_threshold=0.7"])
