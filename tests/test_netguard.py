@@ -172,3 +172,30 @@ def test_guarded_create_connection_in_this_process(two_servers):
     finally:
         G.uninstall()
     assert socket.create_connection is G._original_create_connection
+
+
+def test_the_policy_belongs_to_the_calling_thread():
+    """Concurrent ingests (a thread-pool task runner) each get their own policy; a download
+    outside guarded_download gets img2dataset's own resizer."""
+    import importlib
+
+    from img2dataset.resizer import Resizer
+
+    from vlp_core.ingest.workers import GuardedResizer, guarded_download
+
+    main = importlib.import_module("img2dataset.main")
+    made, ready = {}, threading.Barrier(2)
+
+    def ingest(name, allowed):
+        with guarded_download({allowed}, 1000):
+            ready.wait(timeout=10)  # both policies are open at once
+            made[name] = main.Resizer(image_size=32, resize_mode="border", resize_only_if_bigger=False)
+
+    threads = [threading.Thread(target=ingest, args=(n, (n, 1))) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {n: (type(r), r.vlp_allowed_hosts) for n, r in made.items()} == {
+        "a": (GuardedResizer, frozenset({("a", 1)})), "b": (GuardedResizer, frozenset({("b", 1)}))}
+    assert type(main.Resizer(image_size=32, resize_mode="border", resize_only_if_bigger=False)) is Resizer

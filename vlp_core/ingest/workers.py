@@ -1,8 +1,8 @@
 """What runs inside img2dataset's download processes: the network guard and the pixel limit.
 
 img2dataset pickles its resizer into every download process (``spawn``).  The resizer made
-here (:func:`make_guarded_resizer`, put in place of img2dataset's own for the length of one
-``download`` call by :func:`guarded_download`) installs :mod:`vlp_core.ingest.netguard` in
+here (by the factory that :func:`guarded_download` puts in place of img2dataset's ``Resizer``,
+with the calling thread's policy) installs :mod:`vlp_core.ingest.netguard` in
 the process that unpickles it, and reads each image's size from its header, refusing one over
 ``ingest.max_image_pixels`` before any pixel is decoded (a 48 KB PNG can claim 20000 x 20000
 pixels, 1.2 GB decoded).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import warnings
 from typing import Iterable, Iterator, Optional
 
@@ -37,18 +38,6 @@ def image_header_size(data: bytes) -> Optional[tuple[int, int]]:
         return None
 
 
-def make_guarded_resizer(allowed_hosts: Iterable[tuple[str, int]], max_pixels: int):
-    """A factory with img2dataset's ``Resizer(...)`` signature making :class:`GuardedResizer`s."""
-    allowed = frozenset(allowed_hosts)
-
-    def factory(*args, **kwargs):
-        r = GuardedResizer(*args, **kwargs)
-        r.vlp_allowed_hosts, r.vlp_max_pixels = allowed, int(max_pixels)
-        return r
-
-    return factory
-
-
 class GuardedResizer(Resizer):
     """img2dataset's resizer that refuses images over the pixel limit before decoding them, and
     installs the network guard in each download process that unpickles it."""
@@ -73,15 +62,35 @@ class GuardedResizer(Resizer):
         return super().__call__(img_stream, blurring_bbox_list)
 
 
+_policy = threading.local()  # this thread's (allowed hosts, pixel limit) while guarded_download is open
+_install_lock = threading.Lock()
+
+
+def _resizer_factory(*args, **kwargs) -> Resizer:
+    """What ``img2dataset.main.Resizer`` is once :func:`guarded_download` has run: a
+    :class:`GuardedResizer` carrying the calling thread's policy, or img2dataset's own resizer
+    for a ``download`` called outside it (e.g. ``bench/ingest.py``'s bare run)."""
+    policy = getattr(_policy, "value", None)
+    if policy is None:
+        return Resizer(*args, **kwargs)
+    r = GuardedResizer(*args, **kwargs)
+    r.vlp_allowed_hosts, r.vlp_max_pixels = policy
+    return r
+
+
 @contextlib.contextmanager
 def guarded_download(allowed_hosts: Iterable[tuple[str, int]], max_pixels: int) -> Iterator[None]:
-    """img2dataset's ``download`` makes :class:`GuardedResizer`s while this is open."""
+    """img2dataset's ``download``, called in this thread while this is open, makes
+    :class:`GuardedResizer`s with this policy.  The factory is put in place once and for good
+    (so concurrent ingests in threads never restore each other's), and the policy is per thread."""
     import importlib
 
     main = importlib.import_module("img2dataset.main")  # the module (img2dataset.main is also a function)
-    saved = main.Resizer
-    main.Resizer = make_guarded_resizer(allowed_hosts, max_pixels)
+    with _install_lock:
+        if main.Resizer is not _resizer_factory:
+            main.Resizer = _resizer_factory
+    _policy.value = (frozenset(allowed_hosts), int(max_pixels))
     try:
         yield
     finally:
-        main.Resizer = saved
+        _policy.value = None
