@@ -72,4 +72,13 @@ def judge(table: pa.Table, threshold: float, keep_top: Optional[int] = None) -> 
     return out
 
 
-__all__ = ["JUDGED", "R_BELOW", "R_EMPTY", "R_IMAGE", "R_NOT_TOP", "R_PRESCREEN", "decide", "judge"]
+def tally(table: pa.Table) -> dict[str, int]:
+    """Rows by outcome: ``kept:<source>`` or ``reason:<reason without its detail>``."""
+    out: dict[str, int] = {}
+    for src, kept, reason in zip(table[C.SOURCE].to_pylist(), table[C.KEPT].to_pylist(), table[C.REASON].to_pylist()):
+        tag = f"kept:{src}" if kept else f"reason:{(reason or '').split(':')[0]}"
+        out[tag] = out.get(tag, 0) + 1
+    return out
+
+
+__all__ = ["JUDGED", "R_BELOW", "R_EMPTY", "R_IMAGE", "R_NOT_TOP", "R_PRESCREEN", "decide", "judge", "tally"]

@@ -1,8 +1,8 @@
 """``rethreshold``: apply a new ITM threshold to a CapFilt corpus from its stored scores.
 
 No model pass: the keep rule (:func:`vlp_core.capfilt.judge.judge`, the same function the
-CapFilt run uses) is applied again to each shard's stored scores.  Rows rejected for other reasons (``empty_text``, ``itc_prescreen``,
-``image_decode_error: ...``) keep them.  The threshold is either given
+CapFilt run uses) is applied again to each shard's stored scores.  Rows rejected for other
+reasons (``empty_text``, ``itc_prescreen``, ``image_decode_error: ...``) keep them.  The threshold is either given
 (``itm_threshold``) or the ``percentile``-th percentile of the filter's ITM on the clean
 pairs stored by the calibrated run (``calibration.parquet``), so
 ``rethreshold(corpus, out, t)`` equals a full CapFilt run with the fixed threshold ``t``.
@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Optional
 
 from vlp_core.errors import VlpError
-from vlp_core.io import (StageStats, read_json, read_parquet, read_parquet_metadata, read_parquet_schema, write_json,
-                         write_parquet)
+from vlp_core.io import StageStats, read_json, read_parquet, read_parquet_schema, write_json, write_parquet
 from vlp_core.schema import CORPUS_SCHEMA, C, conform, require_columns
 
-from vlp_core.capfilt.judge import judge
+from vlp_core.capfilt.judge import judge, tally
 from vlp_core.capfilt.stage import CALIBRATION_FILE, THRESHOLD_FILE, check_keep_top
 from vlp_core.corpus import CORPUS_DIR, corpus_folder
+
 
 def percentile_threshold(calibration: str | Path, percentile: float) -> float:
     """The ``percentile``-th percentile (linear, as numpy) of the stored clean-pair ITM scores."""
@@ -64,13 +64,13 @@ def rethreshold(corpus_dir: str | Path, out_dir: str | Path, itm_threshold: Opti
     for f in files:  # every input readable before the first output is written
         require_columns(read_parquet_schema(f), required, f)
     for f in files:
-        table = judge(conform(read_parquet(f), CORPUS_SCHEMA), float(itm_threshold), keep_top)
-        stats.rows_in += read_parquet_metadata(f).num_rows
+        stored = read_parquet(f)
+        table = judge(conform(stored, CORPUS_SCHEMA), float(itm_threshold), keep_top)
+        stats.rows_in += stored.num_rows
         stats.rows_out += table.num_rows
         write_parquet(table, out_dir / CORPUS_DIR / f.name)
-        for source, kept, reason in zip(table[C.SOURCE].to_pylist(), table[C.KEPT].to_pylist(),
-                                        table[C.REASON].to_pylist()):
-            stats.add(f"kept:{source}" if kept else f"reason:{(reason or '').split(':')[0]}")
+        for tag, n in tally(table).items():
+            stats.add(tag, n)
         marker = folder / f"{f.stem}_stats.json"
         old = read_json(marker) if marker.is_file() else {}
         write_json({**old, "rethreshold": {"from": str(f), "itm_threshold": itm_threshold,

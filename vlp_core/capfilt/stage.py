@@ -13,8 +13,8 @@ captioner and a filter model folder (vlp_core checkpoints or local HF BLIP folde
 Candidate 0 of an image is its web alt-text (``source=web``), candidates ``1..K`` are the
 captioner's samples (``source=synthetic``).  Every candidate becomes a row.  This stage
 *scores* (captions, ITC, ITM); :func:`vlp_core.capfilt.judge.judge` then *decides* from the
-scores, storing the threshold with each row.  A rejected row has ``kept=false`` and a reason (``itm_below_threshold``, ``itc_prescreen``, ``empty_text``,
-``image_decode_error: ...``, or ``not_top_itm`` when ``capfilt.keep_top: N`` keeps only an
+scores, storing the threshold with each row.  A rejected row has ``kept=false`` and a reason
+(``itm_below_threshold``, ``itc_prescreen``, ``empty_text``, ``image_decode_error: ...``, or ``not_top_itm`` when ``capfilt.keep_top: N`` keeps only an
 image's N synthetic captions with the highest ITM among those above the threshold).
 Manifest rows whose status is not ``success`` are not candidates; they are counted in
 ``stats.counts`` as ``skipped:<status>``.
@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vlp_core.capfilt.judge import R_EMPTY, R_IMAGE, R_PRESCREEN, judge
+from vlp_core.capfilt.judge import R_EMPTY, R_IMAGE, R_PRESCREEN, judge, tally
 from vlp_core.config import Params, section_dict
 from vlp_core.corpus import CORPUS_DIR, FEATS_DIR, fixed_list, resolve_ref
 from vlp_core.errors import VlpError
@@ -395,31 +395,28 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
                     img_feat[good] = f_img
                     txt_feat[pos] = f_txt
             # ---- rows: scores, and why a row could not be scored; then the rule decides (judge.py)
-            m = n
-            prior: list[Optional[str]] = []
-            for i in range(e - s):
-                for c in range(1 + k):
-                    p = i * (1 + k) + c
-                    prior.append(bad[i] if i in bad else R_EMPTY if not _is_text(texts[i][c])
-                                 else R_PRESCREEN if np.isnan(itm[p]) else None)
+            prior = [bad[i] if i in bad else R_EMPTY if not _is_text(texts[i][c])
+                     else R_PRESCREEN if np.isnan(itm[i * (1 + k) + c]) else None
+                     for i in range(e - s) for c in range(1 + k)]
+
+            def per_row(values: list) -> list:  # one value per image -> one per candidate row
+                return [v for v in values[s:e] for _ in range(1 + k)]
+
             table = judge(pa.table({
-                C.KEY: [keys[s + i] for i in range(e - s) for _ in range(1 + k)],
-                C.URL: [urls[s + i] for i in range(e - s) for _ in range(1 + k)],
-                C.SHARD: [refs[s + i] for i in range(e - s) for _ in range(1 + k)],
-                C.CANDIDATE: pa.array([c for _ in range(e - s) for c in range(1 + k)], pa.int16()),
+                C.KEY: per_row(keys), C.URL: per_row(urls), C.SHARD: per_row(refs),
+                C.CANDIDATE: pa.array(list(range(1 + k)) * (e - s), pa.int16()),
                 C.TEXT: pa.array([t for row in texts for t in row], pa.string()),
-                C.SOURCE: [cand_src[c] for _ in range(e - s) for c in range(1 + k)],
-                C.ITC: pa.array(itc, pa.float32(), mask=np.isnan(itc)), C.ITM: pa.array(itm, pa.float32(), mask=np.isnan(itm)),
-                C.KEPT: pa.array(np.zeros(m, bool), pa.bool_()), C.REASON: pa.array(prior, pa.string()),
-                C.CAPTIONER_ID: [cap.model_id] * m, C.FILTER_ID: [flt.model_id] * m,
-                C.ROUND: pa.array([round] * m, pa.int32()),
-                C.ITM_THRESHOLD: pa.nulls(m, pa.float32())}, schema=CORPUS_SCHEMA), threshold, cp.keep_top)
-            for src, kept, reason in zip(table[C.SOURCE].to_pylist(), table[C.KEPT].to_pylist(),
-                                         table[C.REASON].to_pylist()):
-                tag = f"kept:{src}" if kept else f"reason:{reason.split(':')[0]}"
-                counts[tag] = counts.get(tag, 0) + 1
+                C.SOURCE: cand_src * (e - s),
+                C.ITC: pa.array(itc, pa.float32(), mask=np.isnan(itc)),
+                C.ITM: pa.array(itm, pa.float32(), mask=np.isnan(itm)),
+                C.KEPT: pa.array(np.zeros(n, bool), pa.bool_()), C.REASON: pa.array(prior, pa.string()),
+                C.CAPTIONER_ID: [cap.model_id] * n, C.FILTER_ID: [flt.model_id] * n,
+                C.ROUND: pa.array([round] * n, pa.int32()),
+                C.ITM_THRESHOLD: pa.nulls(n, pa.float32())}, schema=CORPUS_SCHEMA), threshold, cp.keep_top)
+            for tag, c in tally(table).items():
+                counts[tag] = counts.get(tag, 0) + c
             writer.write_table(table)
-            stats["rows_out"] += m
+            stats["rows_out"] += n
             feats.write(table, shas, img_feat, txt_feat, k)
             bar.update(e - s)
     stats["vision_passes"] = imgpass.passes

@@ -65,8 +65,8 @@ class UrlValidator:
         if host in self._cache:
             return self._cache[host]
         verdict: Optional[str] = None
-        if address_verdict(host) != "not an IP address":
-            kind = address_verdict(host)
+        kind = address_verdict(host)
+        if kind != "not an IP address":
             if kind:
                 verdict = f"host {host} is a {kind} address"
         elif host == "localhost" or host.endswith(".localhost"):

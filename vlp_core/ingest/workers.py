@@ -20,9 +20,9 @@ from img2dataset.resizer import Resizer
 from vlp_core.ingest.netguard import install
 
 
-def image_header_size(data: bytes) -> Optional[tuple[int, int]]:
-    """``(width, height)`` from the image header, without decoding the pixels; None when the
-    header cannot be read."""
+def image_header_size(data: bytes | io.IOBase) -> Optional[tuple[int, int]]:
+    """``(width, height)`` from the image header (bytes, or a seekable stream read from where it
+    is), without decoding the pixels; None when the header cannot be read."""
     from PIL import Image
 
     try:
@@ -30,7 +30,7 @@ def image_header_size(data: bytes) -> Optional[tuple[int, int]]:
             warnings.simplefilter("ignore")
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we judge the size ourselves
             try:
-                with Image.open(io.BytesIO(data)) as im:
+                with Image.open(data if hasattr(data, "read") else io.BytesIO(data)) as im:
                     return int(im.size[0]), int(im.size[1])
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
@@ -51,7 +51,7 @@ class GuardedResizer(Resizer):
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         img_stream.seek(0)
-        size = image_header_size(img_stream.read())
+        size = image_header_size(img_stream)  # reads the header only, no copy of the bytes
         img_stream.seek(0)
         if size is None:
             return None, None, None, None, None, "image header unreadable (not decoded)"

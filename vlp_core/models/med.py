@@ -307,6 +307,7 @@ class BlipMED(nn.Module):
         loss = zero
 
         ids, mask = self.tokenize(texts, "enc")
+        hard_rows = [i for i, t in enumerate(hard_texts or ()) if t]  # pairs with a hard negative text
         need_contrast = w["itc"] > 0 or w["itm"] > 0
         if need_contrast:
             with torch.no_grad():
@@ -333,7 +334,6 @@ class BlipMED(nn.Module):
                 sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
             sim_i2t = image_feat @ text_feat_m_all / self.temp  # (B, G+Q)
             sim_t2i = text_feat @ image_feat_m_all / self.temp
-            hard_rows = [i for i, t in enumerate(hard_texts or ()) if t]
             if hard_rows:  # one more text column, target 0: the pair's hard negative, for its own image only
                 # (another image's true caption can equal it when the vocabulary is small, as in the
                 # synthetic world: NegCLIP's all-images columns would make that a false negative)
@@ -384,16 +384,15 @@ class BlipMED(nn.Module):
                                         encoder_hidden_states=image_embeds_all, encoder_attention_mask=image_atts_all,
                                         is_decoder=False)
             vl = [out_pos.last_hidden_state[:, 0, :], out_neg.last_hidden_state[:, 0, :]]  # (3B, H)
-            rows = [i for i, t in enumerate(hard_texts or ()) if t]
-            if rows:  # the pair's own image with its text changed in one place
-                hard_ids, hard_mask = self.tokenize([hard_texts[i] for i in rows], "itm")
-                sel = torch.tensor(rows, device=image_embeds.device)
+            if hard_rows:  # the pair's own image with its text changed in one place
+                hard_ids, hard_mask = self.tokenize([hard_texts[i] for i in hard_rows], "itm")
+                sel = torch.tensor(hard_rows, device=image_embeds.device)
                 out_hard = self.text_encoder(input_ids=hard_ids, attention_mask=hard_mask,
                                              encoder_hidden_states=image_embeds[sel],
                                              encoder_attention_mask=image_atts[sel], is_decoder=False)
                 vl.append(out_hard.last_hidden_state[:, 0, :])
             logits = self.itm_head(torch.cat(vl, 0))
-            labels = torch.cat([torch.ones(bs), torch.zeros(2 * bs + len(rows))]).long().to(logits.device)
+            labels = torch.cat([torch.ones(bs), torch.zeros(2 * bs + len(hard_rows))]).long().to(logits.device)
             out["itm"] = F.cross_entropy(logits.float(), labels)
             loss = loss + w["itm"] * out["itm"]
 
