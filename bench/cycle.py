@@ -2,26 +2,27 @@
 
     .venv/bin/python bench/cycle.py                        # 3 seeds at the defaults below
     .venv/bin/python bench/cycle.py --seeds 0 --steps 300  # a quick look
-    .venv/bin/python bench/cycle.py --rounds 1             # round 0, round 1 and the controls only
+    .venv/bin/python bench/cycle.py --rounds 1             # pretrained, round 0 and the controls only
                                                            # (measured here: 2,751 s a seed on 2 cores)
 
 One synthetic world (``params.yaml``'s, with ``--n-web`` web pairs; 40 % noisy web text, the
 web's noise kinds) is made once, served on 127.0.0.1 and ingested once with img2dataset.
-Then, for every seed, :func:`vlp_core.comparison.run_comparison` trains -- each from scratch,
-for the same ``--steps`` -- round 0 (raw web + human), round 1..N (each retrained on its
-CapFilt corpus; round k+1's captioner and filter come from round k's model) and the
-controls filter-only, human-only and oracle; every model is evaluated on the test split.
+Then, for every seed, :func:`vlp_core.comparison.run_comparison` runs the flows' rounds
+(:func:`vlp_core.rounds.compose`) and trains -- each for the same ``--steps`` -- the pretrained
+model (raw web + human), round 0..N-1's models (each retrained on its round's CapFilt corpus;
+round k+1's captioner and filter come from round k's model) and the controls filter-only,
+human-only and oracle; every model is evaluated on the test split.
 The seed changes every training and sampling seed (``pretrain``, both fine-tunes,
 ``capfilt``); the world stays the same.
 
 It prints each seed's table, the mean +- sd over seeds, and the three outcomes of issue 7,
 each marked met or not:
 
-1. round 1 beats round 0 on R@1 (mean of TR and IR) by more than the seed spread
+1. round 0 beats the pretrained model on R@1 (mean of TR and IR) by more than the seed spread
    (met when the mean gain exceeds both the sd over seeds of the gain and of each model);
-2. round 1 closes at least half of the gap between round 0 and the oracle;
-3. round 1 beats filter-only (the synthetic captions add something): met when the mean
-   difference is positive, as the issue asks; the line also says in how many seeds round 1 was
+2. round 0 closes at least half of the gap between the pretrained model and the oracle;
+3. round 0 beats filter-only (the synthetic captions add something): met when the mean
+   difference is positive, as the issue asks; the line also says in how many seeds round 0 was
    ahead and whether the mean lies inside one sd of the per-seed differences (not robust).
 
 These defaults (now also ``params.yaml``'s, the platform's real-use settings) differ from the
@@ -78,7 +79,7 @@ def _args() -> argparse.Namespace:
                         "150 steps; at 400 steps, 100 brought the ITC loss from 4.9 to 3.8)")
     p.add_argument("--decode", default="greedy", choices=["nucleus", "greedy", "beam"],
                    help="how the captioner writes synthetic captions (BLIP samples with nucleus; here "
-                        "greedy captions were 66%% fully right against nucleus' 48%%, round 1 of seed 0)")
+                        "greedy captions were 66%% fully right against nucleus' 48%%, seed 0's first CapFilt round)")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
     return p.parse_args()
 
@@ -99,6 +100,21 @@ def _ingest(params, world: Path, out: Path) -> dict[str, str]:
     return dirs
 
 
+def seed_layout(root: Path, shared: Path):
+    """A seed's work dir (:class:`vlp_core.layout.Layout`) whose ``data/world`` and ``data/ingest``
+    link to the shared world and downloads (their manifests' shard paths stay valid: they are
+    relative to the folder this runs from)."""
+    from vlp_core.layout import Layout
+
+    layout = Layout(root)
+    layout.data.mkdir(parents=True, exist_ok=True)
+    for name, target in (("world", shared / "world"), ("ingest", shared / "ingest")):
+        link = layout.data / name
+        if not link.exists():
+            link.symlink_to(target.resolve(), target_is_directory=True)
+    return layout
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -107,7 +123,7 @@ def outcomes(per_seed: dict[int, dict[str, float]]) -> list[tuple[str, bool, str
     """The three outcomes from ``{seed: {model name: r1_mean}}``."""
     seeds = sorted(per_seed)
     col = lambda name: [per_seed[s][name] for s in seeds]  # noqa: E731
-    r0, r1, fo, orc = col("round 0"), col("round 1"), col("filter-only"), col("oracle")
+    r0, r1, fo, orc = col("pretrained"), col("round 0"), col("filter-only"), col("oracle")
     gain = [b - a for a, b in zip(r0, r1)]
     g, g_sd = _mean_sd(gain)
     spread = max(g_sd, _mean_sd(r0)[1], _mean_sd(r1)[1])
@@ -116,12 +132,12 @@ def outcomes(per_seed: dict[int, dict[str, float]]) -> list[tuple[str, bool, str
     vs_fo = [b - a for a, b in zip(fo, r1)]
     d, d_sd = _mean_sd(vs_fo)
     return [
-        ("round 1 beats round 0 on R@1 by more than the seed spread", g > spread,
+        ("round 0 beats the pretrained model on R@1 by more than the seed spread", g > spread,
          f"gain {g:+.2f} (per seed {', '.join(f'{x:+.1f}' for x in gain)}) vs spread {spread:.2f}"),
-        ("round 1 closes >= half of the round 0 -> oracle gap", closed >= 0.5,
+        ("round 0 closes >= half of the pretrained -> oracle gap", closed >= 0.5,
          f"closed {100 * closed:.0f}% of a {gap:.2f}-point gap"),
-        ("round 1 beats filter-only (the captions add something)", d > 0,
-         f"round 1 - filter-only {d:+.2f} +- {d_sd:.2f} (per seed {', '.join(f'{x:+.1f}' for x in vs_fo)})"
+        ("round 0 beats filter-only (the captions add something)", d > 0,
+         f"round 0 - filter-only {d:+.2f} +- {d_sd:.2f} (per seed {', '.join(f'{x:+.1f}' for x in vs_fo)})"
          + _robustness(vs_fo)),
     ]
 
@@ -140,7 +156,7 @@ def _robustness(diffs: list[float]) -> str:
 def main() -> int:
     apply_offline_env()
     a = _args()
-    from vlp_core.comparison import Inputs, comparison_table, results_to_json, run_comparison
+    from vlp_core.comparison import comparison_table, results_to_json, run_comparison
     from vlp_core.config import load_params
     from vlp_core.synthetic.make import run_synthetic_make
 
@@ -166,7 +182,7 @@ def main() -> int:
         run_synthetic_make(base, world)
     dirs = _ingest(base, world, out)
     print(f"world + ingest: {time.perf_counter() - t0:.0f} s  ({a.n_web} web, {a.n_human} human, {a.n_test} test)")
-    inputs = Inputs(web=dirs["web"], human=dirs["human"], test=dirs["test"], world=str(world))
+    del dirs  # each seed's work dir links to the one world and its downloads
 
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     per_seed: dict[int, dict[str, float]] = {}
@@ -175,7 +191,7 @@ def main() -> int:
         t = time.perf_counter()
         p = base.replace(**{"pretrain.seed": seed, "finetune.captioner.seed": seed, "finetune.filter.seed": seed,
                             "capfilt.seed": seed})
-        res = run_comparison(p, inputs, runs / f"seed{seed}", rounds=a.rounds, controls=True)
+        res = run_comparison(p, seed_layout(runs / f"seed{seed}", out), rounds=a.rounds, controls=True)
         tables[seed] = res
         per_seed[seed] = {r.name: float(r.metrics["r1_mean"]) for r in res}
         (runs / f"seed{seed}" / "results.json").write_text(json.dumps(results_to_json(res), indent=1, default=str))

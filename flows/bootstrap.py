@@ -24,10 +24,15 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows import tasks as T
+from vlp_core import rounds as R
+from vlp_core import versioning as V
+from vlp_core.capfilt import stage as cs
+from vlp_core.catalog import flatten_metrics
 from vlp_core.config import Params, load_params
+from vlp_core.io import read_json
+from vlp_core.rounds import STEPS
+from vlp_core.stagecache import is_cached
 
-# Stage order; ``until`` stops after the named step.
-STEPS = ("ingest", "pretrain", "finetune", "capfilt", "features", "retrain", "evaluate", "record")
 
 
 @contextlib.contextmanager
@@ -67,22 +72,11 @@ def _logger():
         return logging.getLogger("vlp.flows")
 
 
-def _after(step: str, until: Optional[str]) -> bool:
-    """True when ``step`` comes after ``until`` (so it must not run)."""
-    if until is None:
-        return False
-    u = "finetune" if until.startswith("finetune") else ("ingest" if until.startswith("ingest") else until)
-    if u not in STEPS:
-        raise T.FlowStageError(f"until={until!r}: not a step (one of {', '.join(STEPS)})")
-    return STEPS.index(step) > STEPS.index(u)
-
-
 @task(name="version", task_run_name="version-round{round}", cache_policy=NONE)
 def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Sequence[str], complete: bool,
                  overridden: bool) -> dict[str, Any]:
     """Record the stages this round ran in dvc.lock (``dvc commit``), then -- for a complete
     round -- commit dvc.lock, tag ``round-N`` and optionally ``dvc push``."""
-    from vlp_core import versioning as V
 
     o = params.orchestration
     done: dict[str, Any] = {"dvc_committed": [], "tag": None, "pushed": False}
@@ -111,67 +105,36 @@ def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Seque
 
 def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optional[str] = None,
               until: Optional[str] = None, overridden: bool = False) -> dict[str, Any]:
-    """The body of one round (inside a flow run): submits the tasks and waits for them."""
+    """The body of one round (inside a flow run): the steps :func:`vlp_core.rounds.compose` lists,
+    each a Prefect task, then the DVC commit and tag.  Returns the results by stage name."""
     log = _logger()
-    o = params.orchestration
+    steps = R.compose(params, layout, round, init_from, until)
+    by_id: dict[str, dict] = {}
     res: dict[str, dict] = {}
-    dvc_stages: list[str] = []
-    ingest = T.ingest_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_seconds,
-                                        retry_condition_fn=T.retry_unless_permanent,
-                                        timeout_seconds=o.network_timeout_seconds)
-    for split in T.SPLITS:
-        res[f"ingest_{split}"] = ingest(params, layout, split)
-        dvc_stages.append(f"ingest_{split}")
-    complete = False
-    if not _after("pretrain", until):
-        if round == 0:
-            if init_from:
-                res["pretrain"] = T.import_task(params, layout, init_from)
-                base_model = str(init_from)
-            else:
-                res["pretrain"] = T.pretrain_task(params, layout, res["ingest_web"], res["ingest_human"])
-                base_model = str(layout.model(0, "pretrain"))
-                dvc_stages.append("pretrain")
-        else:
-            prev = layout.model(round - 1, "retrain")
-            if not prev.exists():
-                raise T.FlowStageError(f"{prev}: round {round} needs round {round - 1}'s retrained model")
-            res["pretrain"] = {"name": "pretrain", "key": T.digest_path(prev), "skipped": True, "stats": {}}
-            base_model = str(prev)
-    if not _after("finetune", until):
-        # the two fine-tunes run side by side only on a Dask cluster: two trainings in one process's
-        # threads share (and oversubscribe) its torch thread pool -- on 2 CPU cores they took 3x longer
-        # together than one after the other
-        together = params.orchestration.task_runner == "dask"
-        futs = {t: (T.finetune_task.submit if together else T.finetune_task)(
-                    params, layout, round, t, base_model, res["pretrain"], res["ingest_human"])
-                for t in ("captioner", "filter")}
-        for t, f in futs.items():
-            res[f"finetune_{t}"] = f.result() if together else f
-            dvc_stages.append(T.dvc_stage_name(f"finetune_{t}", round))
-    if not _after("capfilt", until):
-        shard_results = _capfilt_fanout(params, layout, round, res)
-        res["capfilt"] = T.capfilt_task(params, layout, round, res["finetune_captioner"], res["finetune_filter"],
-                                        res["ingest_web"], res["ingest_human"], shard_results)
-        dvc_stages.append(T.dvc_stage_name("capfilt", round))
-    if not _after("features", until):
-        res["features"] = T.features_task(params, layout, round, res["capfilt"], res["finetune_filter"])
-        dvc_stages.append(T.dvc_stage_name("features", round))
-    if not _after("retrain", until):
-        res["retrain"] = T.retrain_task(params, layout, round, res["capfilt"], res["ingest_human"], base_model)
-        dvc_stages.append(T.dvc_stage_name("retrain", round))
-    if not _after("evaluate", until):
-        res["evaluate"] = T.evaluate_task(params, layout, round, res["retrain"], res["ingest_test"])
-        dvc_stages.append(T.dvc_stage_name("evaluate", round))
-        if round == 0 and "pretrain" in dvc_stages:  # the baseline the bootstrap must beat
-            res["evaluate_base"] = T.evaluate_task(params, layout, 0, res["pretrain"], res["ingest_test"],
-                                                   which="pretrain")
-            dvc_stages.append("evaluate_base")
-    if not _after("record", until):
-        upstream = [res["evaluate"], res["features"]] + ([res["evaluate_base"]] if "evaluate_base" in res else [])
-        res["record"] = T.record_task(params, layout, round, upstream)
-        dvc_stages.append(T.dvc_stage_name("record", round))
-        complete = True
+    # the two fine-tunes run side by side only on a Dask cluster: two trainings in one process's
+    # threads share (and oversubscribe) its torch thread pool -- on 2 CPU cores they took 3x longer
+    # together than one after the other
+    together = params.orchestration.task_runner == "dask"
+    pending: dict[str, Any] = {}
+    for step in steps:
+        upstream = []
+        for n in step.needs:
+            if n in pending:
+                by_id[n] = pending.pop(n).result()
+            upstream.append(by_id[n])
+        if step.name == "capfilt":
+            _capfilt_fanout(params, layout, step, upstream)
+        run = T.step_task(params, step)
+        if together and step.name.startswith("finetune_"):
+            pending[step.id] = run.submit(params, layout, step, upstream)
+            continue
+        by_id[step.id] = T.unwrap(run(params, layout, step, upstream))
+    for n, fut in pending.items():
+        by_id[n] = fut.result()
+    for step in steps:
+        res[step.name] = by_id[step.id]
+    dvc_stages = [s.dvc_name for s in steps if not s.given]
+    complete = not R.after("record", until)
     res["version"] = version_task(params, layout, round, dvc_stages, complete, overridden)
     ran = [k for k, v in res.items() if isinstance(v, dict) and v.get("skipped") is False]
     log.info("round %d: ran %s; skipped the rest", round, ", ".join(ran) or "nothing")
@@ -179,43 +142,25 @@ def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optio
     return res
 
 
-def _capfilt_fanout(params: Params, layout: T.Layout, round: int, res: dict[str, dict]) -> list[Any]:
-    """Map CapFilt over the web shards (one task per shard) when the stage supports it and
-    the stage is not already cached; the final ``capfilt_task`` then only gathers."""
-    from vlp_core.capfilt import stage as cs
+def _capfilt_fanout(params: Params, layout: T.Layout, step: R.Step, upstream: list[dict]) -> list[Any]:
+    """Map CapFilt over the web shards (one task per shard) unless the stage cache will skip the
+    step; the capfilt step itself then only gathers (finished shards are skipped by done marker)."""
 
-    if not hasattr(cs, "list_capfilt_shards") or not hasattr(cs, "run_capfilt_shard"):
+    key = T.input_key(step.id, params, step.sections, upstream, step.files)
+    if is_cached(params, layout, step.id, key, step.out_dir, step.done_file):
         return []
-    sid = T.stage_id("capfilt", round)
-    key = T.input_key(sid, params, ["capfilt"], [res["finetune_captioner"], res["finetune_filter"],
-                                                  res["ingest_web"], res["ingest_human"]])
-    marker = layout.marker(sid)
-    if marker.exists() and (layout.stage(round, "capfilt") / "stats.json").exists():
-        from vlp_core.io import read_json
-
-        if read_json(marker).get("key") == key:
-            return []
     if params.orchestration.fail_before == "capfilt":
-        return []  # let capfilt_task raise the injected failure
-    shards, calibration = _shards_and_calibration(params, layout, round)
-    futures = T.capfilt_shard_task.map(
-        params, layout, round, shards, str(layout.model(round, "finetune_captioner")),
-        str(layout.model(round, "finetune_filter")), calibration)
-    return [f.result() for f in futures]
-
-
-def _shards_and_calibration(params: Params, layout: T.Layout, round: int) -> tuple[list[Any], Any]:
-    """The fan-out units and the shared calibration (so every shard uses one threshold)."""
-    from vlp_core.capfilt import stage as cs
-
+        return []  # let the capfilt step raise the injected failure
+    round = step.round
     shards = list(cs.list_capfilt_shards(params, layout.manifest("web")))
-    calibration: Any = layout.manifest("human")
-    if hasattr(cs, "calibrate_threshold"):
-        calibration = cs.calibrate_threshold(params, str(layout.model(round, "finetune_filter")),
-                                             layout.manifest("human"), layout.stage(round, "capfilt"))
+    calibration = cs.calibrate_threshold(params, str(layout.model(round, "finetune_filter")),
+                                         layout.manifest("human"), layout.stage(round, "capfilt"))
     from prefect.utilities.annotations import unmapped
 
-    return shards, unmapped(calibration)
+    futures = T.capfilt_shard_task.map(
+        params, layout, round, shards, str(layout.model(round, "finetune_captioner")),
+        str(layout.model(round, "finetune_filter")), unmapped(calibration))
+    return [f.result() for f in futures]
 
 
 def _artifacts(params: Params, layout: T.Layout, round: int, res: dict[str, Any]) -> None:
@@ -230,8 +175,6 @@ def _artifacts(params: Params, layout: T.Layout, round: int, res: dict[str, Any]
                          f"{round_(s.get('seconds'))} |")
     metrics_file = layout.stage(round, "evaluate") / "metrics.json"
     if metrics_file.exists():
-        from vlp_core.catalog import flatten_metrics
-        from vlp_core.io import read_json
 
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {round_(v)} |" for k, v in sorted(flatten_metrics(read_json(metrics_file)).items())]

@@ -113,9 +113,9 @@ def _demo(args: argparse.Namespace) -> int:
                    controls=args.controls)
     print(_summary(res))
     if res.get("table"):
-        print("\nCapFilt on the synthetic web: 'round 0' is pretrained on the raw web, 'round k' retrained on "
-              "CapFilt's corpus of round k-1; each control gets round 1's training on its own corpus "
-              "('raw web': round 0 trained on, on the raw web, when retrain.init is continue):\n")
+        print("\nCapFilt on the synthetic web: 'pretrained' is round 0's base model (raw web + human), 'round k' "
+              "is retrained on CapFilt's corpus of round k; each control gets round 0's retraining on its own "
+              "corpus ('raw web': the pretrained model trained on, on the raw web, when retrain.init is continue):\n")
         print(res["table"])
         print(f"\n({args.workdir}/data/comparison/table.md, results.json)")
     print(f"report: {res.get('report')}\ncompare: cd {args.workdir} && vlp versions diff round0 round1")

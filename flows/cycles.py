@@ -17,12 +17,14 @@ from prefect import flow
 
 from flows import tasks as T
 from flows.bootstrap import _artifacts, _capfilt_fanout, _logger, in_workdir, run_round, task_runner_for
+from vlp_core import rounds as R
+from vlp_core.catalog import CatalogError
 from vlp_core.config import load_params
+from vlp_core.report import write_report
+from vlp_core.stagecache import marker_key
 
 
 def write_report_if_possible(params, layout: T.Layout) -> Optional[Path]:
-    from vlp_core.catalog import CatalogError
-    from vlp_core.report import write_report
 
     cat = layout.root / params.catalog.path
     if not cat.exists():
@@ -77,26 +79,25 @@ def nightly_flow(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     with in_workdir(workdir):
         params = load_params(params_path)
         layout = T.Layout(Path("."), home=str(Path.cwd()))
-        o = params.orchestration
-        ingest = T.ingest_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_seconds,
-                                            retry_condition_fn=T.retry_unless_permanent,
-                                            timeout_seconds=o.network_timeout_seconds)
-        res: dict[str, Any] = {"ingest_web": ingest(params, layout, "web")}
-        rounds = sorted(int(p.name[5:]) for p in layout.data.glob("round*")
-                        if p.name[5:].isdigit() and (p / "finetune_filter" / "model").exists()
-                        and (p / "finetune_captioner" / "model").exists())
+        web = R.ingest_step(params, layout, "web")
+        res: dict[str, Any] = {"ingest_web": T.unwrap(T.step_task(params, web)(params, layout, web, []))}
+        rounds = layout.rounds_done()
         if not rounds or not layout.ingest("human").exists():
             _logger().info("no captioner/filter yet: ingest only (run `vlp cycles` once first)")
             return res
         k = rounds[-1]
-        fake = {"key": "nightly", "skipped": True, "stats": {}}
+        base = R.base_step(layout, k) if k else R.pretrain_step(params, layout)
+        capfilt = next(s for s in R.round_steps(params, layout, k, base, until="capfilt", record=False)
+                       if s.name == "capfilt")
+        # the fine-tunes are not rerun: their stage cache keys stand for them
+        known = {web.id: res["ingest_web"],
+                 "ingest_human": R.run_step(params, layout, R.given_ingest(layout, "human"), [])}
         for t in ("captioner", "filter"):
-            marker = layout.marker(T.stage_id(f"finetune_{t}", k))
-            res[f"finetune_{t}"] = {**fake, "key": T.read_json(marker)["key"] if marker.exists() else "none"}
-        res["ingest_human"] = {**fake, "key": "human"}
-        shard_results = _capfilt_fanout(params, layout, k, res)
-        res["capfilt"] = T.capfilt_task(params, layout, k, res["finetune_captioner"], res["finetune_filter"],
-                                        res["ingest_web"], res["ingest_human"], shard_results)
+            sid = T.stage_id(f"finetune_{t}", k)
+            known[sid] = res[f"finetune_{t}"] = {"key": marker_key(layout, sid) or "none", "skipped": True, "stats": {}}
+        upstream = [known[n] for n in capfilt.needs]
+        _capfilt_fanout(params, layout, capfilt, upstream)
+        res["capfilt"] = T.unwrap(T.step_task(params, capfilt)(params, layout, capfilt, upstream))
         _artifacts(params, layout, k, res)
         return res
 

@@ -9,14 +9,15 @@
 2. the world is served on ``127.0.0.1:<port>`` and the URL lists ``data/urls/<split>.parquet``
    are written for that base URL (a fixed port keeps them, and so DVC's inputs, stable);
 3. the rounds run as in :func:`flows.cycles.cycles_flow`, then the report is written;
-4. the controls (filter-only, human-only, oracle; and "raw web", round 0 trained on the raw web
-   for the same steps, when ``retrain.init`` is continue) are trained like round 1, and the
+4. the controls (filter-only, human-only, oracle; and "raw web", the pretrained model trained on
+   the raw web for the same steps, when ``retrain.init`` is continue) are trained like round 0's
+   retrain, and the
    comparison table (:mod:`vlp_core.comparison`) is written to ``data/comparison/table.md`` and
    printed.
 
-Model names in the table: "round 0" is the model pretrained on the raw web (the flow's
-``round0/pretrain``), "round k" for k >= 1 is the model retrained on CapFilt version
-``round<k-1>``'s corpus (the flow's ``round<k-1>/retrain``).
+Model names in the table: "pretrained" is round 0's base model, pretrained on the raw web
+(``data/round0/pretrain``); "round k" is round k's model, retrained on CapFilt version
+``round<k>``'s corpus (``data/round<k>/retrain``) -- round k as everywhere (:mod:`vlp_core.layout`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,13 @@ import yaml
 from flows import tasks as T
 from flows.bootstrap import in_workdir, run_round, task_runner_for
 from flows.cycles import write_report_if_possible
-from vlp_core.config import Params, load_params
+from vlp_core import versioning as V
+from vlp_core.comparison import (comparison_table, inputs_of, results_from_json, results_to_json, round_results,
+                                 run_controls)
+from vlp_core.config import ConfigError, Params, load_params, params_from_dict
+from vlp_core.io import read_json, write_json, write_text
+from vlp_core.synthetic.make import run_synthetic_make
+from vlp_core.synthetic.server import serve_world, write_url_list
 
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -49,7 +56,6 @@ def _merge(base: dict, over: dict) -> dict:
 
 def demo_params_text(base_params: str | Path = PROJECT / "params.yaml", settings: str | Path = DEMO_SETTINGS) -> str:
     """The demo's ``params.yaml``: ``base_params`` with ``settings`` laid over it (validated)."""
-    from vlp_core.config import params_from_dict
 
     base = yaml.safe_load(Path(base_params).read_text()) or {}
     merged = _merge(base, yaml.safe_load(Path(settings).read_text()) or {})
@@ -66,7 +72,6 @@ def prepare_demo_repo(workdir: str | Path, base_params: str | Path = PROJECT / "
     only drops ``ingest.allow_private_network``, replaced by the server the demo allows itself), copies the project's
     ``dvc.yaml``, links ``vlp_core`` to the project's code (the stages' code dependencies),
     and runs ``git init`` + ``dvc init`` + a first commit the first time."""
-    from vlp_core import versioning as V
 
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -98,17 +103,15 @@ def prepare_demo_repo(workdir: str | Path, base_params: str | Path = PROJECT / "
 
 
 @task(name="synthetic", cache_policy=NONE)
-def synthetic_task(params: Params, layout: T.Layout) -> dict[str, Any]:
+def synthetic_task(params: Params, layout: T.Layout) -> Any:
     """Make the synthetic world (skipped when unchanged)."""
-    from vlp_core.synthetic.make import run_synthetic_make
 
-    return T.cached_stage(params, layout, "synthetic", None, layout.world, ["synthetic"], [], [],
-                          lambda: run_synthetic_make(params, layout.world), done_file="ground_truth.parquet")
+    return T.as_state(T.cached_stage(params, layout, "synthetic", None, layout.world, ["synthetic"], [], [],
+                                     lambda: run_synthetic_make(params, layout.world), done_file="ground_truth.parquet"))
 
 
 def write_urls_if_changed(layout: T.Layout, base_url: str) -> None:
     """Write ``data/urls/<split>.parquet``, leaving a file untouched when its bytes would not change."""
-    from vlp_core.synthetic.server import write_url_list
 
     for split in T.SPLITS:
         target = layout.urls(split)
@@ -128,49 +131,28 @@ def allow_server(params: Params, host_port: str) -> Params:
     return params if host_port in allowed else params.replace(**{"ingest.allowed_hosts": allowed + (host_port,)})
 
 
-def comparison_inputs(layout: T.Layout) -> Any:
-    from vlp_core.comparison import Inputs
-
-    return Inputs(web=str(layout.ingest("web")), human=str(layout.ingest("human")), test=str(layout.ingest("test")),
-                  world=str(layout.world))
-
-
 @task(name="controls", cache_policy=NONE)
-def controls_task(params: Params, layout: T.Layout, round0: dict) -> dict[str, Any]:
+def controls_task(params: Params, layout: T.Layout, round0: dict) -> Any:
     """Train and evaluate the filter-only, human-only and oracle controls (skipped when unchanged)."""
-    from vlp_core.comparison import results_to_json, run_controls
-    from vlp_core.io import write_json
 
-    out = layout.data / "comparison"
+    out = layout.comparison
     upstream = [round0[n] for n in ("pretrain", "capfilt", "ingest_web", "ingest_human", "ingest_test")
                 if n in round0]
 
     def run(fresh: bool) -> None:
-        res = run_controls(params, comparison_inputs(layout), layout.stage(0, "capfilt") / "corpus", out,
-                           base=layout.model(0, "pretrain"), fresh=fresh)
+        res = run_controls(params, inputs_of(layout), layout.corpus(0), out, base=layout.base_model(0), fresh=fresh)
         write_json({"controls": results_to_json(res)}, out / "controls.json")
 
-    return T.cached_stage(params, layout, "controls", None, out,
-                          ["pretrain", "retrain", "model", "evaluate", "capfilt.prompt"],
-                          upstream, [layout.ground_truth], run, done_file="controls.json", pass_fresh=True)
+    return T.as_state(T.cached_stage(params, layout, "controls", None, out,
+                                     ["pretrain", "retrain", "model", "evaluate", "capfilt.prompt"],
+                                     upstream, [layout.ground_truth], run, done_file="controls.json", pass_fresh=True))
 
 
 def comparison_results(params: Params, layout: T.Layout, rounds: int) -> list[Any]:
-    """The table's columns from the flow's outputs plus the controls."""
-    from vlp_core.comparison import evaluated, raw_corpus, results_from_json
-    from vlp_core.io import read_json
+    """The table's columns: the rounds' (:func:`vlp_core.comparison.round_results`) plus the controls."""
 
-    inputs = comparison_inputs(layout)
-    human = (inputs.human, "human")
-    out = layout.data / "comparison"
-    raw = raw_corpus(inputs.web, out / "raw_corpus")
-    cols = [evaluated(params, "round 0", layout.model(0, "pretrain"), layout.stage(0, "evaluate_base"), inputs,
-                      [(inputs.web, "web"), human], raw)]
-    for k in range(rounds):
-        capfilt = layout.stage(k, "capfilt")
-        cols.append(evaluated(params, f"round {k + 1}", layout.model(k, "retrain"), layout.stage(k, "evaluate"),
-                              inputs, [(str(capfilt), "web"), human], capfilt / "corpus"))
-    controls = out / "controls.json"
+    cols = round_results(params, layout, rounds)
+    controls = layout.comparison / "controls.json"
     if controls.exists():
         cols += results_from_json(read_json(controls)["controls"])
     return cols
@@ -179,14 +161,12 @@ def comparison_results(params: Params, layout: T.Layout, rounds: int) -> list[An
 @flow(name="vlp-demo", log_prints=True)
 def demo_flow(params_path: str = "params.yaml", overrides: Sequence[str] = (), workdir: str = ".",
               rounds: Optional[int] = None, port: int = 8765, controls: bool = True) -> dict:
-    from vlp_core import versioning as V
-    from vlp_core.synthetic.server import serve_world
 
     overrides = tuple(overrides)
     with in_workdir(workdir):
         params = load_params(params_path, list(overrides))
         layout = T.Layout(Path("."), home=str(Path.cwd()))
-        out: dict[str, Any] = {"synthetic": synthetic_task(params, layout)}
+        out: dict[str, Any] = {"synthetic": T.unwrap(synthetic_task(params, layout))}
         if V.is_dvc_repo(".") and params.orchestration.dvc_commit and not T.tracked_overrides(overrides):
             V.dvc_commit(".", ["synthetic"])
         n = params.orchestration.rounds if rounds is None else rounds
@@ -198,15 +178,13 @@ def demo_flow(params_path: str = "params.yaml", overrides: Sequence[str] = (), w
         report = write_report_if_possible(params, layout)
         out["report"] = str(report) if report else None
         if n >= 1 and controls:
-            out["controls"] = controls_task(params, layout, out["round0"])
+            out["controls"] = T.unwrap(controls_task(params, layout, out["round0"]))
             out["table"] = write_comparison(params, layout, n)
         return out
 
 
 def write_comparison(params: Params, layout: T.Layout, rounds: int) -> str:
     """Write ``data/comparison/{table.md,table.txt,results.json}``; returns the text table."""
-    from vlp_core.comparison import comparison_table, results_to_json
-    from vlp_core.io import write_json, write_text
 
     cols = comparison_results(params, layout, rounds)
     out = layout.data / "comparison"
@@ -232,7 +210,6 @@ def run_demo(params_path: str = "params.yaml", overrides: Sequence[str] = (), wo
     if not base.exists() and params_path == "params.yaml":
         base = PROJECT / "params.yaml"  # run from elsewhere: the platform's own settings
     elif not base.exists():
-        from vlp_core.config import ConfigError
 
         raise ConfigError(params_path, "<file>", "file not found")
     prepare_demo_repo(workdir, base)

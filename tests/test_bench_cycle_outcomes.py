@@ -10,7 +10,7 @@ _spec.loader.exec_module(cycle)
 
 
 def _seeds(rows):
-    names = ("round 0", "round 1", "filter-only", "oracle")
+    names = ("pretrained", "round 0", "filter-only", "oracle")
     return {s: dict(zip(names, r)) for s, r in enumerate(rows)}
 
 
@@ -32,5 +32,5 @@ def test_outcomes_one_lucky_seed_is_flagged():
 def test_outcomes_gain_inside_spread_is_not_met():
     (o1, m1, d1), (o2, m2, _), _ = cycle.outcomes(
         _seeds([(5.0, 6.0, 6.0, 20.0), (15.0, 16.0, 16.0, 20.0), (10.0, 11.0, 11.0, 20.0)]))
-    assert not m1  # gain 1 against round 0's sd of 5
+    assert not m1  # gain 1 against the pretrained model's sd of 5
     assert not m2  # 1 point of a 10-point gap

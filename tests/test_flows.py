@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flows import tasks as T
-from flows.bootstrap import _after
+from vlp_core.rounds import after as _after
 from vlp_core import versioning as V
 from vlp_core.config import Params
 
@@ -153,20 +153,24 @@ def test_training_stage_starts_fresh_only_when_its_inputs_changed(tmp_path):
 
 
 def test_ingest_task_fn_is_one_call_and_cached(tmp_path, tiny_world, world_server):
-    """``ingest_task.fn`` runs the real ingest once; the second call is a cache hit."""
+    """The ingest step's task runs the real ingest once; the second call is a cache hit, which
+    Prefect is told is Cached."""
     from fixtures_world import tiny_params
     from vlp_core.synthetic.server import write_url_list
 
     layout = T.Layout(tmp_path)
     write_url_list(tiny_world, "test", world_server.base_url, layout.urls("test"))
     params = tiny_params()
-    first = T.ingest_task.fn(params, layout, "test")
-    second = T.ingest_task.fn(params, layout, "test")
-    assert first["skipped"] is False and second["skipped"] is True
+    from vlp_core.rounds import ingest_step
+
+    step = ingest_step(params, layout, "test")
+    first = T.stage_task.fn(params, layout, step, [])
+    second = T.stage_task.fn(params, layout, step, [])
+    assert first["skipped"] is False and second.name == "Cached" and second.result()["skipped"] is True
     assert first["stats"]["rows_in"] == first["stats"]["rows_out"] == 100
     assert layout.manifest("test").exists()
     with pytest.raises(T.FlowStageError, match="URL list not found"):
-        T.ingest_task.fn(params, layout, "human")
+        T.stage_task.fn(params, layout, ingest_step(params, layout, "human"), [])
 
 
 @pytest.mark.slow
@@ -244,7 +248,7 @@ def test_cli_run_until_ingest(dvc_repo, harness):
 
 
 def test_record_task_fn_records_the_round(tmp_path):
-    """``record_task.fn`` snapshots the round's corpus, stats and metrics into the catalog."""
+    """The record step snapshots the round's corpus, stats and metrics into the catalog."""
     import pyarrow as pa
 
     from vlp_core.catalog import list_versions, query
@@ -259,11 +263,14 @@ def test_record_task_fn_records_the_round(tmp_path):
     write_json({"stage": "capfilt", "rows_in": 2, "rows_out": 2}, layout.stage(2, "capfilt") / "stats.json")
     write_json({"retrieval": {"r1_mean": 0.3}}, layout.stage(2, "evaluate") / "metrics.json")
     params = Params().replace(**{"catalog.path": "cat.duckdb"})
-    first = T.record_task.fn(params, layout, 2, [{"key": "up"}])
+    from vlp_core.rounds import record_step
+
+    step = record_step(params, layout, 2, ["round2-evaluate"])
+    first = T.stage_task.fn(params, layout, step, [{"key": "up"}])
     assert first["skipped"] is False
     assert (layout.record_marker(2)).exists()
     v = list_versions(tmp_path / "cat.duckdb")
     assert [(d["name"], d["round"], d["rows"], d["kept"]) for d in v] == [("round2", 2, 3, 2)]
     assert v[0]["metrics"] == {"evaluate.retrieval.r1_mean": 0.3}
     assert query(tmp_path / "cat.duckdb", "SELECT stage, rows_in FROM stage_stats")[1] == [("capfilt", 2)]
-    assert T.record_task.fn(params, layout, 2, [{"key": "up"}])["skipped"] is True
+    assert T.unwrap(T.stage_task.fn(params, layout, step, [{"key": "up"}]))["skipped"] is True

@@ -97,7 +97,7 @@ def test_counts_add_up_at_every_stage(cycled):
         assert feats["rows_in"] == feats["rows_out"] == corpus.num_rows
     # the comparison: six models, each trained for the same steps
     table = json.loads((data / "comparison" / "results.json").read_text())["models"]
-    assert [m["name"] for m in table] == ["round 0", "round 1", "round 2", "filter-only", "human-only", "oracle"]
+    assert [m["name"] for m in table] == ["pretrained", "round 0", "round 1", "filter-only", "human-only", "oracle"]
     assert all("r1_mean" in m["metrics"] for m in table)
     assert table[3]["sizes"].get("synthetic", 0) == 0 and table[1]["sizes"]["synthetic"] > 0
     assert set(table[4]["sizes"]) == {"human"}

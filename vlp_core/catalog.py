@@ -27,6 +27,7 @@ import pyarrow as pa
 from vlp_core.config import Params
 from vlp_core.errors import VlpError
 from vlp_core.io import read_parquet
+from vlp_core.layout import CORPUS_DIR
 from vlp_core.schema import CORPUS_SCHEMA, C
 
 VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -107,8 +108,8 @@ def corpus_files(corpus_dir: str | Path) -> list[Path]:
     p = Path(corpus_dir)
     if p.is_file():
         return [p]
-    if (p / "corpus").is_dir():
-        p = p / "corpus"
+    if (p / CORPUS_DIR).is_dir():
+        p = p / CORPUS_DIR
     if not p.is_dir():
         raise CatalogError(f"{corpus_dir}: corpus folder not found")
     return sorted(f for f in p.glob("*.parquet") if not f.name.startswith("."))

@@ -1,11 +1,14 @@
 """The CapFilt comparison: which corpus each model trains on, and the results table.
 
-Six models, each trained from scratch for the same number of steps:
+The models, each trained for the same number of steps (from scratch, or -- with
+``retrain.init: continue`` -- the pretrained model trained on):
 
 =============  ==========================================================================
-round 0        the raw web pairs (every downloaded alt-text) plus the human pairs
-round 1, 2     the bootstrapped corpus of that round (kept web + kept synthetic) plus human
-filter-only    round 1's corpus without synthetic captions: what the filter alone gives
+pretrained     round 0's base model: the raw web pairs (every downloaded alt-text) + human
+round 0, 1     round k's retrained model: version ``round<k>``'s CapFilt corpus (kept web +
+               kept synthetic) plus human (round k as :mod:`vlp_core.layout` defines it)
+raw web        the pretrained model trained on, on the raw web again (continue mode only)
+filter-only    round 0's corpus without synthetic captions: what the filter alone gives
 human-only     the human pairs alone
 oracle         the web pairs the ground truth says are clean, plus human
 =============  ==========================================================================
@@ -25,8 +28,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vlp_core.io import write_parquet
-from vlp_core.schema import C, CORPUS_SCHEMA, conform
+from vlp_core.audit import audit_corpus, oracle_rows
+from vlp_core.io import read_json, write_parquet
+from vlp_core.layout import CORPUS_DIR, MANIFEST_FILE, PRETRAIN
+from vlp_core.rounds import compose, run_steps
+from vlp_core.schema import C, CORPUS_SCHEMA, SUCCESS, conform
+from vlp_core.train.data import load_pairs
+from vlp_core.train.evaluate import evaluation_settings, run_evaluate
+from vlp_core.train.loop import in_fresh_process, retrain_settings, run_pretrain, run_retrain
 
 @dataclass
 class ModelResult:
@@ -59,14 +68,13 @@ def filter_only_corpus(corpus_dir: str | Path, out_dir: str | Path) -> Path:
 def oracle_corpus(web_manifest: str | Path, world_dir: Optional[str | Path], out_dir: str | Path) -> Path:
     """Every downloaded web pair, kept exactly when the ground truth says its text is clean.
     With ``world_dir=None`` every pair is kept: the raw web corpus of round 0."""
-    from vlp_core.audit import oracle_rows
 
     web_manifest = Path(web_manifest)
     if web_manifest.is_dir():
-        web_manifest = web_manifest / "manifest.parquet"
+        web_manifest = web_manifest / MANIFEST_FILE
     m = pq.read_table(web_manifest)
     clean = set(oracle_rows(web_manifest, world_dir)) if world_dir is not None else set(m[C.ROW].to_pylist())
-    m = m.filter(pc.equal(m[C.STATUS], "success"))
+    m = m.filter(pc.equal(m[C.STATUS], SUCCESS))
     rows = m[C.ROW].to_pylist()
     kept = pa.array([r in clean for r in rows], pa.bool_())
     n = m.num_rows
@@ -95,7 +103,6 @@ def raw_corpus(web_manifest: str | Path, out_dir: str | Path) -> Path:
 
 def pair_counts(sources: list[tuple[str, str]]) -> dict[str, int]:
     """Training pairs by source, as the trainer will read them."""
-    from vlp_core.train.data import load_pairs
 
     counts = pc.value_counts(load_pairs(sources)[C.SOURCE]).to_pylist()
     return {c["values"]: int(c["counts"]) for c in counts}
@@ -122,7 +129,6 @@ def same_evaluation(metrics: dict[str, Any], params) -> bool:
     caption lengths, the swap-negative seed).  A metrics file from before the settings were
     recorded is judged on what it does record: ``k_test`` and ``caption_decode`` (greedy, the
     only default, when absent)."""
-    from vlp_core.train.evaluate import evaluation_settings
 
     want = evaluation_settings(params)
     if "settings" in metrics:
@@ -136,9 +142,6 @@ def evaluated(params, name: str, model_dir: str | Path, eval_dir: str | Path, in
     """One column for a model that is already trained: evaluate it on the test split (reusing
     ``eval_dir/metrics.json`` when it was written with the same evaluation settings) and audit
     the corpus it trained on."""
-    from vlp_core.audit import audit_corpus
-    from vlp_core.io import read_json
-    from vlp_core.train.evaluate import run_evaluate
 
     metrics_file = Path(eval_dir) / "metrics.json"
     metrics = read_json(metrics_file) if metrics_file.exists() else None
@@ -155,7 +158,6 @@ def train_and_evaluate(params, name: str, sources: list[tuple[str, str]], inputs
     evaluate it and audit its corpus.  Without ``base`` it is pretrained from scratch (round
     0); with one it is *retrained* as ``params.retrain`` says: from scratch for
     ``pretrain.steps`` (BLIP), or ``base`` trained on for ``retrain.steps``."""
-    from vlp_core.train.loop import in_fresh_process, retrain_settings, run_pretrain, run_retrain
 
     d = Path(out_dir)
     what = ", ".join(s for _, s in sources)
@@ -170,26 +172,26 @@ def train_and_evaluate(params, name: str, sources: list[tuple[str, str]], inputs
     return evaluated(params, name, d / "train" / "model", d / "eval", inputs, sources, corpus)
 
 
-def run_controls(params, inputs: Inputs, round1_corpus: str | Path, workdir: str | Path,
+def run_controls(params, inputs: Inputs, round0_corpus: str | Path, workdir: str | Path,
                  log=print, base: Optional[str | Path] = None, fresh: bool = False) -> list[ModelResult]:
-    """The controls, each trained like round 1 (``base``: round 1's base model, i.e. round 0's;
-    see :func:`train_and_evaluate`):
+    """The controls, each trained like round 0's retrain (``base``: round 0's base model, the
+    pretrained one; see :func:`train_and_evaluate`):
 
-    * **raw web** (only when ``retrain.init`` is continue): round 0 trained on, for the same
-      steps, on the raw web pairs plus human -- the fair baseline of round 1, which got those
-      steps too;
-    * **filter-only**: round 1's corpus without its synthetic captions (what the filter alone gives);
+    * **raw web** (only when ``retrain.init`` is continue): the pretrained model trained on, for
+      the same steps, on the raw web pairs plus human -- the fair baseline of round 0, which got
+      those steps too;
+    * **filter-only**: round 0's corpus without its synthetic captions (what the filter alone gives);
     * **human-only**: the human pairs alone;
     * **oracle**: the web pairs the ground truth calls clean, plus the human pairs.
 
     ``fresh`` retrains every control from the start (their settings or inputs changed)."""
     work = Path(workdir)
     human = (inputs.human, "human")
-    fo = filter_only_corpus(round1_corpus, work / "filteronly" / "corpus")
-    oc = oracle_corpus(inputs.web, inputs.world, work / "oracle" / "corpus")
+    fo = filter_only_corpus(round0_corpus, work / "filteronly" / CORPUS_DIR)
+    oc = oracle_corpus(inputs.web, inputs.world, work / "oracle" / CORPUS_DIR)
     out = []
     if base is not None and params.retrain.init == "continue":
-        raw = raw_corpus(inputs.web, work / "rawweb" / "corpus")
+        raw = raw_corpus(inputs.web, work / "rawweb" / CORPUS_DIR)
         out.append(train_and_evaluate(params, "raw web", [(inputs.web, "web"), human], inputs, work / "rawweb", raw,
                                       log, base, fresh))
     return out + [
@@ -200,40 +202,45 @@ def run_controls(params, inputs: Inputs, round1_corpus: str | Path, workdir: str
     ]
 
 
-def run_comparison(params, inputs: Inputs, workdir: str | Path, rounds: int = 2,
-                   controls: bool = True, log=print) -> list[ModelResult]:
-    """Round 0, rounds 1..N of CapFilt, and the three controls, each trained from scratch for
-    ``params.pretrain.steps`` steps and evaluated on the test split -- the same stage
-    functions, in the same order, as ``cycles_flow`` (round k here is the flow's round k-1
-    retrain), without Prefect or DVC.  Every stage skips work whose outputs are complete,
-    so a rerun resumes.  Returns the table's columns."""
-    from vlp_core.capfilt.stage import run_capfilt
-    from vlp_core.train.loop import run_finetune
+def inputs_of(layout) -> Inputs:
+    """The comparison's inputs in a work dir (:class:`vlp_core.layout.Layout`)."""
+    return Inputs(web=str(layout.ingest("web")), human=str(layout.ingest("human")), test=str(layout.ingest("test")),
+                  world=str(layout.world))
 
-    work = Path(workdir)
+
+def round_results(params, layout, rounds: int) -> list[ModelResult]:
+    """The rounds' columns from a work dir's outputs: "pretrained" (round 0's base model, trained
+    on the raw web pairs plus human) and "round k" (round k's retrained model, trained on version
+    ``round<k>``'s CapFilt corpus plus human), each evaluated on the test split (reusing the
+    stored ``metrics.json`` when its evaluation settings are today's)."""
+
+    inputs = inputs_of(layout)
     human = (inputs.human, "human")
-    results: list[ModelResult] = []
-    raw = raw_corpus(inputs.web, work / "round0" / "raw_corpus")
-    results.append(train_and_evaluate(params, "round 0", [(inputs.web, "web"), human], inputs, work / "round0",
-                                      raw, log))
-    prev = work / "round0" / "train" / "model"
-    corpora: dict[int, Path] = {}
-    for k in range(1, rounds + 1):
-        rd = work / f"round{k}"
-        log(f"[round {k}] fine-tuning captioner and filter from {prev}")
-        run_finetune(params, "captioner", [human], prev, rd / "captioner")
-        run_finetune(params, "filter", [human], prev, rd / "filter")
-        log(f"[round {k}] CapFilt over the web images")
-        run_capfilt(params, inputs.web, rd / "captioner" / "model", rd / "filter" / "model", rd / "capfilt",
-                    round=k, calibration=inputs.human)
-        corpora[k] = rd / "capfilt" / "corpus"
-        # the corpus audit of round k describes the data its model trained on
-        results.append(train_and_evaluate(params, f"round {k}", [(str(rd / "capfilt"), "web"), human], inputs,
-                                          rd, corpora[k], log, prev))
-        prev = rd / "train" / "model"
+    raw = raw_corpus(inputs.web, layout.comparison / "raw_corpus")
+    cols = [evaluated(params, "pretrained", layout.model(0, PRETRAIN), layout.stage(0, "evaluate_base"), inputs,
+                      [(inputs.web, "web"), human], raw)]
+    for k in range(rounds):
+        capfilt = layout.stage(k, "capfilt")
+        cols.append(evaluated(params, f"round {k}", layout.model(k, "retrain"), layout.stage(k, "evaluate"), inputs,
+                              [(str(capfilt), "web"), human], layout.corpus(k)))
+    return cols
+
+
+def run_comparison(params, layout, rounds: int = 2, controls: bool = True, log=print) -> list[ModelResult]:
+    """The rounds 0..``rounds``-1 of :func:`vlp_core.rounds.compose` (the same steps as the flows,
+    run directly, without Prefect or DVC, on the downloads already in ``layout``'s
+    ``data/ingest``), then the controls.  Every step is skipped by the stage cache when its
+    inputs did not change, so a rerun resumes.  Returns the table's columns."""
+
+    results: dict[str, dict] = {}
+    for k in range(rounds):
+        steps = [s for s in compose(params, layout, k, ingest=False, record=False) if s.id not in results]
+        results = run_steps(params, layout, steps, results, log)
+    cols = round_results(params, layout, rounds)
     if controls:
-        results += run_controls(params, inputs, corpora[1], work, log, base=work / "round0" / "train" / "model")
-    return results
+        cols += run_controls(params, inputs_of(layout), layout.corpus(0), layout.comparison, log,
+                             base=layout.base_model(0))
+    return cols
 
 
 def results_to_json(results: list[ModelResult]) -> list[dict[str, Any]]:

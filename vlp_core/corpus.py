@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from vlp_core.errors import VlpError
+from vlp_core.layout import CORPUS_DIR  # noqa: F401 - a CapFilt stage's rows (CORPUS_SCHEMA)
 
-CORPUS_DIR = "corpus"  # a CapFilt stage's rows (CORPUS_SCHEMA)
 FEATS_DIR = "feats"  # the CapFilt stage's per-row ITC features (features_schema, flags unset), reused by features
 
 

@@ -56,8 +56,9 @@ class C:
 
 
 # Manifest statuses (ingest): every input row ends with exactly one of these.
+SUCCESS = "success"  # the one ingest status whose row has an image
 INGEST_STATUSES = (
-    "success",
+    SUCCESS,
     "failed_to_download",
     "failed_to_resize",
     "refused_url",

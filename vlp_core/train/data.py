@@ -29,13 +29,12 @@ import torch.utils.data
 
 from vlp_core.errors import VlpError
 from vlp_core.io import read_parquet, read_parquet_schema
-from vlp_core.schema import SOURCES, C, require_columns
+from vlp_core.layout import CORPUS_DIR, MANIFEST_FILE
+from vlp_core.schema import SOURCES, SUCCESS, C, require_columns
 from vlp_core.shards import load_images
 
 PAIR_COLUMNS = (C.KEY, C.SHARD, C.TEXT, C.SOURCE, C.URL)
 PAIR_SCHEMA = pa.schema([pa.field(c, pa.string()) for c in PAIR_COLUMNS])
-MANIFEST_FILE = "manifest.parquet"
-CORPUS_DIR = "corpus"
 WORLD_URL_COL = "url_path"
 
 
@@ -78,7 +77,7 @@ def _pairs_table(key, shard, text, source, url) -> pa.Table:
 def _read_manifest(path: Path, name: str) -> pa.Table:
     table = read_parquet(path)
     require_columns(table, [C.KEY, C.SHARD, C.CAPTION, C.STATUS, C.URL], path)
-    table = table.filter(pc.equal(table[C.STATUS], "success"))
+    table = table.filter(pc.equal(table[C.STATUS], SUCCESS))
     cache: dict[str, str] = {}
     shards = [_resolve_shard(s, path.parent, cache) for s in table[C.SHARD].to_pylist()]
     return _pairs_table(table[C.KEY].to_pylist(), shards, table[C.CAPTION].to_pylist(),

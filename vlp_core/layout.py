@@ -1,0 +1,158 @@
+"""Where every stage reads and writes: one module for the paths of a work dir (a DVC repo).
+
+    data/urls/<split>.parquet        URL lists (inputs; the demo writes them)
+    data/world/                      the synthetic world (demo only; ground truth for evaluate)
+    data/ingest/<split>/             ingest of web / human / test: shards/, manifest.parquet
+    data/round0/pretrain/            round 0's base model (pretrained on the raw web + human)
+    data/round<k>/<stage>/           finetune_captioner, finetune_filter, capfilt, features,
+                                     retrain, evaluate (and evaluate_base in round 0)
+    data/round<k>/record.json        what ``record`` wrote to the catalog
+    data/.flow/<stage id>.json       the stage cache's markers (:mod:`vlp_core.stagecache`)
+    data/comparison/                 the demo's controls and table
+
+**Round k** means one thing everywhere (flows, demo, comparison, benchmarks): the captioner
+and the filter are fine-tuned from round k's *base model* (round 0: the pretrained model;
+round k > 0: round k-1's retrained model), CapFilt writes version ``round<k>``'s corpus, and
+the model retrained on it is round k's model.  ``dvc.yaml`` writes the same paths; a test
+(``tests/test_layout.py``) checks every stage of it against :class:`Layout`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+SPLITS = ("web", "human", "test")
+
+# file and folder names inside a stage's folder
+MANIFEST_FILE = "manifest.parquet"  # ingest: one row per input row (MANIFEST_SCHEMA)
+SHARDS_DIR = "shards"  # ingest: img2dataset's shards
+CORPUS_DIR = "corpus"  # capfilt: one Parquet file per shard (CORPUS_SCHEMA)
+EMBEDDINGS_DIR = "embeddings"  # features
+STATS_FILE = "stats.json"  # every stage: StageStats, the stage's done marker
+METRICS_FILE = "metrics.json"  # evaluate
+CAPTIONS_FILE = "captions.parquet"  # evaluate
+MODEL_DIR = "model"  # training stages: the finished model (save_pretrained)
+CHECKPOINT_DIR = "checkpoint"  # training stages: the resumable state
+LOSS_FILE = "loss.csv"  # training stages
+RECORD_FILE = "record.json"  # record: what went into the catalog
+
+PRETRAIN = "pretrain"
+# the stages of a round, in order (evaluate_base: round 0's pretrained model, evaluated like a round)
+ROUND_STAGES = ("finetune_captioner", "finetune_filter", "capfilt", "features", "retrain", "evaluate")
+# the stage folders whose stats the record stage stores (the same list as dvc.yaml's record stage)
+RECORDED_STATS = ("finetune_captioner", "finetune_filter", "capfilt", "features", "retrain")
+
+
+def stage_id(name: str, round: Optional[int] = None) -> str:
+    """``ingest_web`` or ``round1-capfilt``: a stage's name in the stage cache."""
+    return name if round is None else f"round{round}-{name}"
+
+
+def dvc_stage_name(name: str, round: Optional[int] = None) -> str:
+    """The stage's name in dvc.yaml: per-round stages are ``foreach`` items (``capfilt@round1``);
+    ``pretrain`` and ``evaluate_base`` exist for round 0 only."""
+    if round is None or name in (PRETRAIN, "evaluate_base"):
+        return name
+    return f"{name}@round{round}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every stage's paths, relative to ``root`` (the work dir, the DVC repo root)."""
+
+    root: Path = Path(".")
+    home: Optional[str] = None  # the absolute work dir, for tasks that run in other processes (Dask)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def world(self) -> Path:
+        return self.data / "world"
+
+    @property
+    def ground_truth(self) -> Path:
+        return self.world / "ground_truth.parquet"
+
+    def urls(self, split: str) -> Path:
+        return self.data / "urls" / f"{split}.parquet"
+
+    def ingest(self, split: str) -> Path:
+        return self.data / "ingest" / split
+
+    def manifest(self, split: str) -> Path:
+        return self.ingest(split) / MANIFEST_FILE
+
+    def shards(self, split: str) -> Path:
+        return self.ingest(split) / SHARDS_DIR
+
+    def round_dir(self, round: int) -> Path:
+        return self.data / f"round{round}"
+
+    def stage(self, round: int, name: str) -> Path:
+        return self.round_dir(round) / name
+
+    def model(self, round: int, name: str) -> Path:
+        return self.stage(round, name) / MODEL_DIR
+
+    def corpus(self, round: int) -> Path:
+        return self.stage(round, "capfilt") / CORPUS_DIR
+
+    def base_model(self, round: int, init_from: Optional[str | Path] = None) -> Path:
+        """The model round ``round`` fine-tunes its captioner and filter from (and, with
+        ``retrain.init: continue``, retrains): round 0's pretrained model (or ``init_from``, an
+        imported checkpoint), else round k-1's retrained model."""
+        if round == 0:
+            return Path(init_from) if init_from else self.model(0, PRETRAIN)
+        return self.model(round - 1, "retrain")
+
+    def record_marker(self, round: int) -> Path:
+        return self.round_dir(round) / RECORD_FILE
+
+    def marker(self, sid: str) -> Path:
+        return self.data / ".flow" / f"{sid}.json"
+
+    @property
+    def comparison(self) -> Path:
+        return self.data / "comparison"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report" / "index.html"
+
+    def outputs(self, name: str, round: Optional[int] = None) -> set[Path]:
+        """The files and folders stage ``name`` (of round ``round``) writes and DVC tracks (its
+        outs, metrics and plots in dvc.yaml)."""
+        if name.startswith("ingest_"):
+            split = name[len("ingest_"):]
+            return {self.shards(split), self.manifest(split), self.ingest(split) / STATS_FILE}
+        if name == "synthetic":
+            return {self.world}
+        if name == "record":
+            return {self.record_marker(int(round or 0))}
+        d = self.stage(int(round or 0), name)
+        if name in (PRETRAIN, "retrain") or name.startswith("finetune_"):
+            return {d / MODEL_DIR, d / CHECKPOINT_DIR, d / STATS_FILE, d / LOSS_FILE}
+        if name == "capfilt":
+            return {d / CORPUS_DIR, d / STATS_FILE}
+        if name == "features":
+            return {d / EMBEDDINGS_DIR, d / STATS_FILE}
+        if name in ("evaluate", "evaluate_base"):
+            return {d / CAPTIONS_FILE, d / METRICS_FILE}
+        raise KeyError(f"no stage {name!r}")
+
+    def rounds_done(self) -> list[int]:
+        """Rounds whose captioner and filter are finished, in order (what the nightly can use)."""
+        out = []
+        for p in self.data.glob("round*"):
+            k = p.name[len("round"):]
+            if k.isdigit() and all((p / f"finetune_{t}" / MODEL_DIR).exists() for t in ("captioner", "filter")):
+                out.append(int(k))
+        return sorted(out)
+
+
+__all__ = ["CAPTIONS_FILE", "CHECKPOINT_DIR", "CORPUS_DIR", "EMBEDDINGS_DIR", "LOSS_FILE", "Layout", "MANIFEST_FILE",
+           "METRICS_FILE", "MODEL_DIR", "PRETRAIN", "RECORDED_STATS", "RECORD_FILE", "ROUND_STAGES", "SHARDS_DIR",
+           "SPLITS", "STATS_FILE", "dvc_stage_name", "stage_id"]

@@ -1,0 +1,263 @@
+"""One round composed once: which stage functions run, on which inputs, in which order.
+
+:func:`round_steps` lists a round's steps (:class:`Step`): the stage, its output folder
+(:class:`vlp_core.layout.Layout`), the settings it reads, the steps whose outputs it reads,
+and the call into the stage function.  The Prefect flows wrap each step in a task
+(:mod:`flows.tasks`), the demo runs the flows, and the comparison and ``bench/cycle.py`` run
+the same steps directly (:func:`run_steps`); all of them skip a step through one stage cache
+(:mod:`vlp_core.stagecache`).  Round k has one meaning (see :mod:`vlp_core.layout`):
+
+    ingest web/human/test -> pretrain (round 0 only; or an imported checkpoint)
+    -> finetune captioner + filter (from round k's base model) -> capfilt -> features
+    -> retrain -> evaluate (+ evaluate_base: round 0's pretrained model) -> record
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from vlp_core import catalog
+from vlp_core.capfilt import stage as capfilt_stage
+from vlp_core.config import Params
+from vlp_core.features import stage as features_stage
+from vlp_core.ingest import stage as ingest_stage
+from vlp_core.io import write_json
+from vlp_core.layout import (CAPTIONS_FILE, METRICS_FILE, PRETRAIN, RECORD_FILE, RECORDED_STATS, SPLITS, STATS_FILE,
+                             Layout, dvc_stage_name, stage_id)
+from vlp_core.stagecache import StageInputError, StageResult, cached_stage, input_key
+from vlp_core.train import evaluate as train_evaluate
+from vlp_core.train import loop as train_loop
+
+# The order of a round's steps; ``until`` stops after the named one.
+STEPS = ("ingest", "pretrain", "finetune", "capfilt", "features", "retrain", "evaluate", "record")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of a round.  ``call`` runs the stage function (``call(fresh=...)`` when
+    ``trains``); a step without ``call`` is *given*: its output exists already (an imported
+    checkpoint, an earlier round's model) and its key is the digest of ``files``."""
+
+    name: str  # the stage: ingest_web, pretrain, finetune_captioner, capfilt, evaluate_base, ...
+    round: Optional[int]
+    out_dir: Path
+    sections: tuple[str, ...]  # the params sections it reads
+    needs: tuple[str, ...]  # ids of the steps whose outputs it reads
+    call: Optional[Callable[..., Any]] = None
+    files: tuple[Path, ...] = ()  # external inputs, by content
+    done_file: str = STATS_FILE
+    trains: bool = False  # a training stage: told whether to start over (``fresh``)
+    network: bool = False  # downloads: retried on transient errors by the flows
+    task: str = ""  # the Prefect task's name (ingest, finetune, capfilt, ...)
+    run_name: str = ""  # the Prefect task run's name (ingest-web, finetune-filter-round0, ...)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def id(self) -> str:
+        return stage_id(self.name, self.round)
+
+    @property
+    def dvc_name(self) -> str:
+        return dvc_stage_name(self.name, self.round)
+
+    @property
+    def given(self) -> bool:
+        return self.call is None
+
+
+def _step_of(until: Optional[str]) -> Optional[str]:
+    if until is None:
+        return None
+    u = "finetune" if until.startswith("finetune") else ("ingest" if until.startswith("ingest") else until)
+    if u not in STEPS:
+        raise StageInputError(f"until={until!r}: not a step (one of {', '.join(STEPS)})")
+    return u
+
+
+def after(step: str, until: Optional[str]) -> bool:
+    """True when ``step`` comes after ``until`` (so it must not run)."""
+    u = _step_of(until)
+    return u is not None and STEPS.index(step) > STEPS.index(u)
+
+
+# --------------------------------------------------------------------------- the steps
+def ingest_step(params: Params, layout: Layout, split: str) -> Step:
+    def call() -> None:
+
+        ingest_stage.run_ingest(params, layout.urls(split), layout.ingest(split))
+
+    return Step(f"ingest_{split}", None, layout.ingest(split), ("ingest",), (), call, files=(layout.urls(split),),
+                network=True, task="ingest", run_name=f"ingest-{split}",
+                meta={"missing": "URL list not found (write one, or run `vlp demo`)"})
+
+
+def given_ingest(layout: Layout, split: str) -> Step:
+    """An ingest that exists already (the comparison's and the benchmarks' shared downloads): its
+    manifest, by content, stands for it."""
+    return Step(f"ingest_{split}", None, layout.ingest(split), (), (), None, files=(layout.manifest(split),),
+                task="ingest", run_name=f"ingest-{split}")
+
+
+def _human(layout: Layout) -> list[tuple[str, str]]:
+    return [(str(layout.ingest("human")), "human")]
+
+
+def pretrain_step(params: Params, layout: Layout, init_from: Optional[str] = None) -> Step:
+    """Round 0's base model: pretrained on the web and human pairs, or an imported checkpoint."""
+    if init_from:
+        return Step(PRETRAIN, 0, Path(init_from).parent, (), (), None, files=(Path(init_from),),
+                    task="import-checkpoint", run_name="import-checkpoint")
+    out = layout.stage(0, PRETRAIN)
+
+    def call(fresh: bool) -> None:
+
+        train_loop.run_pretrain(params, [(str(layout.ingest("web")), "web")] + _human(layout), out, fresh=fresh)
+
+    return Step(PRETRAIN, 0, out, ("pretrain", "model"), ("ingest_web", "ingest_human"), call, trains=True,
+                task="pretrain", run_name="pretrain-round0")
+
+
+def base_step(layout: Layout, round: int) -> Step:
+    """Round k > 0's base model: round k-1's retrained model (given: it exists)."""
+    prev = layout.base_model(round)
+    return Step(PRETRAIN, round, prev.parent, (), (), None, files=(prev,), task="base", run_name=f"base-round{round}")
+
+
+def round_steps(params: Params, layout: Layout, round: int, base: Step, until: Optional[str] = None,
+                record: bool = True) -> list[Step]:
+    """Round ``round``'s steps after its base model ``base`` (see the module doc), up to ``until``."""
+    k = round
+    base_model = base.files[0] if base.given else layout.model(0, PRETRAIN)
+    human = _human(layout)
+    steps: list[Step] = []
+
+    if not after("finetune", until):
+        for target in ("captioner", "filter"):
+            out = layout.stage(k, f"finetune_{target}")
+
+            def call(fresh: bool, target: str = target, out: Path = out) -> None:
+
+                train_loop.run_finetune(params, target, human, str(base_model), out, fresh=fresh)
+
+            steps.append(Step(f"finetune_{target}", k, out, (f"finetune.{target}",), (base.id, "ingest_human"), call,
+                              trains=True, task="finetune", run_name=f"finetune-{target}-round{k}"))
+    captioner, filter_ = layout.model(k, "finetune_captioner"), layout.model(k, "finetune_filter")
+    if not after("capfilt", until):
+        out = layout.stage(k, "capfilt")
+
+        def capfilt(out: Path = out) -> None:
+
+            capfilt_stage.run_capfilt(params, layout.manifest("web"), str(captioner), str(filter_), out, round=k,
+                        calibration=layout.manifest("human"))
+
+        steps.append(Step("capfilt", k, out, ("capfilt",),
+                          (stage_id("finetune_captioner", k), stage_id("finetune_filter", k), "ingest_web",
+                           "ingest_human"), capfilt, task="capfilt", run_name=f"capfilt-round{k}"))
+    if not after("features", until):
+        out = layout.stage(k, "features")
+
+        def features(out: Path = out) -> None:
+
+            features_stage.run_features(params, layout.stage(k, "capfilt"), filter_, out)
+
+        steps.append(Step("features", k, out, ("features",), (stage_id("capfilt", k), stage_id("finetune_filter", k)),
+                          features, task="features", run_name=f"features-round{k}"))
+    if not after("retrain", until):
+        out = layout.stage(k, "retrain")
+        sources = [(str(layout.stage(k, "capfilt")), "web")] + human
+
+        def retrain(fresh: bool, out: Path = out, sources: list = sources) -> None:
+
+            train_loop.in_fresh_process(train_loop.run_retrain, params, sources, str(base_model), out, fresh=fresh)
+
+        steps.append(Step("retrain", k, out, ("pretrain", "retrain", "model"), (stage_id("capfilt", k), "ingest_human"),
+                          retrain, trains=True, task="retrain", run_name=f"retrain-round{k}"))
+    if not after("evaluate", until):
+        steps.append(evaluate_step(params, layout, k, "retrain"))
+        if k == 0 and not base.given:  # the baseline the bootstrap must beat
+            steps.append(evaluate_step(params, layout, 0, PRETRAIN))
+    if record and not after("record", until):
+        order = ("evaluate", "features", "evaluate_base")  # the order the key was always made in
+        steps.append(record_step(params, layout, k, [s.id for n in order for s in steps if s.name == n]))
+    return steps
+
+
+def evaluate_step(params: Params, layout: Layout, round: int, which: str) -> Step:
+    """Evaluate round ``round``'s retrained model (``which="retrain"``, stage ``evaluate``) or
+    round 0's pretrained model (``which="pretrain"``, stage ``evaluate_base``) on the test pairs."""
+    name = "evaluate" if which == "retrain" else "evaluate_base"
+    out = layout.stage(round, name)
+    gt = layout.ground_truth if layout.ground_truth.exists() else None
+
+    def call() -> None:
+
+        train_evaluate.run_evaluate(params, layout.model(round, which), (str(layout.ingest("test")), "human"), out,
+                                    ground_truth=gt)
+
+    return Step(name, round, out, ("evaluate", "capfilt.prompt", "pretrain.seed"),
+                (stage_id(which, round), "ingest_test"), call, files=(gt,) if gt else (), done_file=METRICS_FILE,
+                task="evaluate", run_name=f"evaluate-{which}-round{round}")
+
+
+def record_step(params: Params, layout: Layout, round: int, needs: Sequence[str]) -> Step:
+    """Record the round as version ``round<k>`` in the DuckDB catalog."""
+
+    def call() -> None:
+        metrics = [p for p in (layout.stage(round, n) / METRICS_FILE for n in ("evaluate_base", "evaluate"))
+                   if p.exists()]
+        stats = [p for p in (layout.stage(round, n) / STATS_FILE for n in RECORDED_STATS) if p.exists()]
+        s = catalog.record_version(params, f"round{round}", layout.stage(round, "capfilt"), stats, metrics,
+                                   repo_dir=layout.root, round=round, catalog=layout.root / params.catalog.path)
+        write_json({"name": s.name, "corpus_rows": s.corpus_rows, "stats": s.stats, "metrics": s.metrics},
+                   layout.record_marker(round))
+
+    return Step("record", round, layout.round_dir(round), ("catalog",), tuple(needs), call, done_file=RECORD_FILE,
+                task="record", run_name=f"record-round{round}")
+
+
+def compose(params: Params, layout: Layout, round: int, init_from: Optional[str] = None,
+            until: Optional[str] = None, record: bool = True, ingest: bool = True) -> list[Step]:
+    """Every step of round ``round``: the ingests (``ingest=False``: given, already downloaded),
+    its base model (round 0: pretraining or ``init_from``; else round k-1's retrained model,
+    which must exist), then :func:`round_steps`."""
+    steps = [ingest_step(params, layout, s) if ingest else given_ingest(layout, s) for s in SPLITS]
+    if after("pretrain", until):
+        return steps
+    if round == 0:
+        base = pretrain_step(params, layout, init_from)
+    else:
+        base = base_step(layout, round)
+        if not base.files[0].exists():
+            raise StageInputError(f"{base.files[0]}: round {round} needs round {round - 1}'s retrained model")
+    return steps + [base] + round_steps(params, layout, round, base, until, record)
+
+
+# --------------------------------------------------------------------------- running
+def run_step(params: Params, layout: Layout, step: Step, upstream: Sequence[dict]) -> dict[str, Any]:
+    """Run one step through the stage cache (a given step is never run: its key is its files')."""
+    for f in step.files:
+        if not Path(f).exists():
+            raise StageInputError(f"{f}: {step.meta.get('missing') or f'{step.id} needs it and it does not exist'}")
+    if step.given:
+        key = input_key(step.id, params, step.sections, upstream, step.files)
+        return StageResult(step.name, step.round, key, str(step.out_dir), True, {}).as_dict()
+    return cached_stage(params, layout, step.name, step.round, step.out_dir, step.sections, upstream, step.files,
+                        step.call, done_file=step.done_file, pass_fresh=step.trains)
+
+
+def run_steps(params: Params, layout: Layout, steps: Sequence[Step], results: Optional[dict[str, dict]] = None,
+              log: Callable[[str], Any] = print) -> dict[str, dict]:
+    """Run ``steps`` in order without Prefect (the comparison, the benchmarks); ``results``
+    holds the steps already run, by id.  Returns every result by step id."""
+    results = dict(results or {})
+    for step in steps:
+        res = run_step(params, layout, step, [results[n] for n in step.needs])
+        if not step.given:
+            log(f"[{step.run_name}] {'skipped (unchanged)' if res['skipped'] else 'done'}")
+        results[step.id] = res
+    return results
+
+
+__all__ = ["STEPS", "Step", "after", "base_step", "compose", "evaluate_step", "given_ingest", "ingest_step",
+           "pretrain_step", "record_step", "round_steps", "run_step", "run_steps"]

@@ -1,0 +1,175 @@
+"""The stage cache: whether a stage whose inputs did not change can be skipped.
+
+Each stage has an *input key*, the SHA-256 of (stage id, the params sections it reads, the
+keys of its upstream stages, and the content digest of its external inputs -- URL lists,
+imported checkpoints).  Keys chain like a Merkle tree, so a changed URL list or setting
+re-runs that stage and everything downstream, and nothing else.  After a stage succeeds its
+marker ``data/.flow/<stage id>.json`` (:meth:`vlp_core.layout.Layout.marker`) stores the key;
+a stage whose marker holds the same key and whose done file (``stats.json``) still exists is
+skipped.  A stage that failed half-way has no marker: the rerun calls the stage function
+again, which itself skips finished shards (done markers) and resumes training from its last
+checkpoint -- so a failed run resumes where it stopped.
+
+The flows (through Prefect tasks), the demo, the comparison and the benchmarks all decide
+what to skip here; Prefect's own result cache is off.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from vlp_core.config import Params
+from vlp_core.errors import VlpError
+from vlp_core.io import read_json, write_json
+from vlp_core.layout import Layout, stage_id
+
+
+class StageInputError(VlpError, RuntimeError):
+    """A stage that cannot run (a missing input) or an injected failure (``orchestration.fail_before``)."""
+
+
+UNTRACKED_SECTIONS = ("orchestration",)  # how to run, not what is computed
+# policies dvc.yaml does not list (see its ingest stages): which hosts may be contacted, how
+# large an image may be decoded
+UNTRACKED_KEYS = ("ingest.allowed_hosts", "ingest.max_image_pixels")
+
+
+def tracked_overrides(overrides: Sequence[str]) -> bool:
+    """True when a ``-S`` override changes a setting that dvc.lock tracks (any section but
+    orchestration, and any key but the network policy): such a run must not be recorded as
+    params.yaml's result."""
+    def tracked(o: str) -> bool:
+        key = o.split("=", 1)[0].strip()
+        return key.split(".", 1)[0] not in UNTRACKED_SECTIONS and key not in UNTRACKED_KEYS
+
+    return any(tracked(o) for o in overrides)
+
+
+def digest_path(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's (relative path, file digest) list."""
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_file():
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    if p.is_dir():
+        for f in sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")):
+            h.update(str(f.relative_to(p)).encode())
+            h.update(digest_path(f).encode())
+        return h.hexdigest()
+    raise StageInputError(f"{p}: input not found")
+
+
+def params_subset(params: Params, sections: Sequence[str]) -> dict[str, Any]:
+    """The settings a stage reads, by dotted section (``finetune.captioner``), without the
+    policies of :data:`UNTRACKED_KEYS` (which hosts may be contacted is not an input)."""
+    out = {}
+    plain = params.to_dict()
+    for dotted in sections:
+        cur: Any = plain
+        for part in dotted.split("."):
+            cur = cur[part]
+        if isinstance(cur, dict):
+            cur = {k: v for k, v in cur.items() if f"{dotted}.{k}" not in UNTRACKED_KEYS}
+        out[dotted] = cur
+    return out
+
+
+def input_key(sid: str, params: Params, sections: Sequence[str], upstream: Sequence[dict],
+              files: Sequence[str | Path] = ()) -> str:
+    blob = json.dumps({
+        "stage": sid,
+        "params": params_subset(params, sections),
+        "upstream": [u["key"] for u in upstream],
+        "files": [digest_path(f) for f in files],
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class StageResult:
+    """What every task returns (a plain dict travels better through Dask)."""
+
+    name: str
+    round: Optional[int]
+    key: str
+    out_dir: str
+    skipped: bool
+    stats: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def cached_stage(params: Params, layout: Layout, name: str, round: Optional[int], out_dir: Path,
+                 sections: Sequence[str], upstream: Sequence[dict], files: Sequence[str | Path],
+                 run: Callable[..., Any], done_file: str = "stats.json", pass_fresh: bool = False) -> dict[str, Any]:
+    """Run ``run()`` unless the stage's marker holds the same input key and ``done_file``
+    exists in ``out_dir``; then write the marker.  ``orchestration.fail_before == name``
+    raises instead of running (to exercise resume).  With ``pass_fresh`` (training stages)
+    ``run(fresh=...)`` is told whether the marker holds another key: the inputs changed, so
+    the old checkpoint must not be resumed (a run that crashed, with no marker, resumes)."""
+    sid = stage_id(name, round)
+    key = input_key(sid, params, sections, upstream, files)
+    marker = layout.marker(sid)
+    done = Path(out_dir) / done_file
+    old: dict[str, Any] = {}
+    if marker.exists():
+        try:
+            old = read_json(marker)
+        except (OSError, ValueError):
+            old = {}
+        old = old if isinstance(old, dict) else {}
+    if old.get("key") == key and done.exists():
+        return StageResult(name, round, key, str(out_dir), True, _stats_of(done)).as_dict()
+    if params.orchestration.fail_before == name:
+        raise StageInputError(f"{sid}: stopped before running (orchestration.fail_before={name})")
+    t0 = time.time()
+    if pass_fresh:
+        run(fresh=bool(old) and old.get("key") != key)
+    else:
+        run()
+    stats = _stats_of(done) if done.exists() else {}
+    write_json({"stage": sid, "key": key, "finished": time.time(), "seconds": time.time() - t0,
+                "out_dir": str(out_dir)}, marker)
+    return StageResult(name, round, key, str(out_dir), False, stats).as_dict()
+
+
+def _stats_of(path: Path) -> dict[str, Any]:
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_cached(params: Params, layout: Layout, sid: str, key: str, out_dir: str | Path,
+              done_file: str = "stats.json") -> bool:
+    """Whether ``sid``'s marker holds ``key`` and its done file exists (the stage would be skipped)."""
+    marker = layout.marker(sid)
+    if not marker.exists() or not (Path(out_dir) / done_file).exists():
+        return False
+    try:
+        old = read_json(marker)
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and old.get("key") == key
+
+
+def marker_key(layout: Layout, sid: str) -> Optional[str]:
+    """The input key ``sid``'s marker holds (None without a readable marker)."""
+    try:
+        old = read_json(layout.marker(sid))
+    except (OSError, ValueError):
+        return None
+    return old.get("key") if isinstance(old, dict) else None
+
+
+__all__ = ["StageInputError", "StageResult", "UNTRACKED_KEYS", "UNTRACKED_SECTIONS", "cached_stage", "digest_path",
+           "input_key", "is_cached", "marker_key", "params_subset", "tracked_overrides"]
