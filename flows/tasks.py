@@ -261,7 +261,8 @@ def _threads() -> None:
 # --------------------------------------------------------------------------- tasks
 @task(name="ingest", task_run_name="ingest-{split}", cache_policy=NONE)
 def ingest_task(params: Params, layout: Layout, split: str) -> dict[str, Any]:
-    """Ingest ``data/urls/<split>.parquet`` into ``data/ingest/<split>`` (incremental)."""
+    """Ingest ``data/urls/<split>.parquet`` into ``data/ingest/<split>`` (incremental; with
+    ``ingest.retry_failed`` its transient failures are then downloaded again, see run_ingest)."""
     from vlp_core.ingest.stage import run_ingest
 
     urls, out = layout.urls(split), layout.ingest(split)
