@@ -67,6 +67,10 @@ class IngestParams:
     timeout: int = 10
     retries: int = 0
     incremental: bool = True
+    # download again, into new shards, only the rows that failed for a transient reason (timeout,
+    # HTTP 5xx, refused / reset / dropped connection; vlp_core/ingest/retry.py) and merge them into
+    # the manifest; `vlp ingest --retry-failed` sets it for one run.  Needs incremental
+    retry_failed: bool = False
     # host:port entries that may be contacted although they are not public addresses (the demo:
     # its own 127.0.0.1 server); everything else must resolve to global addresses only
     allowed_hosts: tuple[str, ...] = ()
@@ -376,6 +380,10 @@ def _capfilt_checks(kw: dict[str, Any], src, prefix: str) -> None:
 
 
 def _ingest_checks(kw: dict[str, Any], src, prefix: str) -> None:
+    if kw.get("retry_failed") and kw.get("incremental") is False:
+        raise ConfigError(src("retry_failed"), f"{prefix}.retry_failed",
+                          f"needs {prefix}.incremental=true (a retry adds shards to the earlier run's; "
+                          "incremental=false deletes them)")
     for i, entry in enumerate(kw.get("allowed_hosts") or ()):
         host, sep, port = str(entry).strip().rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
