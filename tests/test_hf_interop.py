@@ -248,7 +248,8 @@ def test_processor_config_json_gives_the_image_settings(tok, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vlp_core.models.hf"):
         model = import_hf(d)
     lines = [r.getMessage() for r in caplog.records if "image_mean" in r.getMessage()]
-    assert len(lines) == 1 and "no image_mean/image_std in preprocessor_config.json or processor_config.json" in lines[0]
+    assert len(lines) == 1
+    assert "no image_mean/image_std in preprocessor_config.json or processor_config.json" in lines[0]
     assert "CLIP" in lines[0] and (model.config.image_mean, model.config.image_std) == (CLIP_MEAN, CLIP_STD)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vlp_core.models.hf"):

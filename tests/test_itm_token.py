@@ -176,7 +176,7 @@ def test_export_writes_the_setting_and_bad_values_are_refused(tok, tmp_path):
 
 
 def test_enc_needs_an_enc_token_in_the_hf_tokenizer(tmp_path):
-    """A folder whose tokenizer has no [ENC] cannot lead ITM with it: the HF backend says so."""
+    """A folder whose tokenizer has no [ENC] cannot lead ITM with it: scoring says so (ITC works)."""
     from transformers import BertTokenizerFast
 
     words = sorted({w for t in TEXTS for w in t.split()})
@@ -184,6 +184,8 @@ def test_enc_needs_an_enc_token_in_the_hf_tokenizer(tmp_path):
     plain = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
     assert "[ENC]" not in plain.get_vocab()
     d = make_hf_blip(tmp_path / "blip-itm", "BlipForImageTextRetrieval", plain)
+    flt = ItmFilter(d, backend=load_backend(d, "filter", cache=False))
+    assert flt.text_feat(TEXTS).shape[0] == len(TEXTS)  # ITC (the features stage) does not need it
     with pytest.raises(CapfiltError, match=r"itm_first_token is 'enc' but the tokenizer has no \[ENC\] token"):
-        load_backend(d, "filter", cache=False)
+        flt.scores(flt.encode(_images()), TEXTS)
     assert load_backend(_set_first_token(d, "cls"), "filter", cache=False).itm_token_id == plain.cls_token_id

@@ -277,7 +277,7 @@ class HfBackend(Backend):
         self.max_text_len = min(35, int(config.text_config.max_position_embeddings))
         self.text_config = config.text_config
         if role == "filter":
-            self.itm_token_id = self._itm_token_id(model_dir)
+            self.itm_token_id, self._itm_problem = self._itm_token_id(model_dir)
             self.fast_encoder = FastText(self.model.text_encoder)
             self.text_proj, self.itm_head = self.model.text_proj, self.model.itm_head
         else:
@@ -288,19 +288,22 @@ class HfBackend(Backend):
                              max_length=self.max_text_len, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def _itm_token_id(self, model_dir: Path) -> int:
-        """The id leading the ITM input: config.json's ``itm_first_token`` (as ``vlp import`` reads it)."""
+    def _itm_token_id(self, model_dir: Path) -> tuple[Optional[int], Optional[str]]:
+        """``(id, None)`` of the token leading the ITM input, by config.json's ``itm_first_token``
+        (as ``vlp import`` reads it), or ``(None, why)`` when the tokenizer lacks it (ITC still works)."""
         from vlp_core.models.hf import hf_itm_first_token
 
         first = hf_itm_first_token(model_dir)
         token = "[ENC]" if first == "enc" else self.tokenizer.cls_token
         tid = self.tokenizer.convert_tokens_to_ids(token) if token else None
         if tid is None or tid == self.tokenizer.unk_token_id or tid >= self.text_config.vocab_size:
-            raise CapfiltError(f"{model_dir}/config.json: itm_first_token is {first!r} but the tokenizer has no "
-                               f"{token or '[CLS]'} token in the model's vocabulary")
-        return int(tid)
+            return None, (f"{model_dir}/config.json: itm_first_token is {first!r} but the tokenizer has no "
+                          f"{token or '[CLS]'} token in the model's vocabulary")
+        return int(tid), None
 
     def tokenize_pair(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.itm_token_id is None:
+            raise CapfiltError(self._itm_problem)
         ids, mask = self._tok(texts)  # [CLS] first (ITC); ITM: the same ids led by itm_first_token's token
         itm_ids = ids.clone()
         itm_ids[:, 0] = self.itm_token_id

@@ -7,7 +7,8 @@
   (``BlipConfig``, plus ``itm_first_token``: see below), ``model.safetensors``, the tokenizer
   files and a ``preprocessor_config.json`` (``BlipImageProcessor`` with the model's image size,
   mean and std), so ``BlipProcessor.from_pretrained(out)`` / ``AutoTokenizer`` / the model
-  class load it offline.  Momentum encoders, queues and ``temp`` are training state and are not exported.
+  class load it offline.  Momentum encoders, queues and ``temp`` are training state and are
+  not exported.
 * :func:`import_hf` loads a local HF BLIP folder of either class (e.g. the official
   ``Salesforce/blip-image-captioning-*`` or ``blip-itm-*`` downloads) as a ``BlipMED``
   starting model; :func:`is_hf_blip_dir` recognises one.  ``BlipMED`` shares everything but
@@ -47,8 +48,7 @@ ViT whose LayerNorm eps matches the folder's: ``vit_base_patch16_224`` (1e-6) or
 official BLIP folders' value), ``vit_base_patch16_clip_224`` with ``pre_norm=False``; other
 values fall back to 1e-6 with a warning.  ``BlipForImageTextRetrieval`` feeds whatever ids it
 is given (the processor's ``[CLS]``-first ids), so feed it ``model.tokenize(texts, "itm")`` ids
-to reproduce ours.  ``BlipImageProcessor``
-gives ``BlipMED.preprocess``'s pixels (to ~1e-7) for images already at the model's size, which is
+to reproduce ours.  ``BlipImageProcessor`` gives ``BlipMED.preprocess``'s pixels (to ~1e-7) for images already at the model's size, which is
 what the pipeline feeds (images are resized when decoded); for other sizes the two resize
 differently (HF: the uint8 image, antialiased, before normalising; ours: the normalised tensor).
 """
@@ -444,9 +444,11 @@ def import_hf(hf_dir: str | Path, **overrides: Any) -> BlipMED:
                     d, vc.layer_norm_eps, vit_eps)
     size, mean, std = hf_image_spec(d, int(vc.image_size))
     itm_first = hf_itm_first_token(d)
-    if itm_first == "enc" and cls_name == FILTER_CLASS and int(tok.convert_tokens_to_ids("[ENC]")) >= int(tc.vocab_size):
-        log.warning("%s: itm_first_token is 'enc' but the folder's tokenizer has no [ENC] token: its embedding "
-                    "starts fresh, so ITM scores differ from the folder's until fine-tuned", d)
+    enc_id = int(tok.convert_tokens_to_ids("[ENC]"))
+    if itm_first == "enc" and cls_name == FILTER_CLASS and enc_id >= int(tc.vocab_size):
+        log.warning("%s: itm_first_token is 'enc' but the folder's tokenizer has no [ENC] token: it is added with a "
+                    "fresh embedding, so ITM scores mean little until fine-tuned (or set itm_first_token: cls in %s)",
+                    d, CONFIG_FILE)
     vision_kwargs: dict[str, Any] = dict(patch_size=int(vc.patch_size), embed_dim=int(vc.hidden_size),
                                          depth=int(vc.num_hidden_layers), num_heads=int(vc.num_attention_heads),
                                          mlp_ratio=vc.intermediate_size // vc.hidden_size, global_pool="token",

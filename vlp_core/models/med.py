@@ -97,7 +97,8 @@ class MedConfig:
 
     def __post_init__(self) -> None:
         if self.itm_first_token not in ITM_FIRST_TOKENS:
-            raise ModelError(f"itm_first_token is {self.itm_first_token!r}; expected one of {', '.join(ITM_FIRST_TOKENS)}")
+            raise ModelError(f"itm_first_token is {self.itm_first_token!r}; "
+                             f"expected one of {', '.join(ITM_FIRST_TOKENS)}")
 
     @property
     def itm_token_id(self) -> int:
