@@ -91,8 +91,10 @@ def test_hf_filter_matches_transformers_retrieval(hf_dirs):
     ref = BlipForImageTextRetrieval.from_pretrained(str(itm_dir)).eval()
     enc = flt.backend.tokenizer(texts, padding="longest", return_tensors="pt")
     pixels = flt.backend.preprocess(imgs)
+    itm_ids = enc["input_ids"].clone()  # ITM: [ENC] in place of [CLS] (config.json has no itm_first_token: enc)
+    itm_ids[:, 0] = flt.backend.tokenizer.convert_tokens_to_ids("[ENC]")
     with torch.no_grad():
-        ref_itm = ref(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels,
+        ref_itm = ref(input_ids=itm_ids, attention_mask=enc["attention_mask"], pixel_values=pixels,
                       use_itm_head=True).itm_score.softmax(-1)[:, 1].numpy()
         ref_itc = ref(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixels,
                       use_itm_head=False).itm_score.diagonal().numpy()

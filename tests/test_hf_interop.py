@@ -1,7 +1,8 @@
 """Hugging Face BLIP interop (vlp_core.models.hf): a tiny-vit BlipMED exported as
 BlipForConditionalGeneration / BlipForImageTextRetrieval gives transformers' own outputs, export
-then import gives the model back, a folder made by transformers imports exactly, the CNN
-backbone refuses to export, and fine-tuning starts from an HF folder."""
+then import gives the model back, a folder made by transformers imports exactly, transformers 5's
+processor_config.json gives the image settings, an explicit label_smoothing survives import, the
+CNN backbone refuses to export, and fine-tuning starts from an HF folder."""
 from __future__ import annotations
 
 import csv
@@ -200,6 +201,95 @@ def test_import_of_a_transformers_made_folder_is_exact(tok, tmp_path):
         assert torch.allclose(emb, hf.vision_model(pixel_values=pixels).last_hidden_state, atol=ATOL)
     h_itm, h_itc = _hf_itm_itc(hf, ids, mask, ids, mask, pixels)
     assert torch.allclose(itm, h_itm, atol=ATOL) and torch.allclose(itc, h_itc, atol=ATOL)
+
+
+# --------------------------------------------------------------------------- folder settings
+MEAN, STD = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
+
+
+def _processor_only_folder(tok, d, resample: int = 3):
+    """A transformers-made BlipForImageTextRetrieval folder whose image settings are only in
+    processor_config.json, as transformers 5's BlipProcessor.save_pretrained writes them."""
+    from transformers import BlipImageProcessor, BlipProcessor
+
+    make_hf_blip(d, "BlipForImageTextRetrieval", tok, seed=4)
+    (d / "preprocessor_config.json").unlink()
+    images = BlipImageProcessor(size={"height": 48, "width": 48}, image_mean=list(MEAN), image_std=list(STD),
+                                resample=resample)
+    BlipProcessor(image_processor=images, tokenizer=tok).save_pretrained(str(d))
+    assert (d / "processor_config.json").is_file() and not (d / "preprocessor_config.json").exists()
+    return d
+
+
+def test_processor_config_json_gives_the_image_settings(tok, tmp_path, caplog):
+    from transformers import BlipProcessor
+
+    from vlp_core.capfilt.backend import ImageSpec, load_backend
+    from vlp_core.models.hf import CLIP_MEAN, CLIP_STD
+
+    d = _processor_only_folder(tok, tmp_path / "blip-itm")
+    with caplog.at_level(logging.WARNING):
+        model = import_hf(d)
+        backend = load_backend(d, "filter", cache=False)
+    assert (model.config.image_size, model.config.image_mean, model.config.image_std) == (48, MEAN, STD)
+    assert backend.spec == ImageSpec(48, MEAN, STD)
+    assert "CLIP" not in caplog.text and "resample" not in caplog.text
+    # the mean and std transformers itself uses for this folder
+    proc = BlipProcessor.from_pretrained(str(d)).image_processor
+    assert (tuple(proc.image_mean), tuple(proc.image_std)) == (MEAN, STD)
+    imgs = _images(2)
+    theirs = proc(images=list(imgs), return_tensors="pt")["pixel_values"]
+    assert (theirs - model.preprocess(imgs)).abs().max() < ATOL
+    assert (theirs - backend.preprocess(imgs)).abs().max() < ATOL
+
+    # neither file: CLIP's values, and one warning line that says so
+    (d / "processor_config.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlp_core.models.hf"):
+        model = import_hf(d)
+    lines = [r.getMessage() for r in caplog.records if "image_mean" in r.getMessage()]
+    assert len(lines) == 1
+    assert "no image_mean/image_std in preprocessor_config.json or processor_config.json" in lines[0]
+    assert "CLIP" in lines[0] and (model.config.image_mean, model.config.image_std) == (CLIP_MEAN, CLIP_STD)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlp_core.models.hf"):
+        assert load_backend(d, "filter", cache=False).spec == ImageSpec(48, CLIP_MEAN, CLIP_STD)
+    assert sum("no image_mean/image_std" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_processor_resize_settings_are_read(tok, tmp_path, caplog):
+    """A processor that resizes otherwise than the pipeline (bilinear here) is named in a warning."""
+    from vlp_core.models.hf import read_image_settings
+
+    d = _processor_only_folder(tok, tmp_path / "blip-itm", resample=2)
+    st = read_image_settings(d)
+    assert st["resample"] == (2, d / "processor_config.json") and st["size"][0] == {"height": 48, "width": 48}
+    with caplog.at_level(logging.WARNING, logger="vlp_core.models.hf"):
+        import_hf(d)
+    assert "processor_config.json: resample is 2; the pipeline resizes bicubic" in caplog.text
+
+
+@pytest.mark.parametrize("written, expected", [(0.0, 0.0), (0.2, 0.2), (None, 0.1)])
+def test_label_smoothing_survives_import(written, expected, tok, tmp_path):
+    """An explicit label_smoothing (0.0 included) is kept by `vlp import`; only a missing key
+    takes the default (0.1)."""
+    import json
+
+    from vlp_core.cli import main
+
+    d = make_hf_blip(tmp_path / "blip-captioning", "BlipForConditionalGeneration", tok)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["text_config"]["label_smoothing"] == 0.0  # transformers writes its default out
+    for where in (cfg, cfg["text_config"]):
+        where.pop("label_smoothing", None)
+        if written is not None:
+            where["label_smoothing"] = written
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["import", "--hf", str(d), "--out", str(tmp_path / "vlp")]) == 0
+    assert json.loads((tmp_path / "vlp" / "config.json").read_text())["label_smoothing"] == expected
+    model = BlipMED.from_pretrained(tmp_path / "vlp")
+    assert model.config.label_smoothing == expected
+    assert model.text_decoder.config.label_smoothing == expected  # what the LM loss uses
 
 
 # --------------------------------------------------------------------------- refusals, CLI

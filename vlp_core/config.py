@@ -81,7 +81,11 @@ class IngestParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    """Which architecture (a JSON file in ``vlp_core/models/architectures``) and tokenizer."""
+    """Which architecture (a JSON file in ``vlp_core/models/architectures``) and tokenizer.
+
+    The token that leads ITM's text input is not a setting here: it belongs to the weights and is
+    stored with them, as ``itm_first_token`` (``enc`` | ``cls``) in the model's ``config.json``
+    (see :class:`vlp_core.models.med.MedConfig`; default ``enc``, BLIP's, when absent)."""
 
     arch: str = "tiny"
     init_from: Optional[str] = None  # a vlp checkpoint dir or a local HF BLIP dir

@@ -8,8 +8,14 @@ A *model folder* is either
   holding such a checkpoint in ``model/`` (a training stage's output) works too; or
 * a local Hugging Face BLIP folder (``config.json`` with ``model_type: blip``; the official
   ``blip-image-captioning-*`` and ``blip-itm-*`` layouts: weights, tokenizer files and
-  ``preprocessor_config.json`` side by side), loaded with transformers'
-  ``BlipForConditionalGeneration`` (captioner) or ``BlipForImageTextRetrieval`` (filter).
+  ``preprocessor_config.json`` or transformers 5's ``processor_config.json`` side by side),
+  loaded with transformers' ``BlipForConditionalGeneration`` (captioner) or
+  ``BlipForImageTextRetrieval`` (filter).
+
+Both kinds lead the ITM text input with the token the model's ``itm_first_token`` names
+(``[ENC]`` by default, or ``[CLS]``; stored in ``config.json``, see
+:class:`~vlp_core.models.med.MedConfig`), so an HF folder and its ``vlp import``-ed copy score
+alike.
 
 Every backend exposes the same image side: ``preprocess`` (uint8 ``(B, H, W, 3)`` -> float
 ``(B, 3, S, S)``), ``encode_image`` (-> ``(B, 1 + N, Dv)``) and a ``vision_key``: a hash of
@@ -34,8 +40,6 @@ from vlp_core.capfilt.fastmed import FastText
 from vlp_core.errors import VlpError
 
 Role = Literal["captioner", "filter"]
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VLP_MODEL_TYPE = "vlp-blip-med"
 HF_CLASSES = {"captioner": "BlipForConditionalGeneration", "filter": "BlipForImageTextRetrieval"}
 
@@ -210,7 +214,7 @@ class VlpBackend(Backend):
     def tokenize_pair(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask = self.model.tokenize(list(texts), "enc")
         itm_ids = ids.clone()
-        itm_ids[:, 0] = self.model.config.enc_token_id  # BLIP's [ENC] in place of [CLS] for ITM
+        itm_ids[:, 0] = self.model.config.itm_token_id  # [ENC] (BLIP) or [CLS], by itm_first_token
         return ids, itm_ids, mask
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -238,16 +242,9 @@ class VlpBackend(Backend):
 
 
 def _hf_image_spec(model_dir: Path, config: Any) -> ImageSpec:
-    size = int(config.vision_config.image_size)
-    mean, std = CLIP_MEAN, CLIP_STD
-    pp = model_dir / "preprocessor_config.json"
-    if pp.is_file():
-        d = json.loads(pp.read_text())
-        s = d.get("size", size)
-        size = int(s.get("height", s.get("shortest_edge", size))) if isinstance(s, dict) else int(s)
-        mean = tuple(d.get("image_mean", mean))
-        std = tuple(d.get("image_std", std))
-    return ImageSpec(size, mean, std)
+    from vlp_core.models.hf import hf_image_spec
+
+    return ImageSpec(*hf_image_spec(model_dir, int(config.vision_config.image_size)))
 
 
 class HfBackend(Backend):
@@ -280,6 +277,7 @@ class HfBackend(Backend):
         self.max_text_len = min(35, int(config.text_config.max_position_embeddings))
         self.text_config = config.text_config
         if role == "filter":
+            self.itm_token_id, self._itm_problem = self._itm_token_id(model_dir)
             self.fast_encoder = FastText(self.model.text_encoder)
             self.text_proj, self.itm_head = self.model.text_proj, self.model.itm_head
         else:
@@ -290,9 +288,26 @@ class HfBackend(Backend):
                              max_length=self.max_text_len, return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
+    def _itm_token_id(self, model_dir: Path) -> tuple[Optional[int], Optional[str]]:
+        """``(id, None)`` of the token leading the ITM input, by config.json's ``itm_first_token``
+        (as ``vlp import`` reads it), or ``(None, why)`` when the tokenizer lacks it (ITC still works)."""
+        from vlp_core.models.hf import hf_itm_first_token
+
+        first = hf_itm_first_token(model_dir)
+        token = "[ENC]" if first == "enc" else self.tokenizer.cls_token
+        tid = self.tokenizer.convert_tokens_to_ids(token) if token else None
+        if tid is None or tid == self.tokenizer.unk_token_id or tid >= self.text_config.vocab_size:
+            return None, (f"{model_dir}/config.json: itm_first_token is {first!r} but the tokenizer has no "
+                          f"{token or '[CLS]'} token in the model's vocabulary")
+        return int(tid), None
+
     def tokenize_pair(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, mask = self._tok(texts)  # BlipForImageTextRetrieval feeds the same ids to ITC and ITM
-        return ids, ids, mask
+        if self.itm_token_id is None:
+            raise CapfiltError(self._itm_problem)
+        ids, mask = self._tok(texts)  # [CLS] first (ITC); ITM: the same ids led by itm_first_token's token
+        itm_ids = ids.clone()
+        itm_ids[:, 0] = self.itm_token_id
+        return ids, itm_ids, mask
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.vision_model(pixel_values=pixel_values).last_hidden_state

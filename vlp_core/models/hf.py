@@ -4,10 +4,11 @@
   (vision encoder + ``text_decoder``), :func:`export_filter` a
   ``transformers.BlipForImageTextRetrieval`` folder (vision encoder + ``text_encoder`` +
   ``vision_proj`` / ``text_proj`` / ``itm_head``).  Each folder holds ``config.json``
-  (``BlipConfig``), ``model.safetensors``, the tokenizer files and a
-  ``preprocessor_config.json`` (``BlipImageProcessor`` with the model's image size, mean and
-  std), so ``BlipProcessor.from_pretrained(out)`` / ``AutoTokenizer`` / the model class load
-  it offline.  Momentum encoders, queues and ``temp`` are training state and are not exported.
+  (``BlipConfig``, plus ``itm_first_token``: see below), ``model.safetensors``, the tokenizer
+  files and a ``preprocessor_config.json`` (``BlipImageProcessor`` with the model's image size,
+  mean and std), so ``BlipProcessor.from_pretrained(out)`` / ``AutoTokenizer`` / the model
+  class load it offline.  Momentum encoders, queues and ``temp`` are training state and are
+  not exported.
 * :func:`import_hf` loads a local HF BLIP folder of either class (e.g. the official
   ``Salesforce/blip-image-captioning-*`` or ``blip-itm-*`` downloads) as a ``BlipMED``
   starting model; :func:`is_hf_blip_dir` recognises one.  ``BlipMED`` shares everything but
@@ -15,7 +16,23 @@
   initialised from the half it has (a captioning checkpoint's decoder gives the encoder,
   self-attention included; a retrieval checkpoint's encoder gives the decoder).  Heads the
   checkpoint does not have (ITC/ITM heads of a captioner; the LM head transform of a
-  retrieval model) stay freshly initialised, with a logged warning.
+  retrieval model) stay freshly initialised, with a logged warning.  An explicit
+  ``label_smoothing`` (``text_config``) is kept, 0.0 included; only a missing key takes
+  :class:`MedConfig`'s 0.1.
+
+**Image settings** (:func:`hf_image_spec`, also what ``vlp capfilt`` uses for an HF folder):
+``image_mean``, ``image_std``, ``size``, ``do_resize`` and ``resample`` come from
+``preprocessor_config.json`` (transformers < 5, our exports) or, key by key where that file
+lacks them, from ``processor_config.json``'s ``image_processor`` (transformers 5's
+``BlipProcessor.save_pretrained`` writes only that).  Where neither holds a mean and std, one
+warning line says so and CLIP's (``BlipImageProcessor``'s defaults) are used.
+
+**ITM's first token** (:func:`hf_itm_first_token`): ``config.json``'s ``itm_first_token``
+(``"enc"`` | ``"cls"``, default ``"enc"`` when absent; see :class:`MedConfig`) decides whether
+``[ENC]`` or ``[CLS]`` leads the ITM text input.  Exports write it, imports copy it into the
+vlp checkpoint and the CapFilt HF backend reads it, so a folder and its imported copy score
+alike.  To score an HF folder the way ``BlipForImageTextRetrieval`` + ``BlipProcessor`` do,
+set ``"itm_first_token": "cls"`` in its ``config.json``.
 
 **Which backbones export.**  Only BLIP-shaped timm ViTs (``timm...VisionTransformer``): one
 CLS token (no register tokens), learned absolute position embeddings covering the CLS
@@ -29,10 +46,9 @@ Notes: exports set the vision ``layer_norm_eps`` to the ViT's (1e-6 for timm's V
 ``hidden_act`` to its activation, so HF reproduces the model exactly.  An import builds a timm
 ViT whose LayerNorm eps matches the folder's: ``vit_base_patch16_224`` (1e-6) or, for 1e-5 (the
 official BLIP folders' value), ``vit_base_patch16_clip_224`` with ``pre_norm=False``; other
-values fall back to 1e-6 with a warning.  Our ITM puts ``[ENC]`` first (as BLIP does);
-``BlipForImageTextRetrieval`` feeds whatever ids it is given (the processor's ``[CLS]``-first
-ids), so feed it ``model.tokenize(texts, "itm")`` ids to reproduce ours.  ``BlipImageProcessor``
-gives ``BlipMED.preprocess``'s pixels (to ~1e-7) for images already at the model's size, which is
+values fall back to 1e-6 with a warning.  ``BlipForImageTextRetrieval`` feeds whatever ids it
+is given (the processor's ``[CLS]``-first ids), so feed it ``model.tokenize(texts, "itm")`` ids
+to reproduce ours.  ``BlipImageProcessor`` gives ``BlipMED.preprocess``'s pixels (to ~1e-7) for images already at the model's size, which is
 what the pipeline feeds (images are resized when decoded); for other sizes the two resize
 differently (HF: the uint8 image, antialiased, before normalising; ours: the normalised tensor).
 """
@@ -47,13 +63,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vlp_core.models.med import CONFIG_FILE, BlipMED, MedConfig, ModelError
+from vlp_core.models.med import (CONFIG_FILE, DEFAULT_ITM_FIRST_TOKEN, ITM_FIRST_TOKENS, BlipMED, MedConfig,
+                                  ModelError)
 
 log = logging.getLogger(__name__)
 
 CAPTIONER_CLASS = "BlipForConditionalGeneration"
 FILTER_CLASS = "BlipForImageTextRetrieval"
 HF_MODEL_TYPE = "blip"
+# where an HF folder keeps its image processor's settings: transformers < 5 (and our exports) write
+# preprocessor_config.json; transformers 5's processor save_pretrained only processor_config.json
+# (nested under "image_processor")
+PREPROCESSOR_FILE, PROCESSOR_FILE = "preprocessor_config.json", "processor_config.json"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BlipImageProcessor's defaults (OPENAI_CLIP_MEAN/STD)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PIL_BICUBIC = 3  # the resample the pipeline uses (decode and ImageSpec both resize bicubic)
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 # The timm ViT an import builds, by the HF vision LayerNorm eps (every size is given as kwargs, so
@@ -202,7 +226,8 @@ def _blip_config(model: BlipMED, vision: dict[str, Any]):
                 label_smoothing=cfg.label_smoothing, pad_token_id=cfg.pad_token_id, bos_token_id=cfg.dec_token_id,
                 sep_token_id=cfg.sep_token_id, eos_token_id=cfg.sep_token_id)
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim,
-                      image_text_hidden_size=cfg.embed_dim, label_smoothing=cfg.label_smoothing)
+                      image_text_hidden_size=cfg.embed_dim, label_smoothing=cfg.label_smoothing,
+                      itm_first_token=cfg.itm_first_token)
 
 
 def _write(hf_model, model: BlipMED, out_dir: str | Path) -> Path:
@@ -270,23 +295,100 @@ def export_filter(vlp_dir: str | Path | BlipMED, out_dir: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- import
-def _image_spec(d: Path, size: int) -> tuple[int, tuple, tuple]:
-    """``(size, mean, std)`` from ``preprocessor_config.json`` (BlipImageProcessor's defaults
-    otherwise).  The size is the ViT's (its position embeddings are fixed)."""
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
-    mean, std = tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)
-    pp = d / "preprocessor_config.json"
-    if pp.is_file():
-        raw = json.loads(pp.read_text())
-        mean = tuple(float(x) for x in raw.get("image_mean") or mean)
-        std = tuple(float(x) for x in raw.get("image_std") or std)
-        s = raw.get("size")
-        pp_size = (s.get("height", s.get("shortest_edge")) if isinstance(s, dict) else s)
-        if pp_size is not None and int(pp_size) != size:
-            log.warning("%s: preprocessor size %s differs from the vision model's %s; using %s",
-                        pp, pp_size, size, size)
-    return size, mean, std
+
+def read_image_settings(hf_dir: str | Path) -> dict[str, tuple[Any, Path]]:
+    """The image processor's settings of an HF folder, ``{key: (value, file it came from)}``:
+    each key from ``preprocessor_config.json`` or, where that file lacks it, from
+    ``processor_config.json``'s ``image_processor`` (transformers 5 writes only the latter)."""
+    d = Path(hf_dir)
+    found: dict[str, tuple[Any, Path]] = {}
+    for name in (PREPROCESSOR_FILE, PROCESSOR_FILE):
+        path = d / name
+        if not path.is_file():
+            continue
+        raw = _read_json(path)
+        if name == PROCESSOR_FILE:
+            raw = raw.get("image_processor") or {}
+            if not isinstance(raw, dict):
+                raise ModelError(f"{path}: image_processor is not a JSON object")
+        for k, v in raw.items():
+            if v is not None:
+                found.setdefault(k, (v, path))
+    return found
+
+
+def _triple(key: str, value: Any, path: Path) -> tuple[float, float, float]:
+    vals = [value] * 3 if isinstance(value, (int, float)) else value
+    try:
+        out = tuple(float(x) for x in vals)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3:
+        raise ModelError(f"{path}: {key} is {value!r}; expected three numbers (R, G, B)")
+    return out
+
+
+def hf_image_spec(hf_dir: str | Path, vision_size: int) -> tuple[int, tuple, tuple]:
+    """``(size, mean, std)`` an HF BLIP folder's images are prepared with (see
+    :func:`read_image_settings`).  The size is the ViT's ``vision_size`` (its position
+    embeddings are fixed; a processor size that differs is named in a warning).  Without a mean
+    and std in either file, CLIP's are used and one warning line says so.  The pipeline resizes
+    bicubic to the model's size; a processor that says otherwise (``do_resize: false``, another
+    ``resample``) is named in a warning."""
+    d = Path(hf_dir)
+    st = read_image_settings(d)
+    if "image_mean" in st and "image_std" in st:
+        mean, std = _triple("image_mean", *st["image_mean"]), _triple("image_std", *st["image_std"])
+    else:
+        lacking = " and ".join(k for k in ("image_mean", "image_std") if k not in st)
+        if "image_mean" in st or "image_std" in st:  # half given: the other half alone is no basis
+            have = "image_mean" if "image_mean" in st else "image_std"
+            log.warning("%s: %s has %s but no %s; using CLIP's mean and std (BlipImageProcessor's defaults)",
+                        d, st[have][1].name, have, lacking)
+        else:
+            log.warning("%s: no image_mean/image_std in %s or %s; using CLIP's mean and std "
+                        "(BlipImageProcessor's defaults)", d, PREPROCESSOR_FILE, PROCESSOR_FILE)
+        mean, std = CLIP_MEAN, CLIP_STD
+    if "size" in st:
+        s, path = st["size"]
+        pp_size = s.get("height", s.get("shortest_edge")) if isinstance(s, dict) else s
+        if pp_size is not None and int(pp_size) != vision_size:
+            log.warning("%s: size %s differs from the vision model's %s; using %s", path, pp_size, vision_size,
+                        vision_size)
+    if "do_resize" in st and not st["do_resize"][0]:
+        log.warning("%s: do_resize is false; the pipeline resizes every image to %s px", st["do_resize"][1],
+                    vision_size)
+    if "resample" in st and st["resample"][0] != PIL_BICUBIC:
+        log.warning("%s: resample is %s; the pipeline resizes bicubic (%s)", st["resample"][1], st["resample"][0],
+                    PIL_BICUBIC)
+    return vision_size, mean, std
+
+
+def hf_itm_first_token(hf_dir: str | Path) -> str:
+    """``config.json``'s ``itm_first_token`` of an HF BLIP folder (``"enc"`` when absent)."""
+    path = Path(hf_dir) / CONFIG_FILE
+    value = _read_json(path).get("itm_first_token", DEFAULT_ITM_FIRST_TOKEN)
+    if value not in ITM_FIRST_TOKENS:
+        raise ModelError(f"{path}: itm_first_token is {value!r}; expected one of {', '.join(ITM_FIRST_TOKENS)}")
+    return value
+
+
+def _label_smoothing(raw: dict[str, Any]) -> float:
+    """``text_config.label_smoothing`` as written (0.0 included), else the top-level key, else
+    :class:`MedConfig`'s default: only a missing key takes the default."""
+    for where in (raw.get("text_config") or {}, raw):
+        if where.get("label_smoothing") is not None:
+            return float(where["label_smoothing"])
+    return MedConfig.label_smoothing
 
 
 def _fit_vocab(t: torch.Tensor, rows: int, init: torch.Tensor) -> torch.Tensor:
@@ -310,7 +412,8 @@ def import_hf(hf_dir: str | Path, **overrides: Any) -> BlipMED:
     if not is_hf_blip_dir(d):
         raise ModelError(f"{d}: not a Hugging Face BLIP folder (needs {CONFIG_FILE} with model_type "
                          f"'{HF_MODEL_TYPE}' and one of {', '.join(HF_WEIGHT_FILES)})")
-    archs = json.loads((d / CONFIG_FILE).read_text()).get("architectures") or []
+    raw = _read_json(d / CONFIG_FILE)
+    archs = raw.get("architectures") or []
     cls_name = next((a for a in archs if a in (CAPTIONER_CLASS, FILTER_CLASS)), None)
     if cls_name is None:
         raise ModelError(f"{d}/{CONFIG_FILE}: architectures is {archs}; import needs {CAPTIONER_CLASS} "
@@ -339,7 +442,13 @@ def import_hf(hf_dir: str | Path, **overrides: Any) -> BlipMED:
     if abs(float(vc.layer_norm_eps) - vit_eps) > 1e-12:
         log.warning("%s: vision layer_norm_eps is %g; the timm ViT uses %g (outputs move slightly)",
                     d, vc.layer_norm_eps, vit_eps)
-    size, mean, std = _image_spec(d, int(vc.image_size))
+    size, mean, std = hf_image_spec(d, int(vc.image_size))
+    itm_first = hf_itm_first_token(d)
+    enc_id = int(tok.convert_tokens_to_ids("[ENC]"))
+    if itm_first == "enc" and cls_name == FILTER_CLASS and enc_id >= int(tc.vocab_size):
+        log.warning("%s: itm_first_token is 'enc' but the folder's tokenizer has no [ENC] token: it is added with a "
+                    "fresh embedding, so ITM scores mean little until fine-tuned (or set itm_first_token: cls in %s)",
+                    d, CONFIG_FILE)
     vision_kwargs: dict[str, Any] = dict(patch_size=int(vc.patch_size), embed_dim=int(vc.hidden_size),
                                          depth=int(vc.num_hidden_layers), num_heads=int(vc.num_attention_heads),
                                          mlp_ratio=vc.intermediate_size // vc.hidden_size, global_pool="token",
@@ -353,7 +462,7 @@ def import_hf(hf_dir: str | Path, **overrides: Any) -> BlipMED:
         intermediate_size=int(tc.intermediate_size), max_position_embeddings=int(tc.max_position_embeddings),
         max_text_len=min(35, int(tc.max_position_embeddings)),
         embed_dim=int(getattr(hf.config, "image_text_hidden_size", 256)), layer_norm_eps=float(tc.layer_norm_eps),
-        label_smoothing=float(tc.label_smoothing or MedConfig.label_smoothing),
+        label_smoothing=_label_smoothing(raw), itm_first_token=itm_first,
         pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
         enc_token_id=tok.convert_tokens_to_ids("[ENC]"), dec_token_id=tok.convert_tokens_to_ids("[DEC]"))
     fields.update(overrides)
@@ -402,5 +511,5 @@ def import_hf(hf_dir: str | Path, **overrides: Any) -> BlipMED:
     return model
 
 
-__all__ = ["CAPTIONER_CLASS", "FILTER_CLASS", "export_captioner", "export_filter", "import_hf",
-           "is_hf_blip_dir"]
+__all__ = ["CAPTIONER_CLASS", "FILTER_CLASS", "export_captioner", "export_filter", "hf_image_spec",
+           "hf_itm_first_token", "import_hf", "is_hf_blip_dir", "read_image_settings"]

@@ -6,7 +6,8 @@ Parts (BLIP, Li et al. 2022, section 3.1):
   ``image_embeds (B, 1 + N, Dv)`` with a pooled/CLS token first;
 * ``text_encoder``: a BERT-style :class:`transformers.BlipTextModel`.  Unimodal mode
   (``is_decoder=False``, no image) for ITC; image-grounded mode (cross-attention to
-  ``image_embeds``, ``[ENC]`` first) for ITM.  transformers 5's ``BertModel`` only allows
+  ``image_embeds``) for ITM, its text input led by the token ``config.itm_first_token`` names
+  (``[ENC]`` by default, as BLIP trains it; see :class:`MedConfig`).  transformers 5's ``BertModel`` only allows
   cross-attention in causal decoder mode; ``BlipTextModel`` chooses ``is_decoder`` per call,
   which is what BLIP needs;
 * ``text_decoder``: a :class:`transformers.BlipTextLMHeadModel` (causal, ``[DEC]`` first)
@@ -40,6 +41,10 @@ from vlp_core.errors import VlpError
 from vlp_core.models.vision import create_vision
 
 CONFIG_FILE = "config.json"
+# Which token leads the ITM text input: "enc" ([ENC], BLIP's pretraining, retrieval fine-tuning and
+# LAVIS) or "cls" ([CLS], what transformers' BlipForImageTextRetrieval gets from BlipProcessor).
+ITM_FIRST_TOKENS = ("enc", "cls")
+DEFAULT_ITM_FIRST_TOKEN = "enc"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 MODEL_TYPE = "vlp-blip-med"
@@ -51,7 +56,16 @@ class ModelError(VlpError, ValueError):
 
 @dataclass
 class MedConfig:
-    """Everything needed to rebuild the model (saved as ``config.json``)."""
+    """Everything needed to rebuild the model (saved as ``config.json``).
+
+    ``itm_first_token`` (``"enc"`` | ``"cls"``): the token that leads the ITM text input, a
+    property of the weights (what they were trained to read), so it is stored with them: here,
+    and as ``itm_first_token`` in an exported Hugging Face folder's ``config.json``, which
+    ``vlp import`` and ``vlp capfilt --filter <HF folder>`` both read, so the same weights give
+    the same ITM probability either way.  Default ``"enc"`` (also for a folder without the
+    field): BLIP trains and evaluates ITM with ``[ENC]`` first, and so does this platform's
+    training; ``"cls"`` reproduces transformers' ``BlipForImageTextRetrieval`` fed
+    ``BlipProcessor``'s ``[CLS]``-first ids (a model fine-tuned that way)."""
 
     arch: str = "tiny"
     vision: str = "vlp_cnn_tiny"  # a timm model name
@@ -79,6 +93,17 @@ class MedConfig:
     sep_token_id: int = 3
     enc_token_id: int = 6
     dec_token_id: int = 5
+    itm_first_token: str = DEFAULT_ITM_FIRST_TOKEN
+
+    def __post_init__(self) -> None:
+        if self.itm_first_token not in ITM_FIRST_TOKENS:
+            raise ModelError(f"itm_first_token is {self.itm_first_token!r}; "
+                             f"expected one of {', '.join(ITM_FIRST_TOKENS)}")
+
+    @property
+    def itm_token_id(self) -> int:
+        """The id that leads the ITM text input (``[ENC]`` or ``[CLS]``, by ``itm_first_token``)."""
+        return self.enc_token_id if self.itm_first_token == "enc" else self.cls_token_id
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MedConfig":
@@ -237,7 +262,8 @@ class BlipMED(nn.Module):
 
     def tokenize(self, texts: Sequence[str], mode: str = "enc", max_length: Optional[int] = None):
         """Token ids on the model's device.  ``mode``: ``"enc"`` ([CLS] first, for ITC),
-        ``"itm"`` ([ENC] first) or ``"dec"`` ([DEC] first, ``prompt + text``)."""
+        ``"itm"`` (``config.itm_first_token`` first: [ENC] or [CLS]) or ``"dec"`` ([DEC] first,
+        ``prompt + text``)."""
         if self.tokenizer is None:
             raise ModelError("this model has no tokenizer")
         texts = [t if isinstance(t, str) else "" for t in texts]
@@ -248,7 +274,7 @@ class BlipMED(nn.Module):
         ids = enc["input_ids"].to(self.device)
         mask = enc["attention_mask"].to(self.device)
         if mode == "itm":
-            ids[:, 0] = self.config.enc_token_id
+            ids[:, 0] = self.config.itm_token_id
         elif mode == "dec":
             ids[:, 0] = self.config.dec_token_id
         return ids, mask
@@ -272,7 +298,7 @@ class BlipMED(nn.Module):
 
     def itm_logits_ids(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor) -> torch.Tensor:
-        """ITM logits ``(B, 2)``; ``input_ids`` start with [ENC]."""
+        """ITM logits ``(B, 2)``; ``input_ids`` start with ``config.itm_token_id`` (``tokenize(.., "itm")``)."""
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                                 encoder_attention_mask=image_atts, is_decoder=False)
@@ -352,7 +378,7 @@ class BlipMED(nn.Module):
         # ---- ITM with hard negatives mined from the (gathered) ITC similarities
         if w["itm"] > 0:
             itm_ids = ids.clone()
-            itm_ids[:, 0] = self.config.enc_token_id
+            itm_ids[:, 0] = self.config.itm_token_id
             out_pos = self.text_encoder(input_ids=itm_ids, attention_mask=mask, encoder_hidden_states=image_embeds,
                                         encoder_attention_mask=image_atts, is_decoder=False)
             idx_world = concat_all_gather(idx)  # (G, 1)
@@ -483,7 +509,11 @@ class BlipMED(nn.Module):
         if raw.get("model_type") != MODEL_TYPE:
             raise ModelError(f"{d}/{CONFIG_FILE}: model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r} "
                              "(for a Hugging Face BLIP folder: `vlp import`, or vlp_core.models.hf.import_hf)")
-        model = cls(MedConfig.from_dict(raw), tokenizer=load_tokenizer(d / TOKENIZER_DIR))
+        try:
+            config = MedConfig.from_dict(raw)
+        except ModelError as exc:
+            raise ModelError(f"{d}/{CONFIG_FILE}: {exc}") from None
+        model = cls(config, tokenizer=load_tokenizer(d / TOKENIZER_DIR))
         load_model(model, str(d / WEIGHTS_FILE), strict=True, device=map_location)
         return model
 
