@@ -2,9 +2,13 @@
 
     ingest (web, human, test; retried, with a timeout) -> pretrain (round 0; or an imported
     checkpoint) -> finetune captioner + filter -> capfilt (fanned out over shards) ->
-    features -> retrain -> evaluate -> record -> dvc commit (+ git tag round-N, dvc push)
+    features -> retrain -> evaluate -> gate -> record -> dvc commit
+    (+ for a promoted round: git tag round-N, dvc push)
 
-Round k > 0 fine-tunes its captioner and filter from round k-1's retrained model.  Unchanged
+The gate (:mod:`flows.gate`) judges the round against its parent before any side effect: a
+rejected round is recorded (state ``rejected`` and why) but not tagged, and never becomes a
+source.  Round k > 0 fine-tunes its captioner and filter from the latest promoted round's
+retrained model (round 0's pretrained model when none is promoted).  Unchanged
 stages are skipped and a failed run resumes (see :mod:`flows.tasks` for the stage cache).
 Params are loaded by :func:`vlp_core.config.load_params`, as in the CLI.  The default task
 runner is Prefect's thread pool on the ephemeral API; ``orchestration.task_runner: dask``
@@ -23,6 +27,7 @@ from typing import Any, Iterator, Optional, Sequence
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from flows import gate as G
 from flows import tasks as T
 from vlp_core.config import Params, load_params
 
@@ -79,14 +84,18 @@ def _after(step: str, until: Optional[str]) -> bool:
 
 @task(name="version", task_run_name="version-round{round}", cache_policy=NONE)
 def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Sequence[str], complete: bool,
-                 overridden: bool) -> dict[str, Any]:
-    """Record the stages this round ran in dvc.lock (``dvc commit``), then -- for a complete
-    round -- commit dvc.lock, tag ``round-N`` and optionally ``dvc push``."""
+                 overridden: bool, promoted: bool = True, held: Sequence[str] = ()) -> dict[str, Any]:
+    """Record the stages this round ran in dvc.lock (``dvc commit``; not those in ``held``, see
+    :func:`flows.gate.dvc_held_stages`), then -- for a complete round the gate promoted --
+    commit dvc.lock, tag ``round-N`` and optionally ``dvc push``.  A rejected round gets none
+    of these last three."""
     from vlp_core import versioning as V
 
     o = params.orchestration
-    done: dict[str, Any] = {"dvc_committed": [], "tag": None, "pushed": False}
+    done: dict[str, Any] = {"dvc_committed": [], "tag": None, "pushed": False, "promoted": complete and promoted}
     log = _logger()
+    if complete and not promoted:
+        log.warning("round %d was rejected by the gate: not tagged, not pushed", round)
     if not V.is_dvc_repo(layout.root):
         return done
     if overridden:
@@ -94,9 +103,13 @@ def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Seque
         return done
     if o.dvc_commit:
         known = set(V.dvc_stage_names(layout.root))
-        stages = [s for s in dvc_stages if s in known]
+        stages = [s for s in dvc_stages if s in known and s not in held]
+        if held:
+            log.warning("round %d started from another model than dvc.yaml's round%d items name (the gate rejected "
+                        "a round before it): not recording %s in dvc.lock", round, round, ", ".join(held))
         V.dvc_commit(layout.root, stages)
         done["dvc_committed"] = stages
+    complete = complete and promoted
     if complete and o.dvc_push and V.dvc(["remote", "default"], layout.root, check=False).returncode != 0:
         V.ensure_local_remote(layout.root, o.dvc_remote_url)  # no default remote yet: a local directory
     if complete and o.git_tag and V.is_git_repo(layout.root):
@@ -116,6 +129,7 @@ def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optio
     o = params.orchestration
     res: dict[str, dict] = {}
     dvc_stages: list[str] = []
+    base_model: Optional[str] = None
     ingest = T.ingest_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delay_seconds,
                                         retry_condition_fn=T.retry_unless_permanent,
                                         timeout_seconds=o.network_timeout_seconds)
@@ -132,12 +146,9 @@ def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optio
                 res["pretrain"] = T.pretrain_task(params, layout, res["ingest_web"], res["ingest_human"])
                 base_model = str(layout.model(0, "pretrain"))
                 dvc_stages.append("pretrain")
-        else:
-            prev = layout.model(round - 1, "retrain")
-            if not prev.exists():
-                raise T.FlowStageError(f"{prev}: round {round} needs round {round - 1}'s retrained model")
-            res["pretrain"] = {"name": "pretrain", "key": T.digest_path(prev), "skipped": True, "stats": {}}
-            base_model = str(prev)
+        else:  # the latest promoted round's retrained model (a rejected round is never a source)
+            base_model = str(G.source_model(layout, round, init_from))
+            res["pretrain"] = {"name": "pretrain", "key": T.digest_path(base_model), "skipped": True, "stats": {}}
     if not _after("finetune", until):
         # the two fine-tunes run side by side only on a Dask cluster: two trainings in one process's
         # threads share (and oversubscribe) its torch thread pool -- on 2 CPU cores they took 3x longer
@@ -168,11 +179,16 @@ def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optio
                                                    which="pretrain")
             dvc_stages.append("evaluate_base")
     if not _after("record", until):
-        upstream = [res["evaluate"], res["features"]] + ([res["evaluate_base"]] if "evaluate_base" in res else [])
-        res["record"] = T.record_task(params, layout, round, upstream)
+        res["gate"] = G.gate_task(params, layout, round)  # the verdict first: side effects follow from it
+        log.info("round %d %s by the gate: %s", round, res["gate"]["state"], res["gate"]["reason"])
+        upstream = [res["evaluate"], res["features"], res["gate"]] + (
+            [res["evaluate_base"]] if "evaluate_base" in res else [])
+        res["record"] = T.record_task(params, layout, round, upstream, res["gate"])
         dvc_stages.append(T.dvc_stage_name("record", round))
         complete = True
-    res["version"] = version_task(params, layout, round, dvc_stages, complete, overridden)
+    res["version"] = version_task(params, layout, round, dvc_stages, complete, overridden,
+                                  promoted=bool(res.get("gate", {}).get("promoted")),
+                                  held=G.dvc_held_stages(layout, round, base_model, dvc_stages))
     ran = [k for k, v in res.items() if isinstance(v, dict) and v.get("skipped") is False]
     log.info("round %d: ran %s; skipped the rest", round, ", ".join(ran) or "nothing")
     _artifacts(params, layout, round, res)
@@ -236,6 +252,8 @@ def _artifacts(params: Params, layout: T.Layout, round: int, res: dict[str, Any]
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {round_(v)} |" for k, v in sorted(flatten_metrics(read_json(metrics_file)).items())]
     version = res.get("version") or {}
+    if res.get("gate"):
+        lines += ["", f"Gate: **{res['gate']['state']}** -- {res['gate']['reason']}"]
     lines += ["", f"DVC stages committed: {', '.join(version.get('dvc_committed', [])) or 'none'}; "
               f"tag: {version.get('tag') or 'none'}",
               f"Report: `{layout.report.resolve()}` (write it with `vlp report --out {layout.report}`)"]

@@ -1,12 +1,13 @@
 """``cycles_flow``: iterative pretrain -> filter -> retrain rounds, and the nightly flow.
 
-Round k+1 fine-tunes its captioner and filter from round k's retrained model, re-captions
-and re-filters the same web shards, retrains and records version ``round<k+1>``.  Finished
+Round k+1 fine-tunes its captioner and filter from the latest promoted round's retrained model
+(the quality gate, :mod:`flows.gate`: a rejected round is never a source), re-captions and
+re-filters the same web shards, retrains and records version ``round<k+1>``.  Finished
 rounds are skipped by the stage cache, so ``vlp cycles --rounds 3`` after a 2-round run only
 runs round 2.  After the last round the HTML report is written to ``report/index.html``.
 
 ``nightly_flow`` is what ``vlp deploy`` schedules: an incremental ingest of a (growing) web
-URL list, then CapFilt of the new shards with the latest round's captioner and filter.
+URL list, then CapFilt of the new shards with the latest promoted round's captioner and filter.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 from prefect import flow
 
+from flows import gate as G
 from flows import tasks as T
 from flows.bootstrap import _artifacts, _capfilt_fanout, _logger, in_workdir, run_round, task_runner_for
 from vlp_core.config import load_params
@@ -44,8 +46,8 @@ def cycles_flow(rounds: Optional[int] = None, params_path: str = "params.yaml", 
         n = params.orchestration.rounds if rounds is None else rounds
         out: dict[str, Any] = {}
         for k in range(start_round, n):
-            out[f"round{k}"] = run_round(params, layout, k, init_from if k == 0 else None,
-                                         overridden=T.tracked_overrides(overrides))
+            # init_from: round 0's start, and later rounds' when no round is promoted
+            out[f"round{k}"] = run_round(params, layout, k, init_from, overridden=T.tracked_overrides(overrides))
         report = write_report_if_possible(params, layout)
         if report is not None:
             from prefect.artifacts import create_markdown_artifact
@@ -73,7 +75,7 @@ def run_cycles(rounds: Optional[int] = None, params_path: str = "params.yaml", o
 @flow(name="vlp-nightly", log_prints=True)
 def nightly_flow(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     """Incremental ingest of ``data/urls/web.parquet``, then CapFilt of the new shards into
-    the latest round's corpus (when a round with a captioner and a filter exists)."""
+    the latest promoted round's corpus (when a promoted round with a captioner and a filter exists)."""
     with in_workdir(workdir):
         params = load_params(params_path)
         layout = T.Layout(Path("."), home=str(Path.cwd()))
@@ -82,13 +84,11 @@ def nightly_flow(params_path: str = "params.yaml", workdir: str = ".") -> dict:
                                             retry_condition_fn=T.retry_unless_permanent,
                                             timeout_seconds=o.network_timeout_seconds)
         res: dict[str, Any] = {"ingest_web": ingest(params, layout, "web")}
-        rounds = sorted(int(p.name[5:]) for p in layout.data.glob("round*")
-                        if p.name[5:].isdigit() and (p / "finetune_filter" / "model").exists()
-                        and (p / "finetune_captioner" / "model").exists())
-        if not rounds or not layout.ingest("human").exists():
-            _logger().info("no captioner/filter yet: ingest only (run `vlp cycles` once first)")
+        k = G.latest_promoted_round(layout, lambda j: all(layout.model(j, f"finetune_{t}").exists()
+                                                           for t in ("captioner", "filter")))
+        if k is None or not layout.ingest("human").exists():
+            _logger().info("no promoted round with a captioner and a filter yet: ingest only (run `vlp cycles` first)")
             return res
-        k = rounds[-1]
         fake = {"key": "nightly", "skipped": True, "stats": {}}
         for t in ("captioner", "filter"):
             marker = layout.marker(T.stage_id(f"finetune_{t}", k))

@@ -7,6 +7,7 @@
     data/ingest/<split>/             ingest of web / human / test
     data/round<k>/<stage>/           pretrain (k=0), finetune_captioner, finetune_filter,
                                      capfilt, features, retrain, evaluate
+    data/round<k>/gate.json          the quality gate's verdict on the round (flows/gate.py)
     data/round<k>/record.json        what ``record`` wrote to the catalog
     data/.flow/<stage id>.json       the flow's stage cache markers (not a DVC out)
 
@@ -93,7 +94,8 @@ class Layout:
         return self.root / "report" / "index.html"
 
 
-UNTRACKED_SECTIONS = ("orchestration",)  # how to run, not what is computed
+# how to run, and which rounds to promote (the gate: no dvc.yaml stage reads it), not what is computed
+UNTRACKED_SECTIONS = ("orchestration", "gate")
 # policies dvc.yaml does not list (see its ingest stages): which hosts may be contacted, how
 # large an image may be decoded
 UNTRACKED_KEYS = ("ingest.allowed_hosts", "ingest.max_image_pixels")
@@ -385,8 +387,10 @@ def round_stats_paths(layout: Layout, round: int) -> list[Path]:
 
 
 @task(name="record", task_run_name="record-round{round}", cache_policy=NONE)
-def record_task(params: Params, layout: Layout, round: int, upstream: Sequence[dict]) -> dict[str, Any]:
-    """Record the round as version ``round<k>`` in the DuckDB catalog."""
+def record_task(params: Params, layout: Layout, round: int, upstream: Sequence[dict],
+                gate: Optional[dict] = None) -> dict[str, Any]:
+    """Record the round as version ``round<k>`` in the DuckDB catalog, with the gate's verdict
+    (``flows.gate.gate_task``: state promoted / rejected, reason, parent) when given."""
     from vlp_core.catalog import record_version
 
     out = layout.data / f"round{round}"
@@ -395,7 +399,9 @@ def record_task(params: Params, layout: Layout, round: int, upstream: Sequence[d
         metrics = [p for p in (layout.stage(round, n) / "metrics.json" for n in ("evaluate_base", "evaluate"))
                    if p.exists()]
         s = record_version(params, f"round{round}", layout.stage(round, "capfilt"), round_stats_paths(layout, round),
-                           metrics, repo_dir=layout.root, round=round, catalog=layout.root / params.catalog.path)
+                           metrics, repo_dir=layout.root, round=round, catalog=layout.root / params.catalog.path,
+                           state=(gate or {}).get("state"), reason=(gate or {}).get("reason"),
+                           parent=(gate or {}).get("parent"))
         write_json({"name": s.name, "corpus_rows": s.corpus_rows, "stats": s.stats, "metrics": s.metrics},
                    layout.record_marker(round))
 
