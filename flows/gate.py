@@ -140,5 +140,5 @@ def _metrics(path: Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["BASELINE", "dvc_held_stages", "dvc_source", "gate_file", "gate_task", "latest_promoted_round", "parent_metrics",
-           "parent_round", "round_state", "source_model"]
+__all__ = ["BASELINE", "dvc_held_stages", "dvc_source", "gate_file", "gate_task", "latest_promoted_round",
+           "parent_metrics", "parent_round", "round_state", "source_model"]

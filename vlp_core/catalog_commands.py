@@ -48,8 +48,8 @@ def register(subparsers) -> None:
     dp.set_defaults(func=_diff)
 
     q = subparsers.add_parser("query", help="run one read-only SQL query (SELECT/WITH) on the catalog",
-                              description="Tables: versions, stage_stats, metrics, corpus, version_states. Writes are refused; "
-                                          "a query is stopped after catalog.query_timeout_seconds.")
+                              description="Tables: versions, stage_stats, metrics, corpus, version_states. Writes "
+                                          "are refused; a query is stopped after catalog.query_timeout_seconds.")
     q.add_argument("sql")
     q.add_argument("--limit", type=int, default=None, help="print at most this many rows")
     q.add_argument("--json", action="store_true", help="print rows as JSON lines")

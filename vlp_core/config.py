@@ -400,13 +400,14 @@ def _ingest_checks(kw: dict[str, Any], src, prefix: str) -> None:
 
 def _gate_checks(kw: dict[str, Any], src, prefix: str) -> None:
     if "metric" in kw and not str(kw["metric"]).strip():
-        raise ConfigError(src("metric"), f"{prefix}.metric", "must name a metric of metrics.json (e.g. r1_mean), got ''")
+        raise ConfigError(src("metric"), f"{prefix}.metric",
+                          "must name a metric of metrics.json (e.g. r1_mean), got ''")
     if "margin" in kw and not math.isfinite(kw["margin"]):
         raise ConfigError(src("margin"), f"{prefix}.margin", f"must be a finite number, got {kw['margin']!r}")
 
 
-_CROSS_CHECKS = {"TrainParams": (_train_checks,), "CapfiltParams": (_capfilt_checks,), "IngestParams": (_ingest_checks,),
-                 "GateParams": (_gate_checks,)}
+_CROSS_CHECKS = {"TrainParams": (_train_checks,), "CapfiltParams": (_capfilt_checks,),
+                 "IngestParams": (_ingest_checks,), "GateParams": (_gate_checks,)}
 
 
 def _coerce(typ: Any, value: Any, source: str, key: str) -> Any:
