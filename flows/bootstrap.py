@@ -2,9 +2,13 @@
 
     ingest (web, human, test; retried, with a timeout) -> pretrain (round 0; or an imported
     checkpoint) -> finetune captioner + filter -> capfilt (fanned out over shards) ->
-    features -> retrain -> evaluate -> record -> dvc commit (+ git tag round-N, dvc push)
+    features -> retrain -> evaluate -> gate -> record -> dvc commit
+    (+ for a promoted round: git tag round-N, dvc push)
 
-Round k > 0 fine-tunes its captioner and filter from round k-1's retrained model.  Unchanged
+The gate (:mod:`vlp_core.promotion`) judges the round against its parent before any side effect: a
+rejected round is recorded (state ``rejected`` and why) but not tagged, and never becomes a
+source.  Round k > 0 fine-tunes its captioner and filter from the latest promoted round's
+retrained model (round 0's pretrained model when none is promoted).  Unchanged
 stages are skipped and a failed run resumes (see :mod:`flows.tasks` for the stage cache).
 Params are loaded by :func:`vlp_core.config.load_params`, as in the CLI.  The default task
 runner is Prefect's thread pool on the ephemeral API; ``orchestration.task_runner: dask``
@@ -25,6 +29,7 @@ from prefect.cache_policies import NONE
 
 from flows import tasks as T
 from vlp_core import rounds as R
+from vlp_core import promotion as P
 from vlp_core import versioning as V
 from vlp_core.capfilt import stage as cs
 from vlp_core.catalog import flatten_metrics
@@ -74,13 +79,17 @@ def _logger():
 
 @task(name="version", task_run_name="version-round{round}", cache_policy=NONE)
 def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Sequence[str], complete: bool,
-                 overridden: bool) -> dict[str, Any]:
-    """Record the stages this round ran in dvc.lock (``dvc commit``), then -- for a complete
-    round -- commit dvc.lock, tag ``round-N`` and optionally ``dvc push``."""
+                 overridden: bool, promoted: bool = True, held: Sequence[str] = ()) -> dict[str, Any]:
+    """Record the stages this round ran in dvc.lock (``dvc commit``; not those in ``held``, see
+    :func:`vlp_core.promotion.dvc_held_stages`), then -- for a complete round the gate promoted --
+    commit dvc.lock, tag ``round-N`` and optionally ``dvc push``.  A rejected round gets none
+    of these last three."""
 
     o = params.orchestration
-    done: dict[str, Any] = {"dvc_committed": [], "tag": None, "pushed": False}
+    done: dict[str, Any] = {"dvc_committed": [], "tag": None, "pushed": False, "promoted": complete and promoted}
     log = _logger()
+    if complete and not promoted:
+        log.warning("round %d was rejected by the gate: not tagged, not pushed", round)
     if not V.is_dvc_repo(layout.root):
         return done
     if overridden:
@@ -88,9 +97,13 @@ def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Seque
         return done
     if o.dvc_commit:
         known = set(V.dvc_stage_names(layout.root))
-        stages = [s for s in dvc_stages if s in known]
+        stages = [s for s in dvc_stages if s in known and s not in held]
+        if held:
+            log.warning("round %d started from another model than dvc.yaml's round%d items name (the gate rejected "
+                        "a round before it): not recording %s in dvc.lock", round, round, ", ".join(held))
         V.dvc_commit(layout.root, stages)
         done["dvc_committed"] = stages
+    complete = complete and promoted
     if complete and o.dvc_push and V.dvc(["remote", "default"], layout.root, check=False).returncode != 0:
         V.ensure_local_remote(layout.root, o.dvc_remote_url)  # no default remote yet: a local directory
     if complete and o.git_tag and V.is_git_repo(layout.root):
@@ -108,7 +121,9 @@ def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optio
     """The body of one round (inside a flow run): the steps :func:`vlp_core.rounds.compose` lists,
     each a Prefect task, then the DVC commit and tag.  Returns the results by stage name."""
     log = _logger()
-    steps = R.compose(params, layout, round, init_from, until)
+    # round k > 0 starts from the latest promoted round's retrained model (a rejected round is never a source)
+    base_model = str(P.source_model(layout, round, init_from)) if round > 0 else None
+    steps = R.compose(params, layout, round, init_from, until, base_model=base_model)
     by_id: dict[str, dict] = {}
     res: dict[str, dict] = {}
     # the two fine-tunes run side by side only on a Dask cluster: two trainings in one process's
@@ -133,9 +148,13 @@ def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optio
         by_id[n] = fut.result()
     for step in steps:
         res[step.name] = by_id[step.id]
-    dvc_stages = [s.dvc_name for s in steps if not s.given]
+    dvc_stages = [s.dvc_name for s in steps if not s.given and s.in_dvc]
     complete = not R.after("record", until)
-    res["version"] = version_task(params, layout, round, dvc_stages, complete, overridden)
+    if "gate" in res:
+        log.info("round %d %s by the gate: %s", round, res["gate"]["state"], res["gate"]["reason"])
+    res["version"] = version_task(params, layout, round, dvc_stages, complete, overridden,
+                                  promoted=bool(res.get("gate", {}).get("promoted")),
+                                  held=P.dvc_held_stages(layout, round, base_model, dvc_stages))
     ran = [k for k, v in res.items() if isinstance(v, dict) and v.get("skipped") is False]
     log.info("round %d: ran %s; skipped the rest", round, ", ".join(ran) or "nothing")
     _artifacts(params, layout, round, res)
@@ -179,6 +198,8 @@ def _artifacts(params: Params, layout: T.Layout, round: int, res: dict[str, Any]
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {round_(v)} |" for k, v in sorted(flatten_metrics(read_json(metrics_file)).items())]
     version = res.get("version") or {}
+    if res.get("gate"):
+        lines += ["", f"Gate: **{res['gate']['state']}** -- {res['gate']['reason']}"]
     lines += ["", f"DVC stages committed: {', '.join(version.get('dvc_committed', [])) or 'none'}; "
               f"tag: {version.get('tag') or 'none'}",
               f"Report: `{layout.report.resolve()}` (write it with `vlp report --out {layout.report}`)"]

@@ -65,6 +65,8 @@ def _summary(result: dict) -> str:
     for name, r in result.items():
         if isinstance(r, dict) and "skipped" in r:
             lines.append(f"  {name:<22} {'skipped (unchanged)' if r['skipped'] else 'ran'}")
+            if name == "gate":  # the verdict: what the round's tag and sourcing follow from
+                lines.append(f"    {r.get('state')}: {r.get('reason')}")
         elif isinstance(r, dict) and name.startswith("round"):
             lines.append(f"{name}:")
             lines.append(_summary(r))

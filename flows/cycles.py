@@ -1,12 +1,13 @@
 """``cycles_flow``: iterative pretrain -> filter -> retrain rounds, and the nightly flow.
 
-Round k+1 fine-tunes its captioner and filter from round k's retrained model, re-captions
-and re-filters the same web shards, retrains and records version ``round<k+1>``.  Finished
+Round k+1 fine-tunes its captioner and filter from the latest promoted round's retrained model
+(the quality gate, :mod:`vlp_core.promotion`: a rejected round is never a source), re-captions and
+re-filters the same web shards, retrains and records version ``round<k+1>``.  Finished
 rounds are skipped by the stage cache, so ``vlp cycles --rounds 3`` after a 2-round run only
 runs round 2.  After the last round the HTML report is written to ``report/index.html``.
 
 ``nightly_flow`` is what ``vlp deploy`` schedules: an incremental ingest of a (growing) web
-URL list, then CapFilt of the new shards with the latest round's captioner and filter.
+URL list, then CapFilt of the new shards with the latest promoted round's captioner and filter.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from prefect import flow
 
 from flows import tasks as T
 from flows.bootstrap import _artifacts, _capfilt_fanout, _logger, in_workdir, run_round, task_runner_for
+from vlp_core import promotion as P
 from vlp_core import rounds as R
 from vlp_core.catalog import CatalogError
 from vlp_core.config import load_params
@@ -46,8 +48,8 @@ def cycles_flow(rounds: Optional[int] = None, params_path: str = "params.yaml", 
         n = params.orchestration.rounds if rounds is None else rounds
         out: dict[str, Any] = {}
         for k in range(start_round, n):
-            out[f"round{k}"] = run_round(params, layout, k, init_from if k == 0 else None,
-                                         overridden=T.tracked_overrides(overrides))
+            # init_from: round 0's start, and later rounds' when no round is promoted
+            out[f"round{k}"] = run_round(params, layout, k, init_from, overridden=T.tracked_overrides(overrides))
         report = write_report_if_possible(params, layout)
         if report is not None:
             from prefect.artifacts import create_markdown_artifact
@@ -75,17 +77,17 @@ def run_cycles(rounds: Optional[int] = None, params_path: str = "params.yaml", o
 @flow(name="vlp-nightly", log_prints=True)
 def nightly_flow(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     """Incremental ingest of ``data/urls/web.parquet``, then CapFilt of the new shards into
-    the latest round's corpus (when a round with a captioner and a filter exists)."""
+    the latest promoted round's corpus (when a promoted round with a captioner and a filter exists)."""
     with in_workdir(workdir):
         params = load_params(params_path)
         layout = T.Layout(Path("."), home=str(Path.cwd()))
         web = R.ingest_step(params, layout, "web")
         res: dict[str, Any] = {"ingest_web": T.unwrap(T.step_task(params, web)(params, layout, web, []))}
-        rounds = layout.rounds_done()
-        if not rounds or not layout.ingest("human").exists():
-            _logger().info("no captioner/filter yet: ingest only (run `vlp cycles` once first)")
+        done = set(layout.rounds_done())  # rounds with a captioner and a filter
+        k = P.latest_promoted_round(layout, lambda j: j in done)
+        if k is None or not layout.ingest("human").exists():
+            _logger().info("no promoted round with a captioner and a filter yet: ingest only (run `vlp cycles` first)")
             return res
-        k = rounds[-1]
         base = R.base_step(layout, k) if k else R.pretrain_step(params, layout)
         capfilt = next(s for s in R.round_steps(params, layout, k, base, until="capfilt", record=False)
                        if s.name == "capfilt")

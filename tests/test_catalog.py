@@ -220,3 +220,49 @@ def test_query_on_a_catalog_held_by_another_process_is_one_line(tmp_path, capsys
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_gate_state_is_stored_listed_and_replaced(two_versions, capsys):
+    from vlp_core.cli import main
+
+    cat, params, root = two_versions
+    assert [d["state"] for d in list_versions(cat)] == [None, None]  # recorded without a verdict
+    record_version(params, "v-b", root / "b", [], [], repo_dir=None, state="rejected",
+                   reason="r1_mean 1.0000 vs 2.0000 (v-a): gain -1.0000, margin 0: does not beat its parent",
+                   parent="v-a")
+    record_version(params, "v-c", root / "a", [], [], repo_dir=None, state="promoted", reason="beats", parent="v-a")
+    rows = {d["name"]: d for d in list_versions(cat)}
+    assert (rows["v-b"]["state"], rows["v-b"]["parent"]) == ("rejected", "v-a")
+    assert rows["v-b"]["state_reason"].endswith("does not beat its parent")
+    assert (rows["v-c"]["state"], rows["v-c"]["rows"], rows["v-c"]["kept"]) == ("promoted", 5, 3)  # no double count
+    assert rows["v-a"]["state"] is None
+    assert main(["versions", "list", "--catalog", str(cat)]) == 0
+    out = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[2:]}
+    assert "rejected" in out["v-b"] and "does not beat its parent" in out["v-b"]
+    assert "promoted" in out["v-c"] and "recorded without a gate verdict" in out["v-a"]
+    # re-recording replaces the verdict (none given: none kept)
+    record_version(params, "v-b", root / "b", [], [], repo_dir=None)
+    assert {d["name"]: d["state"] for d in list_versions(cat)}["v-b"] is None
+    assert query(cat, "SELECT count(*) FROM version_states")[1] == [(1,)]
+    with pytest.raises(CatalogError, match="state 'maybe' refused"):
+        record_version(params, "v-d", root / "a", repo_dir=None, state="maybe")
+    assert main(["record", "--name", "v-e", "--corpus", str(root / "a"), "--catalog", str(cat), "--repo",
+                 str(root), "--state", "rejected", "--reason", "by hand"]) == 0
+    assert {d["name"]: d["state_reason"] for d in list_versions(cat)}["v-e"] == "by hand"
+
+
+def test_a_catalog_written_before_the_gate_still_opens(tmp_path):
+    """An older file has no version_states table: listed read-only, every state is NULL; the first
+    write adds the table and the old versions stay."""
+    import duckdb
+
+    cat = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(cat))
+    con.execute(catalog._DDL.split("CREATE TABLE IF NOT EXISTS version_states")[0])  # the DDL before the gate
+    con.execute("INSERT INTO versions VALUES ('round0', now()::TIMESTAMP, NULL, '{}', '{}', 0, NULL)")
+    con.close()
+    assert [(d["name"], d["state"], d["state_reason"]) for d in list_versions(cat)] == [("round0", None, None)]
+    assert query(cat, "SELECT count(*) FROM versions")[1] == [(1,)]
+    _corpus(tmp_path / "c", A_ROWS)
+    record_version(Params(), "round1", tmp_path / "c", repo_dir=None, catalog=cat, state="rejected", reason="worse")
+    assert [(d["name"], d["state"]) for d in list_versions(cat)] == [("round0", None), ("round1", "rejected")]

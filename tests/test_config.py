@@ -108,6 +108,10 @@ def test_scientific_notation_is_a_number(tmp_path):
     ("synthetic.noise_rate=1.5", "synthetic.noise_rate"),
     ("catalog.query_timeout_seconds=0", "catalog.query_timeout_seconds"),
     ("orchestration.network_timeout_seconds=0", "orchestration.network_timeout_seconds"),
+    ("gate.margin=.nan", "gate.margin"),
+    ("gate.margin=.inf", "gate.margin"),
+    ("gate.metric=", "gate.metric"),
+    ("gate.no_parent=maybe", "gate.no_parent"),
 ])
 def test_impossible_numbers_are_refused_at_load_time(override, key):
     with pytest.raises(ConfigError) as e:

@@ -7,7 +7,11 @@ One ``.duckdb`` file (``params.catalog.path``) holds, for every recorded *versio
 * ``stage_stats`` -- one row per ``stats.json`` (stage, rows in/out, seconds, counts JSON);
 * ``metrics``     -- one row per numeric metric of each ``metrics.json`` (flattened keys);
 * ``corpus``      -- the light columns of the version's CapFilt corpus (no pixels): key, url,
-                     shard, candidate, text, source, itc, itm, kept, reason, round.
+                     shard, candidate, text, source, itc, itm, kept, reason, round;
+* ``version_states`` -- the quality gate's verdict on a version (``vlp_core/gate.py``): state
+                     (``promoted`` / ``rejected``), reason, parent.  A table of its own, so a
+                     catalog written before the gate still opens (its versions have no state;
+                     a read-only open of such a file reads every state as NULL).
 
 A comparison is then a query over two snapshots, with no checkout.  Rows of two versions
 are matched by their *identity* ``(coalesce(url, key), candidate)``: the same image and the
@@ -46,6 +50,8 @@ CREATE TABLE IF NOT EXISTS corpus (
     version VARCHAR, {C.KEY} VARCHAR, {C.URL} VARCHAR, {C.SHARD} VARCHAR, {C.CANDIDATE} SMALLINT,
     {C.TEXT} VARCHAR, {C.SOURCE} VARCHAR, {C.ITC} FLOAT, {C.ITM} FLOAT, {C.KEPT} BOOLEAN,
     {C.REASON} VARCHAR, {C.ROUND} INTEGER);
+CREATE TABLE IF NOT EXISTS version_states (
+    version VARCHAR, state VARCHAR, reason VARCHAR, parent VARCHAR);
 """
 
 
@@ -179,13 +185,21 @@ def record_version(
     repo_dir: str | Path | None = ".",
     round: Optional[int] = None,
     catalog: str | Path | None = None,
+    state: Optional[str] = None,
+    reason: Optional[str] = None,
+    parent: Optional[str] = None,
 ) -> RecordSummary:
     """Record (or replace) version ``name`` in the catalog at ``catalog`` (default
     ``params.catalog.path``).  The git revision and DVC hashes are read from ``repo_dir``
-    when it is a git/DVC repo (else left empty).  All inserts are one transaction."""
+    when it is a git/DVC repo (else left empty).  ``state`` (``promoted`` / ``rejected``, with
+    the gate's ``reason`` and the ``parent`` it compared with) is stored in ``version_states``;
+    None records no state.  All inserts are one transaction."""
     from vlp_core import versioning
+    from vlp_core.gate import STATES
 
     check_version_name(name)
+    if state is not None and state not in STATES:
+        raise CatalogError(f"version {name!r}: state {state!r} refused (one of {', '.join(STATES)})")
     corpus = read_corpus_light(corpus_dir) if corpus_dir is not None else None
     stats_rows = []
     for sp in stats_paths:
@@ -211,12 +225,15 @@ def record_version(
         for table in ("versions", "stage_stats", "metrics"):
             con.execute(f"DELETE FROM {table} WHERE {'name' if table == 'versions' else 'version'} = ?", [name])
         con.execute("DELETE FROM corpus WHERE version = ?", [name])
+        con.execute("DELETE FROM version_states WHERE version = ?", [name])
         con.execute(
             "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?)",
             [name, _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None), git_rev,
              json.dumps(dvc_hashes, sort_keys=True), json.dumps(params.to_dict(), sort_keys=True), round,
              str(corpus_dir) if corpus_dir is not None else None],
         )
+        if state is not None:
+            con.execute("INSERT INTO version_states VALUES (?, ?, ?, ?)", [name, state, reason, parent])
         if stats_rows:
             con.executemany("INSERT INTO stage_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?)", stats_rows)
         if metric_rows:
@@ -236,17 +253,28 @@ def record_version(
 
 
 # --------------------------------------------------------------------------- list
+def has_table(con, table: str) -> bool:
+    """Whether the open catalog holds ``table`` (a file written by an older version may not)."""
+    return bool(con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [table]).fetchone()[0])
+
+
 def list_versions(path: str | Path) -> list[dict[str, Any]]:
-    """One dict per version, oldest first: name, created, round, git_rev, rows, kept."""
+    """One dict per version, oldest first: name, created, round, git_rev, rows, kept, metrics,
+    and the gate's state, state_reason and parent (None for a version recorded without one)."""
     con = connect(path, read_only=True)
     try:
+        states = ("version_states" if has_table(con, "version_states")
+                  else "(SELECT NULL::VARCHAR AS version, NULL::VARCHAR AS state, NULL::VARCHAR AS reason, "
+                       "NULL::VARCHAR AS parent WHERE false)")
         rows = con.execute(
-            """SELECT v.name, v.created, v.round, v.git_rev,
-                      count(c.version) AS rows, count(*) FILTER (WHERE c.kept) AS kept
-               FROM versions v LEFT JOIN corpus c ON c.version = v.name
-               GROUP BY ALL ORDER BY v.created, v.name"""
+            f"""SELECT v.name, v.created, v.round, v.git_rev,
+                       count(c.version) AS rows, count(*) FILTER (WHERE c.kept) AS kept,
+                       any_value(s.state), any_value(s.reason), any_value(s.parent)
+                FROM versions v LEFT JOIN corpus c ON c.version = v.name
+                     LEFT JOIN {states} s ON s.version = v.name
+                GROUP BY v.name, v.created, v.round, v.git_rev ORDER BY v.created, v.name"""
         ).fetchall()
-        names = ["name", "created", "round", "git_rev", "rows", "kept"]
+        names = ["name", "created", "round", "git_rev", "rows", "kept", "state", "state_reason", "parent"]
         out = [dict(zip(names, r)) for r in rows]
         for d in out:
             d["metrics"] = dict(con.execute(
@@ -486,6 +514,6 @@ def format_table(cols: Sequence[str], rows: Iterable[Sequence[Any]], max_width: 
 
 __all__ = [
     "CatalogError", "RecordSummary", "VersionDiff", "check_read_only_sql", "check_version_name", "connect",
-    "diff_versions", "format_diff", "format_table", "list_versions", "query", "read_corpus_light",
+    "diff_versions", "format_diff", "format_table", "has_table", "list_versions", "query", "read_corpus_light",
     "record_version",
 ]

@@ -2,7 +2,7 @@
 
     vlp record --name round0 --corpus data/round0/capfilt --stats data/round0/*/stats.json \\
                --metrics data/round0/evaluate/metrics.json
-    vlp versions list
+    vlp versions list                 # with each version's gate state (promoted / rejected) and why
     vlp versions diff round0 round1 [--examples 10] [--json]
     vlp query "SELECT source, avg(itm) FROM corpus WHERE version='round1' GROUP BY 1"
     vlp report --out report/index.html
@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("versions", help="list or compare the versions in the catalog")
     sub = p.add_subparsers(dest="versions_command", metavar="ACTION")
     sub.required = True
-    lp = sub.add_parser("list", help="every recorded version with its rows, kept rows and metrics")
+    lp = sub.add_parser("list", help="every recorded version with its rows, kept rows, metrics and gate state "
+                                     "(promoted / rejected, and why)")
     _catalog_arg(lp)
     lp.set_defaults(func=_list)
     dp = sub.add_parser("diff", help="what changed from version A to version B")
@@ -47,8 +48,8 @@ def register(subparsers) -> None:
     dp.set_defaults(func=_diff)
 
     q = subparsers.add_parser("query", help="run one read-only SQL query (SELECT/WITH) on the catalog",
-                              description="Tables: versions, stage_stats, metrics, corpus. Writes are refused; "
-                                          "a query is stopped after catalog.query_timeout_seconds.")
+                              description="Tables: versions, stage_stats, metrics, corpus, version_states. Writes "
+                                          "are refused; a query is stopped after catalog.query_timeout_seconds.")
     q.add_argument("sql")
     q.add_argument("--limit", type=int, default=None, help="print at most this many rows")
     q.add_argument("--json", action="store_true", help="print rows as JSON lines")
@@ -71,6 +72,9 @@ def register(subparsers) -> None:
     rec.add_argument("--round", type=int, default=None, help="round number (default: from the corpus)")
     rec.add_argument("--repo", default=".", help="git/DVC repo to read the revision and hashes from")
     rec.add_argument("--marker", default=None, help="also write this JSON file (a DVC out) summarising the record")
+    rec.add_argument("--state", choices=("promoted", "rejected"), default=None,
+                     help="the quality gate's verdict on the version (default: none recorded)")
+    rec.add_argument("--reason", default=None, help="why (with --state)")
     _catalog_arg(rec)
     rec.set_defaults(func=_record)
 
@@ -79,11 +83,12 @@ def _list(args: argparse.Namespace) -> int:
     from vlp_core.catalog import format_table, list_versions
 
     rows = list_versions(_catalog_file(args))
-    cols = ["name", "created", "round", "git_rev", "rows", "kept", "metrics"]
+    cols = ["name", "created", "round", "git_rev", "rows", "kept", "state", "metrics", "reason"]
     print(format_table(cols, [[d["name"], str(d["created"])[:19], d["round"], (d["git_rev"] or "-")[:12],
-                               d["rows"], d["kept"],
-                               ", ".join(f"{k}={v:.3f}" for k, v in list(d["metrics"].items())[:4])]
-                              for d in rows], max_width=90))
+                               d["rows"], d["kept"], d["state"] or "-",
+                               ", ".join(f"{k}={v:.3f}" for k, v in list(d["metrics"].items())[:4]),
+                               d["state_reason"] or ("-" if d["state"] else "recorded without a gate verdict")]
+                              for d in rows], max_width=120))
     return 0
 
 
@@ -125,7 +130,7 @@ def _record(args: argparse.Namespace) -> int:
 
     params = load_params_from_args(args)
     s = record_version(params, args.name, args.corpus, args.stats, args.metrics, repo_dir=args.repo,
-                       round=args.round, catalog=args.catalog)
+                       round=args.round, catalog=args.catalog, state=args.state, reason=args.reason)
     if args.marker:
         write_json({"name": s.name, "corpus_rows": s.corpus_rows, "stats": s.stats, "metrics": s.metrics},
                    args.marker)

@@ -187,6 +187,20 @@ class CatalogParams:
 
 
 @dataclass(frozen=True)
+class GateParams:
+    """The quality gate (``vlp_core/gate.py``): a round is promoted -- tagged ``round-N``, marked
+    ``promoted`` in the catalog, and the source of the next round's captioner and filter and of
+    the nightly's -- only when its evaluation beats its parent's (the latest promoted round
+    before it, else the pretrained baseline) on ``metric`` by more than ``margin``."""
+
+    enabled: bool = True  # false: every finished round is promoted (reason: the gate is off)
+    metric: str = "r1_mean"  # a key of metrics.json, dotted for nested ones (as the catalog flattens them)
+    higher_is_better: bool = True  # false for a loss-like metric
+    margin: float = 0.0  # child - parent must exceed it (metric units); negative tolerates a small regression
+    no_parent: Literal["promote", "reject"] = "promote"  # when there is no parent evaluation to compare with
+
+
+@dataclass(frozen=True)
 class OrchestrationParams:
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: Optional[str] = None  # None with task_runner=dask starts a local cluster
@@ -216,6 +230,7 @@ class Params:
     features: FeaturesParams = FeaturesParams()
     evaluate: EvaluateParams = EvaluateParams()
     catalog: CatalogParams = CatalogParams()
+    gate: GateParams = GateParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
     def to_dict(self) -> dict[str, Any]:
@@ -395,7 +410,16 @@ def _ingest_checks(kw: dict[str, Any], src, prefix: str) -> None:
                               f"must be host:port (e.g. 127.0.0.1:8765), got {entry!r}")
 
 
-_CROSS_CHECKS = {"TrainParams": (_train_checks,), "CapfiltParams": (_capfilt_checks,), "IngestParams": (_ingest_checks,)}
+def _gate_checks(kw: dict[str, Any], src, prefix: str) -> None:
+    if "metric" in kw and not str(kw["metric"]).strip():
+        raise ConfigError(src("metric"), f"{prefix}.metric",
+                          "must name a metric of metrics.json (e.g. r1_mean), got ''")
+    if "margin" in kw and not math.isfinite(kw["margin"]):
+        raise ConfigError(src("margin"), f"{prefix}.margin", f"must be a finite number, got {kw['margin']!r}")
+
+
+_CROSS_CHECKS = {"TrainParams": (_train_checks,), "CapfiltParams": (_capfilt_checks,),
+                 "IngestParams": (_ingest_checks,), "GateParams": (_gate_checks,)}
 
 
 def _coerce(typ: Any, value: Any, source: str, key: str) -> Any:

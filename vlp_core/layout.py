@@ -6,6 +6,7 @@
     data/round0/pretrain/            round 0's base model (pretrained on the raw web + human)
     data/round<k>/<stage>/           finetune_captioner, finetune_filter, capfilt, features,
                                      retrain, evaluate (and evaluate_base in round 0)
+    data/round<k>/gate.json          the quality gate's verdict on the round (vlp_core/gate.py)
     data/round<k>/record.json        what ``record`` wrote to the catalog
     data/.flow/<stage id>.json       the stage cache's markers (:mod:`vlp_core.stagecache`)
     data/comparison/                 the demo's controls and table
@@ -36,6 +37,7 @@ MODEL_DIR = "model"  # training stages: the finished model (save_pretrained)
 CHECKPOINT_DIR = "checkpoint"  # training stages: the resumable state
 LOSS_FILE = "loss.csv"  # training stages
 RECORD_FILE = "record.json"  # record: what went into the catalog
+GATE_FILE = "gate.json"  # the quality gate's verdict on a round
 
 PRETRAIN = "pretrain"
 # the stages of a round, in order (evaluate_base: round 0's pretrained model, evaluated like a round)
@@ -108,6 +110,9 @@ class Layout:
             return Path(init_from) if init_from else self.model(0, PRETRAIN)
         return self.model(round - 1, "retrain")
 
+    def gate_file(self, round: int) -> Path:
+        return self.round_dir(round) / GATE_FILE
+
     def record_marker(self, round: int) -> Path:
         return self.round_dir(round) / RECORD_FILE
 
@@ -153,6 +158,6 @@ class Layout:
         return sorted(out)
 
 
-__all__ = ["CAPTIONS_FILE", "CHECKPOINT_DIR", "CORPUS_DIR", "EMBEDDINGS_DIR", "LOSS_FILE", "Layout", "MANIFEST_FILE",
+__all__ = ["CAPTIONS_FILE", "CHECKPOINT_DIR", "CORPUS_DIR", "EMBEDDINGS_DIR", "GATE_FILE", "LOSS_FILE", "Layout", "MANIFEST_FILE",
            "METRICS_FILE", "MODEL_DIR", "PRETRAIN", "RECORDED_STATS", "RECORD_FILE", "ROUND_STAGES", "SHARDS_DIR",
            "SPLITS", "STATS_FILE", "dvc_stage_name", "stage_id"]

@@ -2,9 +2,9 @@
 
 Plots are drawn with matplotlib's Agg backend and inlined as base64 PNG, sample images are
 read from the ingest shards (:mod:`vlp_core.shards`) and inlined too, so the file can be
-mailed or opened offline.  Sections: versions table, ITM score histograms per version, kept
-ratio by source, metrics across versions (rounds), and sample images with their web and
-synthetic captions (kept or dropped, with scores).
+mailed or opened offline.  Sections: versions table (with the quality gate's state), ITM score
+histograms per version, kept ratio by source, metrics across versions (rounds), and sample
+images with their web and synthetic captions (kept or dropped, with scores).
 """
 from __future__ import annotations
 
@@ -160,10 +160,10 @@ def write_report(catalog_file: str | Path, out: str | Path, versions: Optional[S
         matplotlib.use("Agg")
         parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vlp report</title>"
                  f"<style>{_CSS}</style></head><body><h1>Versions report</h1>"]
-        cols, rows = ["name", "created", "round", "git_rev", "rows", "kept"], []
+        cols, rows = ["name", "created", "round", "git_rev", "rows", "kept", "state", "state_reason"], []
         for d in catalog.list_versions(catalog_file):
             if d["name"] in chosen:
-                rows.append([d[c] for c in cols])
+                rows.append(["-" if d[c] is None else d[c] for c in cols])
         parts.append("<h2>Versions</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>")
         for r in rows:
             parts.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>")

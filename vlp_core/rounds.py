@@ -9,7 +9,7 @@ the same steps directly (:func:`run_steps`); all of them skip a step through one
 
     ingest web/human/test -> pretrain (round 0 only; or an imported checkpoint)
     -> finetune captioner + filter (from round k's base model) -> capfilt -> features
-    -> retrain -> evaluate (+ evaluate_base: round 0's pretrained model) -> record
+    -> retrain -> evaluate (+ evaluate_base: round 0's pretrained model) -> gate -> record
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from vlp_core import catalog
+from vlp_core import catalog, promotion
 from vlp_core.capfilt import stage as capfilt_stage
 from vlp_core.config import Params
 from vlp_core.features import stage as features_stage
 from vlp_core.ingest import stage as ingest_stage
-from vlp_core.io import write_json
-from vlp_core.layout import (CAPTIONS_FILE, METRICS_FILE, PRETRAIN, RECORD_FILE, RECORDED_STATS, SPLITS, STATS_FILE,
+from vlp_core.io import read_json, write_json
+from vlp_core.layout import (GATE_FILE, METRICS_FILE, PRETRAIN, RECORD_FILE, RECORDED_STATS, SPLITS, STATS_FILE,
                              Layout, dvc_stage_name, stage_id)
 from vlp_core.stagecache import StageInputError, StageResult, cached_stage, input_key
 from vlp_core.train import evaluate as train_evaluate
@@ -48,6 +48,8 @@ class Step:
     files: tuple[Path, ...] = ()  # external inputs, by content
     done_file: str = STATS_FILE
     trains: bool = False  # a training stage: told whether to start over (``fresh``)
+    always: bool = False  # run every time, past the stage cache; ``call()`` returns the result (the gate)
+    in_dvc: bool = True  # a dvc.yaml stage (the gate is not: its verdict is not a DVC output)
     network: bool = False  # downloads: retried on transient errors by the flows
     task: str = ""  # the Prefect task's name (ingest, finetune, capfilt, ...)
     run_name: str = ""  # the Prefect task run's name (ingest-web, finetune-filter-round0, ...)
@@ -118,9 +120,10 @@ def pretrain_step(params: Params, layout: Layout, init_from: Optional[str] = Non
                 task="pretrain", run_name="pretrain-round0")
 
 
-def base_step(layout: Layout, round: int) -> Step:
-    """Round k > 0's base model: round k-1's retrained model (given: it exists)."""
-    prev = layout.base_model(round)
+def base_step(layout: Layout, round: int, model: Optional[str | Path] = None) -> Step:
+    """Round k > 0's base model (given: it exists): ``model``, or round k-1's retrained model (the
+    flows pass the latest promoted round's, :func:`vlp_core.promotion.source_model`)."""
+    prev = Path(model) if model else layout.base_model(round)
     return Step(PRETRAIN, round, prev.parent, (), (), None, files=(prev,), task="base", run_name=f"base-round{round}")
 
 
@@ -178,9 +181,19 @@ def round_steps(params: Params, layout: Layout, round: int, base: Step, until: O
         if k == 0 and not base.given:  # the baseline the bootstrap must beat
             steps.append(evaluate_step(params, layout, 0, PRETRAIN))
     if record and not after("record", until):
-        order = ("evaluate", "features", "evaluate_base")  # the order the key was always made in
+        steps.append(gate_step(params, layout, k, [s.id for s in steps if s.name.startswith("evaluate")]))
+        order = ("evaluate", "features", "gate", "evaluate_base")
         steps.append(record_step(params, layout, k, [s.id for n in order for s in steps if s.name == n]))
     return steps
+
+
+def gate_step(params: Params, layout: Layout, round: int, needs: Sequence[str]) -> Step:
+    """Judge the round against its parent (:func:`vlp_core.promotion.judge_round`) before any
+    side effect: it runs every time (a parent's verdict may have changed), and its key is the
+    verdict's digest, so ``record`` is redone exactly when the verdict changes."""
+    return Step("gate", round, layout.round_dir(round), ("gate",), tuple(needs),
+                lambda: promotion.judge_round(params, layout, round), done_file=GATE_FILE, always=True, in_dvc=False,
+                task="gate", run_name=f"gate-round{round}")
 
 
 def evaluate_step(params: Params, layout: Layout, round: int, which: str) -> Step:
@@ -201,14 +214,18 @@ def evaluate_step(params: Params, layout: Layout, round: int, which: str) -> Ste
 
 
 def record_step(params: Params, layout: Layout, round: int, needs: Sequence[str]) -> Step:
-    """Record the round as version ``round<k>`` in the DuckDB catalog."""
+    """Record the round as version ``round<k>`` in the DuckDB catalog, with the gate's verdict
+    (``gate.json``: state promoted / rejected, reason, parent) when the round was judged."""
 
     def call() -> None:
         metrics = [p for p in (layout.stage(round, n) / METRICS_FILE for n in ("evaluate_base", "evaluate"))
                    if p.exists()]
         stats = [p for p in (layout.stage(round, n) / STATS_FILE for n in RECORDED_STATS) if p.exists()]
+        verdict = read_json(layout.gate_file(round)) if layout.gate_file(round).exists() else {}
         s = catalog.record_version(params, f"round{round}", layout.stage(round, "capfilt"), stats, metrics,
-                                   repo_dir=layout.root, round=round, catalog=layout.root / params.catalog.path)
+                                   repo_dir=layout.root, round=round, catalog=layout.root / params.catalog.path,
+                                   state=verdict.get("state"), reason=verdict.get("reason"),
+                                   parent=verdict.get("parent"))
         write_json({"name": s.name, "corpus_rows": s.corpus_rows, "stats": s.stats, "metrics": s.metrics},
                    layout.record_marker(round))
 
@@ -217,19 +234,21 @@ def record_step(params: Params, layout: Layout, round: int, needs: Sequence[str]
 
 
 def compose(params: Params, layout: Layout, round: int, init_from: Optional[str] = None,
-            until: Optional[str] = None, record: bool = True, ingest: bool = True) -> list[Step]:
+            until: Optional[str] = None, record: bool = True, ingest: bool = True,
+            base_model: Optional[str | Path] = None) -> list[Step]:
     """Every step of round ``round``: the ingests (``ingest=False``: given, already downloaded),
-    its base model (round 0: pretraining or ``init_from``; else round k-1's retrained model,
-    which must exist), then :func:`round_steps`."""
+    its base model (round 0: pretraining or ``init_from``; else ``base_model`` or round k-1's
+    retrained model, which must exist), then :func:`round_steps` (with ``record``: the gate and
+    the record)."""
     steps = [ingest_step(params, layout, s) if ingest else given_ingest(layout, s) for s in SPLITS]
     if after("pretrain", until):
         return steps
     if round == 0:
         base = pretrain_step(params, layout, init_from)
     else:
-        base = base_step(layout, round)
+        base = base_step(layout, round, base_model)
         if not base.files[0].exists():
-            raise StageInputError(f"{base.files[0]}: round {round} needs round {round - 1}'s retrained model")
+            raise StageInputError(f"{base.files[0]}: round {round} needs it (its base model) and it does not exist")
     return steps + [base] + round_steps(params, layout, round, base, until, record)
 
 
@@ -239,6 +258,8 @@ def run_step(params: Params, layout: Layout, step: Step, upstream: Sequence[dict
     for f in step.files:
         if not Path(f).exists():
             raise StageInputError(f"{f}: {step.meta.get('missing') or f'{step.id} needs it and it does not exist'}")
+    if step.always:
+        return step.call()
     if step.given:
         key = input_key(step.id, params, step.sections, upstream, step.files)
         return StageResult(step.name, step.round, key, str(step.out_dir), True, {}).as_dict()
@@ -259,5 +280,5 @@ def run_steps(params: Params, layout: Layout, steps: Sequence[Step], results: Op
     return results
 
 
-__all__ = ["STEPS", "Step", "after", "base_step", "compose", "evaluate_step", "given_ingest", "ingest_step",
+__all__ = ["STEPS", "Step", "after", "base_step", "compose", "evaluate_step", "gate_step", "given_ingest", "ingest_step",
            "pretrain_step", "record_step", "round_steps", "run_step", "run_steps"]

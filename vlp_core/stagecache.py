@@ -32,7 +32,8 @@ class StageInputError(VlpError, RuntimeError):
     """A stage that cannot run (a missing input) or an injected failure (``orchestration.fail_before``)."""
 
 
-UNTRACKED_SECTIONS = ("orchestration",)  # how to run, not what is computed
+# how to run, and which rounds to promote (the gate: no dvc.yaml stage reads it), not what is computed
+UNTRACKED_SECTIONS = ("orchestration", "gate")
 # policies dvc.yaml does not list (see its ingest stages): which hosts may be contacted, how
 # large an image may be decoded
 UNTRACKED_KEYS = ("ingest.allowed_hosts", "ingest.max_image_pixels")
