@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from flows import tasks as T
@@ -183,20 +184,17 @@ def _capfilt_fanout(params: Params, layout: T.Layout, step: R.Step, upstream: li
 
 
 def _artifacts(params: Params, layout: T.Layout, round: int, res: dict[str, Any]) -> None:
-    """Markdown artifacts: the round's stage stats, its metrics, and where the report is."""
-    from prefect.artifacts import create_markdown_artifact
-
-    lines = ["| stage | skipped | rows in | rows out | seconds |", "|---|---|---|---|---|"]
-    for name, r in res.items():
-        if isinstance(r, dict) and "stats" in r:
-            s = r["stats"] or {}
-            lines.append(f"| {name} | {r.get('skipped')} | {s.get('rows_in', '')} | {s.get('rows_out', '')} | "
-                         f"{round_(s.get('seconds'))} |")
+    """The round's artifacts: table artifacts of its stage stats (``round-<k>-stages``) and its
+    evaluation metrics (``round-<k>-metrics``), and a markdown summary (gate, DVC, report)."""
+    rows = [{"stage": name, "state": "cached" if r.get("skipped") else "ran",
+             "rows in": (r.get("stats") or {}).get("rows_in", ""), "rows out": (r.get("stats") or {}).get("rows_out", ""),
+             "seconds": round_((r.get("stats") or {}).get("seconds"))}
+            for name, r in res.items() if isinstance(r, dict) and "stats" in r]
     metrics_file = layout.stage(round, "evaluate") / "metrics.json"
-    if metrics_file.exists():
-
-        lines += ["", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {round_(v)} |" for k, v in sorted(flatten_metrics(read_json(metrics_file)).items())]
+    metrics = ([{"metric": k, "value": round_(v)} for k, v in sorted(flatten_metrics(read_json(metrics_file)).items())]
+               if metrics_file.exists() else [])
+    lines = [f"vlp round {round}: {sum(r['state'] == 'ran' for r in rows)} stages ran, "
+             f"{sum(r['state'] == 'cached' for r in rows)} cached (table `round-{round}-stages`)"]
     version = res.get("version") or {}
     if res.get("gate"):
         lines += ["", f"Gate: **{res['gate']['state']}** -- {res['gate']['reason']}"]
@@ -204,10 +202,14 @@ def _artifacts(params: Params, layout: T.Layout, round: int, res: dict[str, Any]
               f"tag: {version.get('tag') or 'none'}",
               f"Report: `{layout.report.resolve()}` (write it with `vlp report --out {layout.report}`)"]
     try:
+        create_table_artifact(key=f"round-{round}-stages", table=rows, description=f"vlp round {round}: stage stats")
+        if metrics:
+            create_table_artifact(key=f"round-{round}-metrics", table=metrics,
+                                  description=f"vlp round {round}: evaluation of its retrained model")
         create_markdown_artifact(key=f"round-{round}-summary", markdown="\n".join(lines),
-                                 description=f"vlp round {round}: stage stats and metrics")
+                                 description=f"vlp round {round}: gate, DVC, report")
     except Exception as exc:  # artifacts are a nicety: never fail a finished round for one
-        _logger().warning("could not create the round %d artifact: %s", round, exc)
+        _logger().warning("could not create the round %d artifacts: %s", round, exc)
 
 
 def round_(v: Any) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from prefect import flow
+from prefect.artifacts import create_link_artifact
 
 from flows import tasks as T
 from flows.bootstrap import _artifacts, _capfilt_fanout, _logger, in_workdir, run_round, task_runner_for
@@ -32,10 +33,16 @@ def write_report_if_possible(params, layout: T.Layout) -> Optional[Path]:
     if not cat.exists():
         return None
     try:
-        return write_report(cat, layout.report, base_dir=layout.root)
+        report = write_report(cat, layout.report, base_dir=layout.root)
     except CatalogError as exc:
         _logger().warning("report not written: %s", exc)
         return None
+    try:  # a link artifact to the report (artifacts are a nicety: never fail a finished run for one)
+        create_link_artifact(key="vlp-report", link=report.resolve().as_uri(), link_text="vlp report (HTML)",
+                             description="histograms, kept ratio by source, metrics across rounds, samples")
+    except Exception as exc:  # noqa: BLE001
+        _logger().warning("could not create the report artifact: %s", exc)
+    return report
 
 
 @flow(name="vlp-cycles", log_prints=True)
@@ -51,15 +58,6 @@ def cycles_flow(rounds: Optional[int] = None, params_path: str = "params.yaml", 
             # init_from: round 0's start, and later rounds' when no round is promoted
             out[f"round{k}"] = run_round(params, layout, k, init_from, overridden=T.tracked_overrides(overrides))
         report = write_report_if_possible(params, layout)
-        if report is not None:
-            from prefect.artifacts import create_markdown_artifact
-
-            try:
-                create_markdown_artifact(
-                    key="vlp-report", markdown=f"[vlp report]({report.resolve().as_uri()}) -- compare versions "
-                    f"with `vlp versions diff round0 round{max(0, n - 1)}`", description="the HTML report")
-            except Exception as exc:
-                _logger().warning("could not create the report artifact: %s", exc)
         out["report"] = str(report) if report else None
         return out
 

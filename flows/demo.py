@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from prefect import flow, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 import yaml
@@ -35,7 +36,7 @@ from flows.bootstrap import in_workdir, run_round, task_runner_for
 from flows.cycles import write_report_if_possible
 from vlp_core import versioning as V
 from vlp_core.comparison import (comparison_table, inputs_of, results_from_json, results_to_json, round_results,
-                                 run_controls)
+                                 run_controls, table_rows)
 from vlp_core.config import ConfigError, Params, load_params, params_from_dict
 from vlp_core.io import read_json, write_json, write_text
 from vlp_core.synthetic.make import run_synthetic_make
@@ -192,13 +193,12 @@ def write_comparison(params: Params, layout: T.Layout, rounds: int) -> str:
     write_json({"models": results_to_json(cols)}, out / "results.json")
     write_text(markdown, out / "table.md")
     write_text(text + "\n", out / "table.txt")
-    try:
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(key="vlp-comparison", markdown=markdown,
-                                 description="CapFilt: rounds vs filter-only, human-only and oracle")
-    except Exception:  # an artifact is a nicety
-        pass
+    try:  # an artifact is a nicety
+        create_table_artifact(key="vlp-comparison", table=[{"": label, **dict(zip((c.name for c in cols), vals))}
+                                                           for label, vals in table_rows(cols)],
+                              description="CapFilt: the rounds vs raw web, filter-only, human-only and oracle")
+    except Exception as exc:  # noqa: BLE001
+        print(f"could not create the comparison artifact: {exc}")
     return text
 
 

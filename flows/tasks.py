@@ -10,10 +10,12 @@ failures, and a skipped step shown in Prefect as **Cached**.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
 from typing import Any, Iterator, Sequence
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.client.schemas.objects import State
 from prefect.states import Completed
@@ -56,6 +58,46 @@ def at_home(layout: Layout) -> Iterator[None]:
         os.chdir(old)
 
 
+class _ToRunLogger(logging.Handler):
+    """Hands the project's log records (training progress every ``log_every`` steps, stage
+    notes) to the Prefect run's logger, so they show in the run's logs: tqdm's bar turns itself
+    off without a terminal."""
+
+    def __init__(self, run_logger: Any):
+        super().__init__(logging.INFO)
+        self.run_logger, self.thread = run_logger, threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # this task's thread, or a child process it spawned (in_fresh_process relays its records);
+        # not a task running beside it in another thread
+        if record.thread != self.thread and record.process == os.getpid():
+            return
+        try:
+            self.run_logger.log(record.levelno, "%s", record.getMessage())
+        except Exception:  # noqa: BLE001 - a log line must never fail a stage
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def run_logs() -> Iterator[None]:
+    """While a task runs, the ``vlp_core`` loggers write to the Prefect run's logs (INFO and up)."""
+    try:
+        run_logger = get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a run (a task's .fn called directly)
+        yield
+        return
+    root = logging.getLogger("vlp_core")
+    handler, level = _ToRunLogger(run_logger), root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def _threads() -> None:
     import torch
 
@@ -83,7 +125,7 @@ def stage_task(params: Any, layout: Layout, step: Step, upstream: Sequence[dict]
     """Run ``step`` (its stage function, unless the stage cache skips it)."""
     if step.trains or step.name in ("capfilt", "features") or step.name.startswith("evaluate"):
         _threads()
-    with at_home(layout):
+    with at_home(layout), run_logs():
         return as_state(run_step(params, layout, step, upstream))
 
 
@@ -103,11 +145,11 @@ def capfilt_shard_task(params: Any, layout: Layout, round: int, shard: Any, capt
     """Caption and filter ONE ingest shard (the fan-out unit; idempotent by done marker)."""
 
     _threads()
-    with at_home(layout):
+    with at_home(layout), run_logs():
         return run_capfilt_shard(params, shard, captioner, filter, layout.stage(round, "capfilt"),
                                  round=round, calibration=calibration)
 
 
 __all__ = ["FlowStageError", "Layout", "SPLITS", "StageResult", "as_state", "at_home", "cached_stage",
            "capfilt_shard_task", "digest_path", "dvc_stage_name", "input_key", "params_subset",
-           "retry_unless_permanent", "stage_id", "stage_task", "step_task", "tracked_overrides", "unwrap"]
+           "retry_unless_permanent", "run_logs", "stage_id", "stage_task", "step_task", "tracked_overrides", "unwrap"]

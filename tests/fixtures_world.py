@@ -74,3 +74,11 @@ def tiny_ingest(tiny_world, world_server, tmp_path_factory) -> dict[str, Any]:
         out[f"{split}_dir"] = root / split
         out[f"{split}_manifest"] = root / split / "manifest.parquet"
     return out
+
+
+def log_in_child(message: str) -> int:
+    """Logs ``message`` on a project logger (run in a spawned child by the log-relay test)."""
+    import logging
+
+    logging.getLogger("vlp_core.train.loop").info("%s", message)
+    return 7

@@ -274,3 +274,43 @@ def test_record_task_fn_records_the_round(tmp_path):
     assert v[0]["metrics"] == {"evaluate.retrieval.r1_mean": 0.3}
     assert query(tmp_path / "cat.duckdb", "SELECT stage, rows_in FROM stage_stats")[1] == [("capfilt", 2)]
     assert T.unwrap(T.stage_task.fn(params, layout, step, [{"key": "up"}]))["skipped"] is True
+
+
+def test_project_logs_reach_the_prefect_run(harness, tmp_path):
+    """A step's log lines -- its own, and those of a training child it spawns (in_fresh_process
+    relays them) -- are in the Prefect run's logs; without a terminal tqdm's bar shows nothing."""
+    import logging
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from fixtures_world import log_in_child
+    from vlp_core.layout import Layout
+    from vlp_core.rounds import Step
+    from vlp_core.train.loop import in_fresh_process
+
+    def call() -> None:
+        logging.getLogger("vlp_core.capfilt.stage").info("hello from the task")
+        assert in_fresh_process(log_in_child, "hello from a child") == 7
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "stats.json").write_text("{}")
+
+    params = Params()
+    step = Step("features", 0, tmp_path / "out", (), (), call, task="features", run_name="features-round0")
+
+    @flow
+    def logs_flow() -> dict:
+        return T.unwrap(T.step_task(params, step)(params, Layout(tmp_path), step, []))
+
+    state = logs_flow(return_state=True)
+    assert state.is_completed()
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        run_id = state.state_details.flow_run_id
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    messages = [entry.message for entry in logs]
+    assert "hello from the task" in messages and "hello from a child" in messages, messages
+    assert [t.name for t in task_runs] == ["features-round0"]

@@ -146,10 +146,26 @@ def test_rerun_skips_everything(cycled):
 
     root, _ = cycled
     # the network policy is not an input: the demo's allowed server does not change any stage
-    again = cycles_flow(rounds=2, workdir=str(root))
+    again = cycles_flow(rounds=2, workdir=str(root), return_state=True)
     for k in (0, 1):
-        ran = [n for n, v in again[f"round{k}"].items() if isinstance(v, dict) and v.get("skipped") is False]
+        ran = [n for n, v in again.result()[f"round{k}"].items() if isinstance(v, dict) and v.get("skipped") is False]
         assert ran == [], f"round {k} re-ran {ran}"
+    # Prefect shows what the stage cache skipped as Cached, under names that say the stage and its
+    # split / target / round; the runs left table artifacts and a link to the report
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[again.state_details.flow_run_id])))
+        keys = ["round-0-stages", "round-1-metrics", "vlp-comparison", "vlp-report"]
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    states = {r.name: r.state.name for r in runs}
+    for name in ("ingest-web", "pretrain-round0", "finetune-filter-round1", "capfilt-round1", "retrain-round0",
+                 "evaluate-pretrain-round0", "record-round1"):
+        assert states.get(name) == "Cached", (name, states)
+    assert {a.key: a.type for a in artifacts} == {"round-0-stages": "table", "round-1-metrics": "table",
+                                                  "vlp-comparison": "table", "vlp-report": "link"}
 
 
 @pytest.mark.slow

@@ -34,9 +34,11 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,8 @@ from vlp_core.precision import use_bf16
 from vlp_core.train.data import PairDataset, Source, decode_pairs, epoch_batches, get_batch, load_pairs
 from vlp_core.train.hardneg import HardNegatives
 from vlp_core.train.schedule import make_scheduler
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
@@ -456,6 +460,10 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         if done % tp.log_every == 0 or done == last:
             means = log.flush(done, scheduler.get_last_lr()[0]) or means
             bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+            if dist.is_main:  # also where no terminal shows the bar (a Prefect run's logs, a log file)
+                logger.info("%s: step %d/%d, %s, lr %.3g, %.0f samples/s", stage, done, tp.steps,
+                            ", ".join(f"{k} {v:.4f}" for k, v in means.items()), scheduler.get_last_lr()[0],
+                            samples / max(time.perf_counter() - t_loop, 1e-9))
         if done % tp.checkpoint_every == 0 or done == last:
             if dist.enabled:
                 _sync_buffers(model)
@@ -541,8 +549,37 @@ def in_fresh_process(fn, *args, **kwargs):
 
     if multiprocessing.current_process().daemon:  # e.g. a Dask worker: it may not have children
         return fn(*args, **kwargs)
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as ex:
-        return ex.submit(fn, *args, **kwargs).result()
+    ctx = multiprocessing.get_context("spawn")
+    records = ctx.Queue()
+    relay = threading.Thread(target=_relay_logs, args=(records,), daemon=True)
+    relay.start()
+    try:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_send_logs,
+                                                    initargs=(records,)) as ex:
+            return ex.submit(fn, *args, **kwargs).result()
+    finally:
+        records.put(None)
+        relay.join(timeout=10)
+
+
+def _send_logs(records) -> None:
+    """In the spawned child: the project's log records go to the parent (:func:`_relay_logs`)."""
+    import logging.handlers
+
+    root = logging.getLogger("vlp_core")
+    root.setLevel(logging.INFO)
+    root.addHandler(logging.handlers.QueueHandler(records))
+    root.propagate = False
+
+
+def _relay_logs(records) -> None:
+    """In the parent: hand each of the child's records to the logger of the same name, so a child's
+    training progress reaches the parent's handlers (a Prefect run's logs among them)."""
+    while True:
+        rec = records.get()
+        if rec is None:
+            return
+        logging.getLogger(rec.name).handle(rec)
 
 
 def retrain_settings(params: Params) -> TrainParams:
