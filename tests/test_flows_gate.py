@@ -69,7 +69,7 @@ def test_a_rejected_round_is_recorded_untagged_and_never_a_source(harness, fast_
     assert "record@round0" in r0["version"]["dvc_committed"]  # its stages ran: dvc.lock says so
     # the next round starts from the pretrained baseline, not the rejected round's model ...
     r1 = bootstrap_flow(workdir=str(root), round=1, until="pretrain")
-    assert r1["pretrain"]["out_dir"] == str(layout.stage(0, "pretrain"))  # the base step: that model's folder
+    assert root / r1["pretrain"]["out_dir"] == layout.stage(0, "pretrain")  # the base step: that model's folder
     # ... and the nightly has no promoted round's captioner and filter to use: ingest only
     assert "capfilt" not in nightly_flow(workdir=str(root))
 
@@ -83,6 +83,6 @@ def test_a_rejected_round_is_recorded_untagged_and_never_a_source(harness, fast_
     assert [(d["name"], d["state"]) for d in list_versions(cat)] == [("round0", "promoted")]
     assert "beats its parent" in list_versions(cat)[0]["state_reason"]
     r1 = bootstrap_flow(workdir=str(root), round=1, until="pretrain")
-    assert r1["pretrain"]["out_dir"] == str(layout.stage(0, "retrain")) and G.parent_round(layout, 1) == 0
+    assert root / r1["pretrain"]["out_dir"] == layout.stage(0, "retrain") and G.parent_round(layout, 1) == 0
     nightly = nightly_flow(workdir=str(root))
     assert nightly["capfilt"]["round"] == 0 and nightly["capfilt"]["out_dir"] == str(Path("data/round0/capfilt"))
