@@ -45,6 +45,7 @@ from vlp_core.capfilt.judge import R_EMPTY, R_IMAGE, R_PRESCREEN, judge, tally
 from vlp_core.config import Params, section_dict
 from vlp_core.corpus import CORPUS_DIR, FEATS_DIR, fixed_list, resolve_ref
 from vlp_core.errors import VlpError
+from vlp_core.images import decode_image
 from vlp_core.io import (StageStats, atomic_path, done_marker, mark_done, read_json, read_parquet, read_parquet_schema,
                          write_json, write_parquet)
 from vlp_core.schema import CORPUS_SCHEMA, C, features_schema, require_columns
@@ -303,7 +304,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     import torch
     from tqdm.auto import tqdm
 
-    from vlp_core.capfilt.backend import ImagePass, decode_image
+    from vlp_core.capfilt.backend import ImagePass
     from vlp_core.capfilt.captioner import Captioner
     from vlp_core.capfilt.filter import ItmFilter
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 from vlp_core.config import Params, section_dict
 from vlp_core.corpus import FEATS_DIR, corpus_folder, fixed_list, resolve_ref, to_numpy_list
 from vlp_core.errors import VlpError
+from vlp_core.images import ImageSpec, decode_image
 from vlp_core.io import (ParquetReadError, StageStats, done_marker, mark_done, read_json, read_parquet,
                          read_parquet_metadata, read_parquet_schema, write_parquet)
 from vlp_core.schema import C, features_schema, require_columns
@@ -66,8 +67,6 @@ class Backbone:
         except Exception as exc:
             raise VlpError(f"features.backbone: cannot create timm model {spec!r} ({exc})") from None
         cfg = timm.data.resolve_data_config({}, model=self.model)
-        from vlp_core.capfilt.backend import ImageSpec
-
         self.spec = ImageSpec(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]))
         self.device = device
         self.dim = int(self.model.num_features)
@@ -98,7 +97,6 @@ def _compute_shard(params: Params, corpus: pa.Table, flt, backbone: Optional[Bac
                    name: str) -> tuple[pa.Table, dict[str, int]]:
     from tqdm.auto import tqdm
 
-    from vlp_core.capfilt.backend import decode_image
     from vlp_core.shards import ShardReader
 
     fp = params.features

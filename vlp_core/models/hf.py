@@ -34,7 +34,8 @@ values fall back to 1e-6 with a warning.  Our ITM puts ``[ENC]`` first (as BLIP 
 ids), so feed it ``model.tokenize(texts, "itm")`` ids to reproduce ours.  ``BlipImageProcessor``
 gives ``BlipMED.preprocess``'s pixels (to ~1e-7) for images already at the model's size, which is
 what the pipeline feeds (images are resized when decoded); for other sizes the two resize
-differently (HF: the uint8 image, antialiased, before normalising; ours: the normalised tensor).
+differently (HF: the uint8 image, antialiased; ours: the [0, 1] float tensor, bicubic, see
+:mod:`vlp_core.images`).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from vlp_core.images import hf_image_spec
 from vlp_core.models.med import CONFIG_FILE, BlipMED, MedConfig, ModelError
 
 log = logging.getLogger(__name__)
@@ -270,25 +272,6 @@ def export_filter(vlp_dir: str | Path | BlipMED, out_dir: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- import
-def _image_spec(d: Path, size: int) -> tuple[int, tuple, tuple]:
-    """``(size, mean, std)`` from ``preprocessor_config.json`` (BlipImageProcessor's defaults
-    otherwise).  The size is the ViT's (its position embeddings are fixed)."""
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    mean, std = tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)
-    pp = d / "preprocessor_config.json"
-    if pp.is_file():
-        raw = json.loads(pp.read_text())
-        mean = tuple(float(x) for x in raw.get("image_mean") or mean)
-        std = tuple(float(x) for x in raw.get("image_std") or std)
-        s = raw.get("size")
-        pp_size = (s.get("height", s.get("shortest_edge")) if isinstance(s, dict) else s)
-        if pp_size is not None and int(pp_size) != size:
-            log.warning("%s: preprocessor size %s differs from the vision model's %s; using %s",
-                        pp, pp_size, size, size)
-    return size, mean, std
-
-
 def _fit_vocab(t: torch.Tensor, rows: int, init: torch.Tensor) -> torch.Tensor:
     """``t`` with its first dim grown to ``rows`` (the new rows taken from ``init``)."""
     if t.shape[0] == rows:
@@ -339,7 +322,8 @@ def import_hf(hf_dir: str | Path, **overrides: Any) -> BlipMED:
     if abs(float(vc.layer_norm_eps) - vit_eps) > 1e-12:
         log.warning("%s: vision layer_norm_eps is %g; the timm ViT uses %g (outputs move slightly)",
                     d, vc.layer_norm_eps, vit_eps)
-    size, mean, std = _image_spec(d, int(vc.image_size))
+    spec = hf_image_spec(d, int(vc.image_size))
+    size, mean, std = spec.size, spec.mean, spec.std
     vision_kwargs: dict[str, Any] = dict(patch_size=int(vc.patch_size), embed_dim=int(vc.hidden_size),
                                          depth=int(vc.num_hidden_layers), num_heads=int(vc.num_attention_heads),
                                          mlp_ratio=vc.intermediate_size // vc.hidden_size, global_pool="token",
