@@ -80,9 +80,10 @@ def _manifest(world: Path) -> pa.Table:
     return pa.table(rows)
 
 
-def produce(root: Path) -> dict[str, pa.Table]:
+def produce(root: Path, **overrides) -> dict[str, pa.Table]:
     """Make the inputs under ``root`` and run CapFilt and features (twice: reusing CapFilt's
-    projections, and computing them); the tables sorted by (key, candidate)."""
+    projections, and computing them); the tables sorted by (key, candidate).  ``overrides``:
+    settings laid over ``CAPFILT`` (only for tests other than the reference's)."""
     import torch
 
     from fixtures_world import tiny_params
@@ -93,7 +94,7 @@ def produce(root: Path) -> dict[str, pa.Table]:
     from vlp_core.schema import C
     from vlp_core.synthetic.make import run_synthetic_make
 
-    params = tiny_params(**WORLD, **CAPFILT)
+    params = tiny_params(**WORLD, **{**CAPFILT, **overrides})
     root.mkdir(parents=True, exist_ok=True)
     run_synthetic_make(params, root)
     pq.write_table(_manifest(root), root / "manifest.parquet")
@@ -155,6 +156,34 @@ def test_capfilt_and_features_rows_match_the_reference(tmp_path):
     assert 0 < sum(corpus["kept"].to_pylist()) < corpus.num_rows <= 3 * N_WEB
     for name in TABLES:
         assert_same(name, got[name], want[name])
+
+
+def test_capfilt_hands_features_the_projections_it_would_compute(tmp_path):
+    """Filter-only CapFilt (K=0), one image a batch: a batch whose only text is empty scores
+    nothing, yet its image's projection still reaches the sidecar, and a failed image after the
+    first batch still gets its (null) sidecar row; the features built from the sidecar match the
+    features computed from the images.  One difference stands (as before issue 18): a row whose
+    image failed has no text projection from CapFilt (it scores no text without its image), while
+    the features stage computing alone embeds that text."""
+    got = produce(tmp_path / "run", **{"capfilt.num_captions": 0, "capfilt.batch_size": 1,
+                                       "capfilt.itc_prescreen": None, "capfilt.keep_top": None})
+    reasons = got["corpus"]["reason"].to_pylist()
+    assert "empty_text" in reasons and any(r and r.startswith("image_decode_error") for r in reasons)
+    reused, computed = got["features_reused"], got["features_computed"]
+    # (not near_dup / dup_of: an untrained model sees every image as a near duplicate, and which
+    # earlier image is the nearest turns on the last bits of the projections)
+    for col in ("key", "candidate", "sha256", "kept", "exact_dup"):
+        assert reused[col].to_pylist() == computed[col].to_pylist(), col
+    decoded = np.array([not (r or "").startswith("image_decode_error") for r in reasons])
+    for col in ("image_embedding", "text_embedding"):
+        (rv, rok), (cv, cok) = _floats(reused[col]), _floats(computed[col])
+        if col == "image_embedding":
+            assert np.array_equal(rok, decoded) and np.array_equal(cok, decoded)  # empty text or not
+        else:
+            has_text = np.array([bool((t or "").strip()) for t in got["corpus"]["text"].to_pylist()])
+            assert np.array_equal(rok, has_text & decoded) and np.array_equal(cok, has_text)
+        both = rok & cok
+        np.testing.assert_allclose(rv[both], cv[both], rtol=0, atol=1e-5, err_msg=col)
 
 
 def _write() -> None:
