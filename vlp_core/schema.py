@@ -125,6 +125,19 @@ def features_schema(dim: int, backbone_dim: int | None = None) -> pa.Schema:
     return pa.schema(fields)
 
 
+def itc_sidecar_schema(dim: int) -> pa.Schema:
+    """CapFilt's ITC sidecar (``<capfilt>/feats/<shard>.parquet``, :mod:`vlp_core.corpus`): one
+    row per corpus row, the filter's ITC projections that ``run_features`` turns into its rows."""
+    return pa.schema([
+        pa.field(C.KEY, pa.string(), nullable=False),
+        pa.field(C.SHARD, pa.string()),
+        pa.field(C.CANDIDATE, pa.int16(), nullable=False),
+        pa.field(C.SHA256, pa.string()),
+        pa.field(C.IMAGE_EMB, pa.list_(pa.float32(), dim)),
+        pa.field(C.TEXT_EMB, pa.list_(pa.float32(), dim)),
+    ])
+
+
 GROUND_TRUTH_SCHEMA = pa.schema(
     [
         pa.field(C.URL, pa.string(), nullable=False),

@@ -9,35 +9,26 @@ row (see :mod:`vlp_core.schema`):
   the synthetic world use this form to train without an ingest pass.
 
 Relative paths are relative to the current working directory (the repo root under DVC).
-Decoding failures are returned as reasons, never raised, so callers can turn them into rows.
+Decoding (:func:`vlp_core.images.decode_image`) failures are returned as reasons, never
+raised, so callers can turn them into rows.
 """
 from __future__ import annotations
 
-import io
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
-from PIL import Image
 
 from vlp_core.errors import VlpError
+from vlp_core.images import decode_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class ShardError(VlpError, OSError):
     """A shard file that cannot be opened at all (missing, truncated, not a tar)."""
-
-
-def _decode(data: bytes, size: Optional[int]) -> np.ndarray:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    img = img.convert("RGB")
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
 
 
 class ShardReader:
@@ -90,7 +81,7 @@ class ShardReader:
         except (KeyError, FileNotFoundError) as exc:
             return None, f"missing_image: {exc}"
         try:
-            return _decode(data, size), None
+            return decode_image(data, size), None
         except Exception as exc:  # PIL raises many types for corrupt data
             return None, f"decode_error: {exc.__class__.__name__}: {exc}"
 

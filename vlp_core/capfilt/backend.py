@@ -17,18 +17,19 @@ Both kinds lead the ITM text input with the token the model's ``itm_first_token`
 :class:`~vlp_core.models.med.MedConfig`), so an HF folder and its ``vlp import``-ed copy score
 alike.
 
-Every backend exposes the same image side: ``preprocess`` (uint8 ``(B, H, W, 3)`` -> float
-``(B, 3, S, S)``), ``encode_image`` (-> ``(B, 1 + N, Dv)``) and a ``vision_key``: a hash of
-the vision weights and the preprocessing.  :class:`ImagePass` encodes a batch once per
-DISTINCT ``vision_key``, so a captioner and a filter that share a frozen vision encoder (or
-are the same checkpoint) cost one vision pass per image.
+Every backend exposes the same image side: ``spec`` (its :class:`~vlp_core.images.ImageSpec`),
+``preprocess`` (uint8 ``(B, H, W, 3)`` -> float ``(B, 3, S, S)``, the spec's), ``encode_image``
+(-> ``(B, 1 + N, Dv)``) and a ``vision_key``: a hash of the vision weights and the
+preprocessing.  :class:`ImagePass` encodes a batch once per DISTINCT ``vision_key``
+(:func:`~vlp_core.images.embed_images`), so a captioner and a filter that share a frozen
+vision encoder (or are the same checkpoint) cost one vision pass per image.
+:class:`BackendRole` is what the captioner and the filter share: their backend, its ids and
+its image pass.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 from vlp_core.capfilt.fastmed import FastText
 from vlp_core.errors import VlpError
+from vlp_core.images import ImageSpec, embed_images, hf_image_spec
 
 Role = Literal["captioner", "filter"]
 VLP_MODEL_TYPE = "vlp-blip-med"
@@ -111,33 +113,7 @@ def pick_device(device: Optional[str] = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing on CPU (fp32 there is both faster and exact)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # --------------------------------------------------------------------------- backends
-@dataclass(frozen=True)
-class ImageSpec:
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def preprocess(self, images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-        """uint8 ``(B, H, W, 3)`` -> normalised float ``(B, 3, size, size)`` on ``device``."""
-        x = images if torch.is_tensor(images) else torch.from_numpy(np.ascontiguousarray(images))
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        x = x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-
 class Backend:
     """What captioner and filter need from a model; subclasses wrap one model family."""
 
@@ -203,7 +179,7 @@ class VlpBackend(Backend):
         self.model_id = model_id or dir_content_hash(model_dir)
         self.model = BlipMED.from_pretrained(model_dir).to(device).eval()
         cfg = self.model.config
-        self.spec = ImageSpec(int(cfg.image_size), tuple(cfg.image_mean), tuple(cfg.image_std))
+        self.spec = self.model.image_spec
         self.vision_key = "vlp:" + state_hash(self.model.visual_encoder, [self.spec, cfg.vision, cfg.vision_kwargs])
         self.tokenizer = self.model.tokenizer
         self.max_text_len = int(cfg.max_text_len)
@@ -241,12 +217,6 @@ class VlpBackend(Backend):
                                    num_return_sequences=num_return_sequences, strip_prompt=True)
 
 
-def _hf_image_spec(model_dir: Path, config: Any) -> ImageSpec:
-    from vlp_core.models.hf import hf_image_spec
-
-    return ImageSpec(*hf_image_spec(model_dir, int(config.vision_config.image_size)))
-
-
 class HfBackend(Backend):
     """A local Hugging Face BLIP folder: ``BlipForConditionalGeneration`` for the captioner
     role, ``BlipForImageTextRetrieval`` for the filter role (mirrors their ``forward``)."""
@@ -272,7 +242,7 @@ class HfBackend(Backend):
         except (OSError, ValueError) as exc:
             raise CapfiltError(f"{model_dir}: cannot load {want} ({exc})") from None
         config = self.model.config
-        self.spec = _hf_image_spec(model_dir, config)
+        self.spec = hf_image_spec(model_dir, int(config.vision_config.image_size))
         self.vision_key = "hf:" + state_hash(self.model.vision_model, [self.spec])
         self.max_text_len = min(35, int(config.text_config.max_position_embeddings))
         self.text_config = config.text_config
@@ -369,23 +339,31 @@ def clear_backend_cache() -> None:
     _CACHE.clear()
 
 
+# --------------------------------------------------------------------------- roles
+class BackendRole:
+    """What :class:`~vlp_core.capfilt.captioner.Captioner` and
+    :class:`~vlp_core.capfilt.filter.ItmFilter` share: the backend of ``model_dir`` in
+    ``role`` (or the ``backend`` given), its ids, and its image pass."""
+
+    role: Role
+
+    def __init__(self, model_dir: str | Path, device: Optional[str] = None, backend: Optional[Backend] = None):
+        self.backend = backend or load_backend(model_dir, self.role, device)
+
+    @property
+    def model_id(self) -> str:
+        return self.backend.model_id
+
+    @property
+    def vision_key(self) -> str:
+        return self.backend.vision_key
+
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 ``(B, H, W, 3)`` -> ``image_embeds (B, 1 + N, Dv)``."""
+        return embed_images(self.backend, images)
+
+
 # --------------------------------------------------------------------------- one image pass
-def decode_image(data: bytes, size: Optional[int]) -> np.ndarray:
-    """Image bytes -> ``(size, size, 3)`` uint8 RGB (bicubic resize when needed); raises on
-    corrupt data (the caller turns that into a row reason)."""
-    import io
-
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    img = img.convert("RGB")
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
-
-
-
 class ImagePass:
     """Encode a uint8 batch once per distinct vision encoder among ``backends``."""
 
@@ -405,8 +383,7 @@ class ImagePass:
         """uint8 ``(B, H, W, 3)`` -> ``{vision_key: image_embeds (B, 1 + N, Dv)}``."""
         out = {}
         for key, b in self.groups.items():
-            with autocast(b.device):
-                out[key] = b.encode_image(b.preprocess(images))
+            out[key] = embed_images(b, images)
             self.passes += 1
         return out
 

@@ -19,35 +19,23 @@ from typing import Optional
 import numpy as np
 import torch
 
-from vlp_core.capfilt.backend import Backend, CapfiltError, autocast, load_backend
+from vlp_core.capfilt.backend import Backend, BackendRole, CapfiltError
 from vlp_core.config import CapfiltParams
+from vlp_core.images import autocast
 
 
-class Captioner:
+class Captioner(BackendRole):
     """``Captioner(model_dir, params.capfilt).caption(images, k) -> list[list[str]]``."""
+
+    role = "captioner"
 
     def __init__(self, model_dir: str | Path, params: CapfiltParams = CapfiltParams(),
                  device: Optional[str] = None, backend: Optional[Backend] = None):
+        super().__init__(model_dir, device, backend)
         self.params = params
-        self.backend = backend or load_backend(model_dir, "captioner", device)
         if params.decode == "beam" and params.num_captions > params.num_beams:
             raise CapfiltError(f"capfilt.num_captions ({params.num_captions}) must not exceed capfilt.num_beams "
                                f"({params.num_beams}) with decode=beam")
-
-    @property
-    def model_id(self) -> str:
-        return self.backend.model_id
-
-    @property
-    def vision_key(self) -> str:
-        return self.backend.vision_key
-
-    @torch.no_grad()
-    def encode(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 ``(B, H, W, 3)`` -> ``image_embeds (B, 1 + N, Dv)``."""
-        b = self.backend
-        with autocast(b.device):
-            return b.encode_image(b.preprocess(images))
 
     @torch.no_grad()
     def caption(self, images: np.ndarray | torch.Tensor, k: Optional[int] = None,

@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from vlp_core.capfilt.backend import Backend, autocast, load_backend
+from vlp_core.capfilt.backend import Backend, BackendRole
+from vlp_core.images import autocast
 
 
 LENGTH_BUCKET = 64  # texts per forward after sorting by length (less padding, still batched)
@@ -29,28 +30,15 @@ def length_chunks(rows: np.ndarray, texts: Sequence[str], size: int) -> list[np.
     return [order[i:i + size] for i in range(0, len(order), max(1, size))]
 
 
-class ItmFilter:
+class ItmFilter(BackendRole):
     """``ItmFilter(model_dir).scores(image_embeds, texts) -> (itc, itm)``."""
+
+    role = "filter"
 
     def __init__(self, model_dir: str | Path, device: Optional[str] = None, backend: Optional[Backend] = None,
                  batch_size: int = 256):
-        self.backend = backend or load_backend(model_dir, "filter", device)
+        super().__init__(model_dir, device, backend)
         self.batch_size = batch_size
-
-    @property
-    def model_id(self) -> str:
-        return self.backend.model_id
-
-    @property
-    def vision_key(self) -> str:
-        return self.backend.vision_key
-
-    @torch.no_grad()
-    def encode(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 ``(B, H, W, 3)`` -> ``image_embeds (B, 1 + N, Dv)``."""
-        b = self.backend
-        with autocast(b.device):
-            return b.encode_image(b.preprocess(images))
 
     @torch.no_grad()
     def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ captioner and a filter model folder (vlp_core checkpoints or local HF BLIP folde
 
     corpus/<shard>.parquet      CORPUS_SCHEMA: one row per (image, candidate text)
     corpus/<shard>_stats.json   the shard's done marker (its counts and fingerprint)
+    feats/<shard>.parquet       the ITC sidecar: the filter's projections of each row, handed to
+                                the features stage (vlp_core.corpus; not the features format)
     threshold.json              the ITM threshold used and how it was chosen
     calibration.parquet         the filter's scores on the clean pairs (calibrated mode)
     stats.json                  StageStats
@@ -43,11 +45,12 @@ import pyarrow.parquet as pq
 
 from vlp_core.capfilt.judge import R_EMPTY, R_IMAGE, R_PRESCREEN, judge, tally
 from vlp_core.config import Params, section_dict
-from vlp_core.corpus import CORPUS_DIR, FEATS_DIR, fixed_list, resolve_ref
+from vlp_core.corpus import CORPUS_DIR, FEATS_DIR, ItcSidecarWriter, resolve_ref
 from vlp_core.errors import VlpError
+from vlp_core.images import decode_image
 from vlp_core.io import (StageStats, atomic_path, done_marker, mark_done, read_json, read_parquet, read_parquet_schema,
                          write_json, write_parquet)
-from vlp_core.schema import CORPUS_SCHEMA, C, features_schema, require_columns
+from vlp_core.schema import CORPUS_SCHEMA, C, require_columns
 from vlp_core.shards import ShardError, ShardReader
 
 log = logging.getLogger(__name__)
@@ -215,64 +218,6 @@ def calibrate_threshold(params: Params, filter_dir: str | Path, calibration: Cal
 
 
 # --------------------------------------------------------------------------- one shard
-class _FeatsSidecar:
-    """Streams the filter's ITC features of every corpus row to ``feats/<shard>.parquet``
-    (``features_schema``, flags unset) so ``run_features`` needs no second image pass.
-    Written atomically; best effort (the features stage recomputes when it is absent)."""
-
-    def __init__(self, path: Path, model_id: str):
-        self.path, self.model_id = path, model_id
-        self.writer: Optional[pq.ParquetWriter] = None
-        self._ctx = atomic_path(path)
-        self.tmp: Optional[Path] = None
-        self.pending: list[tuple] = []
-
-    def __enter__(self) -> "_FeatsSidecar":
-        self.tmp = self._ctx.__enter__()
-        return self
-
-    def write(self, table: pa.Table, shas: list, img_feat: np.ndarray, txt_feat: np.ndarray, k: int) -> None:
-        n = table.num_rows
-        if img_feat.shape[1] == 0:  # no feature dimension known yet (a batch of only failed images)
-            self.pending.append((table, shas, n))
-            return
-        dim = img_feat.shape[1]
-        if self.writer is None:
-            schema = features_schema(dim).with_metadata({b"vlp.model_id": self.model_id.encode()})
-            self.writer = pq.ParquetWriter(self.tmp, schema)
-            for t, sh, m in self.pending:
-                self._write(t, sh, np.zeros((m // (1 + k), dim), np.float32), np.zeros((m, dim), np.float32), k)
-            self.pending = []
-        self._write(table, shas, img_feat, txt_feat, k)
-
-    def _write(self, table: pa.Table, shas: list, img_feat: np.ndarray, txt_feat: np.ndarray, k: int) -> None:
-        n, dim = table.num_rows, img_feat.shape[1]
-        reasons = table[C.REASON].to_pylist()
-        texts = table[C.TEXT].to_pylist()
-        img_ok = np.array([not (r or "").startswith(R_IMAGE) for r in reasons], bool)
-        txt_ok = img_ok & np.array([_is_text(t) and r != R_EMPTY for t, r in zip(texts, reasons)], bool)
-        rows_img = np.repeat(np.arange(n // (1 + k)), 1 + k)
-        cols = {C.KEY: table[C.KEY], C.SHARD: table[C.SHARD], C.CANDIDATE: table[C.CANDIDATE],
-                C.SOURCE: table[C.SOURCE], C.KEPT: table[C.KEPT],
-                C.SHA256: pa.array([shas[i] for i in rows_img], pa.string()),
-                C.IMAGE_EMB: fixed_list(img_feat[rows_img], img_ok, dim), C.TEXT_EMB: fixed_list(txt_feat, txt_ok, dim),
-                C.EXACT_DUP: pa.array(np.zeros(n, bool)), C.NEAR_DUP: pa.array(np.zeros(n, bool)),
-                C.DUP_OF: pa.nulls(n, pa.string()), C.DUP_COSINE: pa.nulls(n, pa.float32())}
-        self.writer.write_table(pa.table(cols, schema=self.writer.schema))
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if exc_type is None and self.writer is not None:
-            self._ctx.__exit__(None, None, None)
-        else:  # nothing written (or an error): no sidecar
-            try:
-                self._ctx.__exit__(RuntimeError, RuntimeError("no sidecar"), None)
-            except RuntimeError:
-                pass
-
-
-
 def _fingerprint(params: Params, captioner_id: str, filter_id: str, threshold: float, round: int) -> dict[str, Any]:
     return {"capfilt": section_dict(params, "capfilt"), "captioner_id": captioner_id, "filter_id": filter_id,
             "itm_threshold": round_float(threshold), "round": round}
@@ -303,7 +248,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     import torch
     from tqdm.auto import tqdm
 
-    from vlp_core.capfilt.backend import ImagePass, decode_image
+    from vlp_core.capfilt.backend import ImagePass
     from vlp_core.capfilt.captioner import Captioner
     from vlp_core.capfilt.filter import ItmFilter
 
@@ -339,14 +284,13 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     bs = max(1, cp.batch_size)
     dsize = imgpass.decode_size
     out_path = corpus / f"{shard.name}.parquet"
-    feat_dim: Optional[int] = None
     with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, CORPUS_SCHEMA) as writer, \
-            _FeatsSidecar(out_dir / FEATS_DIR / f"{shard.name}.parquet", flt.model_id) as feats, \
+            ItcSidecarWriter(out_dir / FEATS_DIR / f"{shard.name}.parquet", flt.model_id) as feats, \
             torch.inference_mode(), \
             tqdm(total=n_img, desc=f"capfilt {shard.name}", unit="img", disable=None, leave=False) as bar:
         for s in range(0, n_img, bs):
             e = min(n_img, s + bs)
-            # ---- read + decode once (the bytes' sha256 goes to the features sidecar)
+            # ---- read + decode once (the bytes' sha256 goes to the ITC sidecar)
             imgs = np.zeros((e - s, dsize, dsize, 3), np.uint8)
             bad: dict[int, str] = {}
             shas: list[Optional[str]] = [None] * (e - s)
@@ -372,8 +316,10 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
             n = (e - s) * (1 + k)
             itc = np.full(n, np.nan, np.float32)
             itm = np.full(n, np.nan, np.float32)
-            img_feat = np.zeros((e - s, feat_dim or 0), np.float32)
-            txt_feat = np.zeros((n, feat_dim or 0), np.float32)
+            img_feat: Optional[np.ndarray] = None  # the filter's ITC projections, for the sidecar
+            txt_feat: Optional[np.ndarray] = None
+            img_ok = np.zeros(e - s, bool)
+            txt_ok = np.zeros(n, bool)
             if good:
                 emb = imgpass.encode(imgs[good])
                 if k > 0:
@@ -381,19 +327,20 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
                         texts[gi][1:] = caps
                 flat_rows = [(gi, gpos, c) for gpos, gi in enumerate(good) for c in range(1 + k)
                              if _is_text(texts[gi][c])]
+                pos = np.array([gi * (1 + k) + c for gi, _, c in flat_rows], np.int64)
                 if flat_rows:
                     sc_itc, sc_itm, f_img, f_txt = flt.scores(
                         emb[flt.vision_key], [texts[gi][c] for gi, _, c in flat_rows],
                         image_index=[gpos for _, gpos, _ in flat_rows], itc_prescreen=cp.itc_prescreen,
                         return_feats=True)
-                    pos = np.array([gi * (1 + k) + c for gi, _, c in flat_rows])
                     itc[pos], itm[pos] = sc_itc, sc_itm
-                    if feat_dim is None:
-                        feat_dim = f_img.shape[1]
-                        img_feat = np.zeros((e - s, feat_dim), np.float32)
-                        txt_feat = np.zeros((n, feat_dim), np.float32)
-                    img_feat[good] = f_img
-                    txt_feat[pos] = f_txt
+                else:  # no text to score (K=0, empty alt-texts): the sidecar still gets the images'
+                    f_img, f_txt = flt.image_feat(emb[flt.vision_key]).cpu().numpy(), None
+                img_feat = np.zeros((e - s, f_img.shape[1]), np.float32)
+                txt_feat = np.zeros((n, f_img.shape[1]), np.float32)
+                img_feat[good], img_ok[good] = f_img, True
+                if f_txt is not None:
+                    txt_feat[pos], txt_ok[pos] = f_txt, True
             # ---- rows: scores, and why a row could not be scored; then the rule decides (judge.py)
             prior = [bad[i] if i in bad else R_EMPTY if not _is_text(texts[i][c])
                      else R_PRESCREEN if np.isnan(itm[i * (1 + k) + c]) else None
@@ -417,7 +364,9 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
                 counts[tag] = counts.get(tag, 0) + c
             writer.write_table(table)
             stats["rows_out"] += n
-            feats.write(table, shas, img_feat, txt_feat, k)
+            row_img_feat = None if img_feat is None else np.repeat(img_feat, 1 + k, axis=0)
+            feats.write(table, [h for h in shas for _ in range(1 + k)], row_img_feat, np.repeat(img_ok, 1 + k),
+                        txt_feat, txt_ok)
             bar.update(e - s)
     stats["vision_passes"] = imgpass.passes
     stats["vision_encoders"] = imgpass.n_encoders

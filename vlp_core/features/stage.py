@@ -14,10 +14,12 @@ weights), and the flags ``exact_dup`` (an earlier image has the same sha256), ``
 (an earlier image's embedding cosine is above ``features.near_dup_threshold``), ``dup_of``
 and ``dup_cosine``.  "Earlier" is corpus order (shard name, then row).
 
-One image pass: when the CapFilt stage already computed the filter's projections
-(``<capfilt>/feats/<shard>.parquet``, written by the same filter model), they are reused and
-no image is decoded again; otherwise images are read from the ingest shards in bounded
-batches.  Duplicate search is global (across shards) with blocked matrix products
+One image pass: when the CapFilt stage already computed the filter's projections (its ITC
+sidecar ``<capfilt>/feats/<shard>.parquet``, written by the same filter model; see
+:mod:`vlp_core.corpus`), this stage builds its rows from them and no image is decoded again;
+otherwise images are read from the ingest shards in bounded batches, decoded, preprocessed
+and embedded by :mod:`vlp_core.images`.  Only this stage writes ``features_schema`` rows.
+Duplicate search is global (across shards) with blocked matrix products
 (:mod:`vlp_core.features.dedup`), after every shard's embeddings are on disk.
 """
 from __future__ import annotations
@@ -32,16 +34,17 @@ import numpy as np
 import pyarrow as pa
 
 from vlp_core.config import Params, section_dict
-from vlp_core.corpus import FEATS_DIR, corpus_folder, fixed_list, resolve_ref, to_numpy_list
+from vlp_core.corpus import (FEATS_DIR, META_MODEL_ID, corpus_folder, fixed_list, read_itc_sidecar, resolve_ref,
+                             to_numpy_list)
 from vlp_core.errors import VlpError
-from vlp_core.io import (ParquetReadError, StageStats, done_marker, mark_done, read_json, read_parquet,
-                         read_parquet_metadata, read_parquet_schema, write_parquet)
+from vlp_core.images import ImageSpec, decode_image
+from vlp_core.io import (StageStats, done_marker, mark_done, read_json, read_parquet, read_parquet_metadata,
+                         read_parquet_schema, write_parquet)
 from vlp_core.schema import C, features_schema, require_columns
 
 log = logging.getLogger(__name__)
 
 EMB_DIR = "embeddings"
-META_MODEL_ID = b"vlp.model_id"
 
 
 def _corpus_files(corpus_dir: str | Path) -> tuple[Path, list[Path]]:
@@ -66,8 +69,6 @@ class Backbone:
         except Exception as exc:
             raise VlpError(f"features.backbone: cannot create timm model {spec!r} ({exc})") from None
         cfg = timm.data.resolve_data_config({}, model=self.model)
-        from vlp_core.capfilt.backend import ImageSpec
-
         self.spec = ImageSpec(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]))
         self.device = device
         self.dim = int(self.model.num_features)
@@ -79,26 +80,21 @@ class Backbone:
 
 
 # --------------------------------------------------------------------------- one shard
-def _reuse_sidecar(sidecar: Path, corpus: pa.Table, model_id: str) -> Optional[pa.Table]:
-    if not sidecar.is_file():
-        return None
-    try:  # a cache: one that cannot be read is recomputed
-        meta = read_parquet_schema(sidecar).metadata or {}
-        if meta.get(META_MODEL_ID, b"").decode() != model_id:
-            return None
-        t = read_parquet(sidecar)
-    except ParquetReadError:
-        return None
-    if t.num_rows != corpus.num_rows or t[C.KEY] != corpus[C.KEY] or t[C.CANDIDATE] != corpus[C.CANDIDATE]:
-        return None
-    return t
+def _from_sidecar(sidecar: pa.Table, corpus: pa.Table) -> pa.Table:
+    """This stage's rows (flags unset) from CapFilt's ITC sidecar of ``corpus``."""
+    n, dim = corpus.num_rows, sidecar.schema.field(C.IMAGE_EMB).type.list_size
+    cols = {C.KEY: corpus[C.KEY], C.SHARD: corpus[C.SHARD], C.CANDIDATE: corpus[C.CANDIDATE],
+            C.SOURCE: corpus[C.SOURCE], C.KEPT: corpus[C.KEPT], C.SHA256: sidecar[C.SHA256],
+            C.IMAGE_EMB: sidecar[C.IMAGE_EMB], C.TEXT_EMB: sidecar[C.TEXT_EMB],
+            C.EXACT_DUP: pa.array(np.zeros(n, bool)), C.NEAR_DUP: pa.array(np.zeros(n, bool)),
+            C.DUP_OF: pa.nulls(n, pa.string()), C.DUP_COSINE: pa.nulls(n, pa.float32())}
+    return pa.table(cols, schema=features_schema(dim))
 
 
 def _compute_shard(params: Params, corpus: pa.Table, flt, backbone: Optional[Backbone], base: Path,
                    name: str) -> tuple[pa.Table, dict[str, int]]:
     from tqdm.auto import tqdm
 
-    from vlp_core.capfilt.backend import decode_image
     from vlp_core.shards import ShardReader
 
     fp = params.features
@@ -261,10 +257,9 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
             stats.rows_out += read_parquet_metadata(out_path).num_rows
             outs.append(out_path)
             continue
-        sidecar = None if backbone else _reuse_sidecar(stage_dir / FEATS_DIR / f.name, corpus, flt.model_id)
+        sidecar = None if backbone else read_itc_sidecar(stage_dir / FEATS_DIR / f.name, corpus, flt.model_id)
         if sidecar is not None:
-            table = sidecar.set_column(sidecar.schema.get_field_index(C.KEPT), C.KEPT, corpus[C.KEPT])
-            table = table.cast(sidecar.schema)
+            table = _from_sidecar(sidecar, corpus)
             counts = {"reused_capfilt_embeddings": corpus.num_rows}
         else:
             table, counts = _compute_shard(params, corpus, flt, backbone, f.parent.parent

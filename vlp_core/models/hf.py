@@ -50,7 +50,8 @@ values fall back to 1e-6 with a warning.  ``BlipForImageTextRetrieval`` feeds wh
 is given (the processor's ``[CLS]``-first ids), so feed it ``model.tokenize(texts, "itm")`` ids
 to reproduce ours.  ``BlipImageProcessor`` gives ``BlipMED.preprocess``'s pixels (to ~1e-7) for images already at the model's size, which is
 what the pipeline feeds (images are resized when decoded); for other sizes the two resize
-differently (HF: the uint8 image, antialiased, before normalising; ours: the normalised tensor).
+differently (HF: the uint8 image, antialiased; ours: the [0, 1] float tensor, bicubic, see
+:mod:`vlp_core.images`).
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from vlp_core.images import CLIP_MEAN, CLIP_STD, PREPROCESSOR_FILE, PROCESSOR_FILE, hf_image_spec, read_image_settings
 from vlp_core.models.med import (CONFIG_FILE, DEFAULT_ITM_FIRST_TOKEN, ITM_FIRST_TOKENS, BlipMED, MedConfig,
                                   ModelError)
 
@@ -71,13 +73,6 @@ log = logging.getLogger(__name__)
 CAPTIONER_CLASS = "BlipForConditionalGeneration"
 FILTER_CLASS = "BlipForImageTextRetrieval"
 HF_MODEL_TYPE = "blip"
-# where an HF folder keeps its image processor's settings: transformers < 5 (and our exports) write
-# preprocessor_config.json; transformers 5's processor save_pretrained only processor_config.json
-# (nested under "image_processor")
-PREPROCESSOR_FILE, PROCESSOR_FILE = "preprocessor_config.json", "processor_config.json"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BlipImageProcessor's defaults (OPENAI_CLIP_MEAN/STD)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PIL_BICUBIC = 3  # the resample the pipeline uses (decode and ImageSpec both resize bicubic)
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
 # The timm ViT an import builds, by the HF vision LayerNorm eps (every size is given as kwargs, so
@@ -305,74 +300,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return raw
 
 
-def read_image_settings(hf_dir: str | Path) -> dict[str, tuple[Any, Path]]:
-    """The image processor's settings of an HF folder, ``{key: (value, file it came from)}``:
-    each key from ``preprocessor_config.json`` or, where that file lacks it, from
-    ``processor_config.json``'s ``image_processor`` (transformers 5 writes only the latter)."""
-    d = Path(hf_dir)
-    found: dict[str, tuple[Any, Path]] = {}
-    for name in (PREPROCESSOR_FILE, PROCESSOR_FILE):
-        path = d / name
-        if not path.is_file():
-            continue
-        raw = _read_json(path)
-        if name == PROCESSOR_FILE:
-            raw = raw.get("image_processor") or {}
-            if not isinstance(raw, dict):
-                raise ModelError(f"{path}: image_processor is not a JSON object")
-        for k, v in raw.items():
-            if v is not None:
-                found.setdefault(k, (v, path))
-    return found
-
-
-def _triple(key: str, value: Any, path: Path) -> tuple[float, float, float]:
-    vals = [value] * 3 if isinstance(value, (int, float)) else value
-    try:
-        out = tuple(float(x) for x in vals)
-    except (TypeError, ValueError):
-        out = ()
-    if len(out) != 3:
-        raise ModelError(f"{path}: {key} is {value!r}; expected three numbers (R, G, B)")
-    return out
-
-
-def hf_image_spec(hf_dir: str | Path, vision_size: int) -> tuple[int, tuple, tuple]:
-    """``(size, mean, std)`` an HF BLIP folder's images are prepared with (see
-    :func:`read_image_settings`).  The size is the ViT's ``vision_size`` (its position
-    embeddings are fixed; a processor size that differs is named in a warning).  Without a mean
-    and std in either file, CLIP's are used and one warning line says so.  The pipeline resizes
-    bicubic to the model's size; a processor that says otherwise (``do_resize: false``, another
-    ``resample``) is named in a warning."""
-    d = Path(hf_dir)
-    st = read_image_settings(d)
-    if "image_mean" in st and "image_std" in st:
-        mean, std = _triple("image_mean", *st["image_mean"]), _triple("image_std", *st["image_std"])
-    else:
-        lacking = " and ".join(k for k in ("image_mean", "image_std") if k not in st)
-        if "image_mean" in st or "image_std" in st:  # half given: the other half alone is no basis
-            have = "image_mean" if "image_mean" in st else "image_std"
-            log.warning("%s: %s has %s but no %s; using CLIP's mean and std (BlipImageProcessor's defaults)",
-                        d, st[have][1].name, have, lacking)
-        else:
-            log.warning("%s: no image_mean/image_std in %s or %s; using CLIP's mean and std "
-                        "(BlipImageProcessor's defaults)", d, PREPROCESSOR_FILE, PROCESSOR_FILE)
-        mean, std = CLIP_MEAN, CLIP_STD
-    if "size" in st:
-        s, path = st["size"]
-        pp_size = s.get("height", s.get("shortest_edge")) if isinstance(s, dict) else s
-        if pp_size is not None and int(pp_size) != vision_size:
-            log.warning("%s: size %s differs from the vision model's %s; using %s", path, pp_size, vision_size,
-                        vision_size)
-    if "do_resize" in st and not st["do_resize"][0]:
-        log.warning("%s: do_resize is false; the pipeline resizes every image to %s px", st["do_resize"][1],
-                    vision_size)
-    if "resample" in st and st["resample"][0] != PIL_BICUBIC:
-        log.warning("%s: resample is %s; the pipeline resizes bicubic (%s)", st["resample"][1], st["resample"][0],
-                    PIL_BICUBIC)
-    return vision_size, mean, std
-
-
 def hf_itm_first_token(hf_dir: str | Path) -> str:
     """``config.json``'s ``itm_first_token`` of an HF BLIP folder (``"enc"`` when absent)."""
     path = Path(hf_dir) / CONFIG_FILE
@@ -442,7 +369,8 @@ def import_hf(hf_dir: str | Path, **overrides: Any) -> BlipMED:
     if abs(float(vc.layer_norm_eps) - vit_eps) > 1e-12:
         log.warning("%s: vision layer_norm_eps is %g; the timm ViT uses %g (outputs move slightly)",
                     d, vc.layer_norm_eps, vit_eps)
-    size, mean, std = hf_image_spec(d, int(vc.image_size))
+    spec = hf_image_spec(d, int(vc.image_size))
+    size, mean, std = spec.size, spec.mean, spec.std
     itm_first = hf_itm_first_token(d)
     enc_id = int(tok.convert_tokens_to_ids("[ENC]"))
     if itm_first == "enc" and cls_name == FILTER_CLASS and enc_id >= int(tc.vocab_size):

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,6 +37,7 @@ from transformers import BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
 from vlp_core.errors import VlpError
+from vlp_core.images import ImageSpec
 from vlp_core.models.vision import create_vision
 
 CONFIG_FILE = "config.json"
@@ -246,19 +246,16 @@ class BlipMED(nn.Module):
         return n
 
     # ------------------------------------------------------------------ inputs
+    @property
+    def image_spec(self) -> ImageSpec:
+        """The pixels the vision encoder expects (size, mean, std from the config)."""
+        cfg = self.config
+        return ImageSpec(int(cfg.image_size), tuple(cfg.image_mean), tuple(cfg.image_std))
+
     def preprocess(self, images) -> torch.Tensor:
-        """uint8 ``(B, H, W, 3)`` (numpy or tensor) -> normalised float ``(B, 3, H, W)``."""
-        x = images if torch.is_tensor(images) else torch.from_numpy(np.ascontiguousarray(images))
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.config.image_mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.image_std, dtype=x.dtype).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        s = self.config.image_size
-        if x.shape[-1] != s or x.shape[-2] != s:
-            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False)
-        return x
+        """uint8 ``(B, H, W, 3)`` (numpy or tensor) -> normalised float ``(B, 3, S, S)``, where
+        the images are (:meth:`vlp_core.images.ImageSpec.preprocess`)."""
+        return self.image_spec.preprocess(images)
 
     def tokenize(self, texts: Sequence[str], mode: str = "enc", max_length: Optional[int] = None):
         """Token ids on the model's device.  ``mode``: ``"enc"`` ([CLS] first, for ITC),
