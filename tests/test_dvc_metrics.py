@@ -156,7 +156,9 @@ def test_experiment_version_name_rule(exp, want):
 HELLO_RECORD = """
 stages:
   record:
-    cmd: {python} -m vlp_core.cli record --name round0 --round 0 --metrics metrics.json --catalog cat.duckdb --marker record.json
+    cmd: >-
+      {python} -m vlp_core.cli record --name round0 --round 0 --metrics metrics.json
+      --catalog cat.duckdb --marker record.json
     deps:
       - metrics.json
     params:
