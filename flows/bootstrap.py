@@ -31,6 +31,7 @@ from prefect.cache_policies import NONE
 from flows import tasks as T
 from vlp_core import rounds as R
 from vlp_core import promotion as P
+from vlp_core import catalog
 from vlp_core import versioning as V
 from vlp_core.capfilt import stage as cs
 from vlp_core.catalog import flatten_metrics
@@ -83,8 +84,9 @@ def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Seque
                  overridden: bool, promoted: bool = True, held: Sequence[str] = ()) -> dict[str, Any]:
     """Record the stages this round ran in dvc.lock (``dvc commit``; not those in ``held``, see
     :func:`vlp_core.promotion.dvc_held_stages`), then -- for a complete round the gate promoted --
-    commit dvc.lock, tag ``round-N`` and optionally ``dvc push``.  A rejected round gets none
-    of these last three."""
+    commit dvc.lock with the evaluation metrics and loss logs (:meth:`Layout.git_files`), tag
+    ``round-N`` and optionally ``dvc push``.  A rejected round gets none of these last three.
+    Then the round's catalog version gets the revision and ``dvc.lock`` hashes it now has."""
 
     o = params.orchestration
     done: dict[str, Any] = {"dvc_committed": [], "tag": None, "pushed": False, "promoted": complete and promoted}
@@ -109,12 +111,35 @@ def version_task(params: Params, layout: T.Layout, round: int, dvc_stages: Seque
         V.ensure_local_remote(layout.root, o.dvc_remote_url)  # no default remote yet: a local directory
     if complete and o.git_tag and V.is_git_repo(layout.root):
         done["tag"] = f"round-{round}"
+        # the evaluation metrics and loss logs are DVC metrics / plots with cache: false: git holds
+        # them, so `dvc metrics diff round-0 round-1`, `dvc plots diff` and `dvc exp show` read them
+        small = [str(f.relative_to(layout.root)) for f in layout.git_files(round)]
         done["commit"] = V.git_commit_and_tag(layout.root, f"vlp: round {round} ({len(dvc_stages)} stages)",
-                                              tag=done["tag"], paths=["dvc.lock", ".dvc/config", ".gitignore"])
+                                              tag=done["tag"], paths=["dvc.lock", ".dvc/config", ".gitignore"],
+                                              force=small)
+        done["git_files"] = small
+    if done["dvc_committed"] or done["tag"]:
+        done["catalog_revision"] = _update_catalog_revision(params, layout, round)
     if complete and o.dvc_push:
         V.dvc_push(layout.root)
         done["pushed"] = True
     return done
+
+
+def _update_catalog_revision(params: Params, layout: T.Layout, round: int) -> Optional[str]:
+    """Store the revision and ``dvc.lock`` hashes the round now has on its catalog version (it
+    was recorded before ``dvc commit`` and the tag); None when the round was not recorded."""
+    name = catalog.version_name(f"round{round}")
+    path = layout.root / params.catalog.path
+    if not path.exists():
+        return None
+    try:
+        rev, n = catalog.update_version_revision(path, name, layout.root)
+    except catalog.CatalogError as exc:
+        _logger().warning("catalog revision of %s not updated: %s", name, exc)
+        return None
+    _logger().info("catalog version %s: git %s, DVC hashes of %d stages", name, rev or "-", n)
+    return rev
 
 
 def run_round(params: Params, layout: T.Layout, round: int = 0, init_from: Optional[str] = None,

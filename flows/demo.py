@@ -45,7 +45,16 @@ from vlp_core.synthetic.server import serve_world, write_url_list
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEMO_SETTINGS = Path(__file__).with_name("demo.yaml")
-DEMO_GITIGNORE = "/data/*\n!/data/.gitignore\n/report/\n/dvc_plots/\n__pycache__/\n*.duckdb\n*.duckdb.wal\n.prefect/\n"
+# git ignores the data (DVC's cache holds it) but for the small files DVC reads from git: each
+# stage's metrics.json (evaluation) and loss.csv (training), `cache: false` metrics and plots --
+# `dvc metrics diff round-0 round-1`, `dvc plots diff` and `dvc exp show` (an experiment's commit
+# holds only what git does not ignore) read them from the revisions
+DEMO_GITIGNORE = ("/data/*\n!/data/.gitignore\n!/data/round*/\n/data/round*/*\n!/data/round*/*/\n/data/round*/*/*\n"
+                  "!/data/round*/*/metrics.json\n!/data/round*/*/loss.csv\n"
+                  "/report/\n/dvc_plots/\n__pycache__/\n*.duckdb\n*.duckdb.wal\n.prefect/\n")
+# what older demos wrote: it hid the metrics and plots from git (rewritten by prepare_demo_repo)
+OLD_DEMO_GITIGNORES = ("/data/*\n!/data/.gitignore\n/report/\n/dvc_plots/\n__pycache__/\n*.duckdb\n*.duckdb.wal\n"
+                       ".prefect/\n",)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -72,6 +81,8 @@ def prepare_demo_repo(workdir: str | Path, base_params: str | Path = PROJECT / "
     Writes ``params.yaml`` (:func:`demo_params_text`) unless one exists (from an older version it
     only drops ``ingest.allow_private_network``, replaced by the server the demo allows itself), copies the project's
     ``dvc.yaml``, links ``vlp_core`` to the project's code (the stages' code dependencies),
+    writes ``.gitignore`` (:data:`DEMO_GITIGNORE`: the data, but not the evaluation metrics and
+    loss logs, which DVC reads from git; an older demo's is replaced),
     and runs ``git init`` + ``dvc init`` + a first commit the first time."""
 
     root = Path(workdir)
@@ -88,8 +99,9 @@ def prepare_demo_repo(workdir: str | Path, base_params: str | Path = PROJECT / "
     link = root / "vlp_core"
     if not link.exists() and not link.is_symlink():
         link.symlink_to(os.path.relpath(PROJECT / "vlp_core", root.resolve()))
-    if not (root / ".gitignore").exists():
-        (root / ".gitignore").write_text(DEMO_GITIGNORE)
+    gitignore = root / ".gitignore"
+    if not gitignore.exists() or gitignore.read_text() in OLD_DEMO_GITIGNORES:
+        gitignore.write_text(DEMO_GITIGNORE)
     if not (root / ".git").exists():
         V.git(["init", "-q"], root)
     for key, value in (("user.name", "vlp demo"), ("user.email", "vlp-demo@localhost")):

@@ -49,6 +49,16 @@ def test_prepare_demo_repo_makes_its_own_git_dvc_repo_once(tmp_path):
     prepare_demo_repo(root)
     assert (root / "params.yaml").read_text() == edited
     assert load_params(root / "params.yaml").synthetic.n_web == 500
+    # an older demo's .gitignore (it hid the metrics and loss logs DVC reads from git) is replaced;
+    # one the user wrote is kept
+    from flows.demo import DEMO_GITIGNORE, OLD_DEMO_GITIGNORES
+
+    (root / ".gitignore").write_text(OLD_DEMO_GITIGNORES[0])
+    prepare_demo_repo(root)
+    assert (root / ".gitignore").read_text() == DEMO_GITIGNORE
+    (root / ".gitignore").write_text("/data/\n")
+    prepare_demo_repo(root)
+    assert (root / ".gitignore").read_text() == "/data/\n"
 
 
 def test_retrain_continue_starts_from_the_base_model(tiny_world, tmp_path):

@@ -57,6 +57,11 @@ def test_every_dvc_stage_writes_what_the_layout_says():
         base, round = _split(name)
         declared = _paths(body.get("outs")) | _paths(body.get("metrics")) | _paths(body.get("plots"))
         assert declared == layout.outputs(base, round), name
+        # only evaluation results are DVC metrics; the training loss logs are the per-stage plots
+        assert _paths(body.get("metrics")) == layout.metrics(base, round), name
+        assert _paths(body.get("plots")) == layout.plots(base, round), name
+        for plot in body.get("plots") or []:
+            assert next(iter(plot.values())) == {"cache": False, "x": "step", "y": "loss"}, name
         if base.startswith("finetune_") or base == "retrain":  # trains from the round's base model
             assert layout.base_model(round) in _paths(body["deps"]), name
             assert str(layout.base_model(round)) in body["cmd"], name

@@ -70,6 +70,29 @@ def check_version_name(name: str) -> str:
     return name
 
 
+EXP_NAME_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` for every stage command of an experiment
+
+
+def experiment_version_name(base: str, exp_name: Optional[str]) -> str:
+    """The catalog name of version ``base`` (e.g. ``round0``) recorded inside DVC experiment
+    ``exp_name``: ``<base>+<exp_name>`` (characters a version name refuses become ``-``, cut to
+    fit 128), so an experiment never replaces the version of the same round; ``base`` itself
+    outside an experiment (``exp_name`` empty or None)."""
+    check_version_name(base)
+    if not exp_name or not exp_name.strip():
+        return base
+    exp = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_+-]", "-", exp_name.strip())).strip("-") or "exp"
+    return check_version_name(f"{base}+{exp}"[:128])
+
+
+def version_name(base: str, env: Optional[dict[str, str]] = None) -> str:
+    """``base``, or its experiment name (:func:`experiment_version_name`) when the environment
+    (default ``os.environ``) says a ``dvc exp run`` is running (``DVC_EXP_NAME``)."""
+    import os
+
+    return experiment_version_name(base, (os.environ if env is None else env).get(EXP_NAME_ENV))
+
+
 # --------------------------------------------------------------------------- connection
 def connect(path: str | Path, read_only: bool = False):
     """Open the catalog (creating the file and tables unless ``read_only``)."""
@@ -250,6 +273,27 @@ def record_version(
         con.close()
     return RecordSummary(name, git_rev, corpus.num_rows if corpus is not None else 0, len(stats_rows),
                          len(metric_rows))
+
+
+def update_version_revision(catalog: str | Path, name: str, repo_dir: str | Path) -> tuple[Optional[str], int]:
+    """Store ``repo_dir``'s git revision and ``dvc.lock`` hashes on version ``name``, already
+    recorded: a round is recorded before its stages are ``dvc commit``-ted and its ``dvc.lock``
+    committed and tagged, so the flows call this afterwards.  Returns (git revision, number of
+    stages with hashes)."""
+    from vlp_core import versioning
+
+    check_version_name(name)
+    git_rev = versioning.git_rev(repo_dir)
+    hashes = versioning.dvc_lock_hashes(repo_dir)
+    con = connect(catalog)
+    try:
+        if not con.execute("SELECT count(*) FROM versions WHERE name = ?", [name]).fetchone()[0]:
+            raise CatalogError(f"{catalog}: version {name!r} not found (record it first)")
+        con.execute("UPDATE versions SET git_rev = ?, dvc_hashes = ? WHERE name = ?",
+                    [git_rev, json.dumps(hashes, sort_keys=True), name])
+    finally:
+        con.close()
+    return git_rev, len(hashes)
 
 
 # --------------------------------------------------------------------------- list
@@ -513,7 +557,7 @@ def format_table(cols: Sequence[str], rows: Iterable[Sequence[Any]], max_width: 
 
 
 __all__ = [
-    "CatalogError", "RecordSummary", "VersionDiff", "check_read_only_sql", "check_version_name", "connect",
-    "diff_versions", "format_diff", "format_table", "has_table", "list_versions", "query", "read_corpus_light",
-    "record_version",
+    "EXP_NAME_ENV", "CatalogError", "RecordSummary", "VersionDiff", "check_read_only_sql", "check_version_name",
+    "connect", "diff_versions", "experiment_version_name", "format_diff", "format_table", "has_table",
+    "list_versions", "query", "read_corpus_light", "record_version", "update_version_revision", "version_name",
 ]

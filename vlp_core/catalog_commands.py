@@ -65,7 +65,8 @@ def register(subparsers) -> None:
     r.set_defaults(func=_report)
 
     rec = subparsers.add_parser("record", help="record a version (corpus snapshot, stats, metrics, git/DVC hashes)")
-    rec.add_argument("--name", required=True, help="version name, e.g. round0")
+    rec.add_argument("--name", required=True,
+                     help="version name, e.g. round0 (inside `dvc exp run`: round0+<experiment name>)")
     rec.add_argument("--corpus", default=None, help="CapFilt stage folder (or corpus folder/file)")
     rec.add_argument("--stats", nargs="*", default=[], help="stats.json files of the stages")
     rec.add_argument("--metrics", nargs="*", default=[], help="metrics.json files")
@@ -124,12 +125,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from vlp_core.catalog import record_version
+    from vlp_core.catalog import record_version, version_name
     from vlp_core.cli import load_params_from_args
     from vlp_core.io import write_json
 
     params = load_params_from_args(args)
-    s = record_version(params, args.name, args.corpus, args.stats, args.metrics, repo_dir=args.repo,
+    s = record_version(params, version_name(args.name), args.corpus, args.stats, args.metrics, repo_dir=args.repo,
                        round=args.round, catalog=args.catalog, state=args.state, reason=args.reason)
     if args.marker:
         write_json({"name": s.name, "corpus_rows": s.corpus_rows, "stats": s.stats, "metrics": s.metrics},

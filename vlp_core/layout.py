@@ -148,6 +148,30 @@ class Layout:
             return {d / CAPTIONS_FILE, d / METRICS_FILE}
         raise KeyError(f"no stage {name!r}")
 
+    def metrics(self, name: str, round: Optional[int] = None) -> set[Path]:
+        """The DVC *metrics* of stage ``name``: only evaluation's ``metrics.json`` (round k's
+        model and, in round 0, the pretrained one).  Every other stage's ``stats.json`` is a plain
+        output (``outs`` with ``cache: false``), so ``dvc metrics show`` lists evaluation results only."""
+        if name in ("evaluate", "evaluate_base"):
+            return {self.stage(int(round or 0), name) / METRICS_FILE}
+        return set()
+
+    def plots(self, name: str, round: Optional[int] = None) -> set[Path]:
+        """The DVC *plots* of stage ``name``: a training stage's loss log (``loss.csv``: ``y: loss``
+        against ``x: step``)."""
+        if name in (PRETRAIN, "retrain") or name.startswith("finetune_"):
+            return {self.stage(int(round or 0), name) / LOSS_FILE}
+        return set()
+
+    def git_files(self, last_round: int) -> list[Path]:
+        """The small files a version's git commit holds besides ``dvc.lock`` (DVC metrics and
+        plots are ``cache: false``: ``dvc metrics diff``, ``dvc plots diff`` and ``dvc exp show``
+        read them from git), for rounds 0..``last_round``; only those that exist."""
+        stages = [(PRETRAIN, 0), ("evaluate_base", 0)]
+        stages += [(n, k) for k in range(last_round + 1) for n in ROUND_STAGES]
+        files = sorted({f for n, k in stages for f in self.metrics(n, k) | self.plots(n, k)})
+        return [f for f in files if f.is_file()]
+
     def rounds_done(self) -> list[int]:
         """Rounds whose captioner and filter are finished, in order (what the nightly can use)."""
         out = []

@@ -214,7 +214,8 @@ def evaluate_step(params: Params, layout: Layout, round: int, which: str) -> Ste
 
 
 def record_step(params: Params, layout: Layout, round: int, needs: Sequence[str]) -> Step:
-    """Record the round as version ``round<k>`` in the DuckDB catalog, with the gate's verdict
+    """Record the round as version ``round<k>`` (``round<k>+<experiment>`` inside ``dvc exp run``:
+    :func:`vlp_core.catalog.version_name`) in the DuckDB catalog, with the gate's verdict
     (``gate.json``: state promoted / rejected, reason, parent) when the round was judged."""
 
     def call() -> None:
@@ -222,7 +223,7 @@ def record_step(params: Params, layout: Layout, round: int, needs: Sequence[str]
                    if p.exists()]
         stats = [p for p in (layout.stage(round, n) / STATS_FILE for n in RECORDED_STATS) if p.exists()]
         verdict = read_json(layout.gate_file(round)) if layout.gate_file(round).exists() else {}
-        s = catalog.record_version(params, f"round{round}", layout.stage(round, "capfilt"), stats, metrics,
+        s = catalog.record_version(params, catalog.version_name(f"round{round}"), layout.stage(round, "capfilt"), stats, metrics,
                                    repo_dir=layout.root, round=round, catalog=layout.root / params.catalog.path,
                                    state=verdict.get("state"), reason=verdict.get("reason"),
                                    parent=verdict.get("parent"))

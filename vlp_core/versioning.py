@@ -111,10 +111,16 @@ def dvc_commit(path: str | Path, stages: Sequence[str]) -> None:
 
 
 def git_commit_and_tag(path: str | Path, message: str, tag: Optional[str] = None,
-                       paths: Sequence[str] = ("dvc.lock",)) -> Optional[str]:
-    """Commit ``paths`` (the ones that exist) and tag the commit; returns the commit id.
-    An existing tag is moved (``-f``) so that re-running a round re-tags it."""
+                       paths: Sequence[str] = ("dvc.lock",), force: Sequence[str] = ()) -> Optional[str]:
+    """Commit ``paths`` and ``force`` (the ones that exist; ``force`` added even where a
+    ``.gitignore`` hides them: DVC's ``cache: false`` metrics and plots, which git must hold) and
+    tag the commit; returns the commit id.  An existing tag is moved (``-f``) so that re-running a
+    round re-tags it."""
     existing = [p for p in paths if (Path(path) / p).exists()]
+    forced = [str(p) for p in force if (Path(path) / p).exists()]
+    if forced:
+        git(["add", "-f", "--", *forced], path)
+        existing += forced
     if existing:
         git(["add", "--", *existing], path)
         staged = git(["diff", "--cached", "--quiet", "--", *existing], path, check=False).returncode != 0
