@@ -100,10 +100,12 @@ def _deploy(args: argparse.Namespace) -> int:
     from vlp_core.cli import load_params_from_args
 
     params = load_params_from_args(args)
-    dep = deploy_nightly(params, args.params, args.workdir, name=args.name, cron=args.cron, pool=args.pool)
+    dep = deploy_nightly(params, args.params, args.workdir, name=args.name, cron=args.cron, pool=args.pool,
+                         overrides=args.overrides)
     pool = args.pool or params.orchestration.work_pool
     print(json.dumps({"deployment_id": str(dep), "name": f"vlp-nightly/{args.name}",
-                      "cron": args.cron or params.orchestration.schedule_cron, "work_pool": pool}))
+                      "cron": args.cron or params.orchestration.schedule_cron, "work_pool": pool,
+                      "overrides": list(args.overrides)}))
     print(f"start a worker: prefect worker start --pool {pool}")
     return 0
 

@@ -73,11 +73,12 @@ def run_cycles(rounds: Optional[int] = None, params_path: str = "params.yaml", o
 
 
 @flow(name="vlp-nightly", log_prints=True)
-def nightly_flow(params_path: str = "params.yaml", workdir: str = ".") -> dict:
+def nightly_flow(params_path: str = "params.yaml", workdir: str = ".", overrides: Sequence[str] = ()) -> dict:
     """Incremental ingest of ``data/urls/web.parquet``, then CapFilt of the new shards into
-    the latest promoted round's corpus (when a promoted round with a captioner and a filter exists)."""
+    the latest promoted round's corpus (when a promoted round with a captioner and a filter exists).
+    ``overrides`` are ``-S`` settings (``vlp deploy -S ...`` stores them in the deployment)."""
     with in_workdir(workdir):
-        params = load_params(params_path)
+        params = load_params(params_path, list(overrides))
         layout = T.Layout(Path("."), home=str(Path.cwd()))
         web = R.ingest_step(params, layout, "web")
         res: dict[str, Any] = {"ingest_web": T.unwrap(T.step_task(params, web)(params, layout, web, []))}

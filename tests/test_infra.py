@@ -27,7 +27,8 @@ async def schedules():
     async with get_client() as c:
         d = await c.read_deployment_by_name(sys.argv[1])
         return [s.schedule.cron for s in d.schedules]
-print(json.dumps({"state": run.state.type.value, "name": run.state.name, "cron": run_coro_as_sync(schedules())}))
+print(json.dumps({"state": run.state.type.value, "name": run.state.name, "cron": run_coro_as_sync(schedules()),
+                  "parameters": run.parameters}))
 """
 
 
@@ -67,7 +68,7 @@ def test_deployment_run_completes_on_real_server_and_worker(tmp_path, tiny_world
         env = stack.stack_env(home, port)
         dep = subprocess.run(
             [sys.executable, "-m", "flows.cli", "deploy", "--workdir", str(work), "--name", "smoke",
-             "--pool", "vlp-test-pool", "--cron", "30 3 * * *"],
+             "--pool", "vlp-test-pool", "--cron", "30 3 * * *", "-S", "ingest.timeout=7"],
             env=env, cwd=work, capture_output=True, text=True, timeout=120)
         assert dep.returncode == 0, dep.stderr[-2000:]
         info = json.loads([ln for ln in dep.stdout.splitlines() if ln.startswith("{")][-1])
@@ -80,6 +81,7 @@ def test_deployment_run_completes_on_real_server_and_worker(tmp_path, tiny_world
         logs = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
         assert out["state"] == "COMPLETED", f"{out} after {time.monotonic() - t0:.0f} s\n{logs}"
         assert out["cron"] == ["30 3 * * *"]
+        assert out["parameters"]["overrides"] == ["ingest.timeout=7"]  # -S reaches every scheduled run
         # the worker really ran the ingest in the work dir
         stats = json.loads((work / "data" / "ingest" / "web" / "stats.json").read_text())
         assert stats["rows_in"] == stats["rows_out"] == 300
@@ -87,3 +89,15 @@ def test_deployment_run_completes_on_real_server_and_worker(tmp_path, tiny_world
     finally:
         stack.stop(worker)
         stack.stop(server)
+
+
+def test_deploy_without_a_persistent_api_is_refused_in_one_line(tmp_path):
+    """Without PREFECT_API_URL Prefect would deploy to a temporary server that stops when the
+    command exits (exit 0, nothing scheduled): `vlp deploy` refuses instead."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--workdir", str(tmp_path), "--name", "x"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: vlp deploy needs a Prefect server that outlives it") and r.stderr.count("\n") == 1
