@@ -369,3 +369,21 @@ def test_cli(tiny_ingest, untrained_model, full_run, tmp_path, capsys):
                str(untrained_model), "--out", str(tmp_path / "x"), "-S", "capfilt.threshold_mode=calibrated"])
     err = capsys.readouterr().err
     assert rc == 2 and "calibration" in err or "config.json" in err
+
+
+def test_the_backend_cache_is_bounded_and_keeps_the_most_recent():
+    """A long-lived worker going through round after round keeps the models it used last, not
+    every round's (the process's model cache has an owner and a bound)."""
+    from vlp_core.capfilt.backend import LruCache
+
+    cache, made = LruCache(capacity=2), []
+
+    def maker(k):
+        return lambda: made.append(k) or f"model-{k}"
+
+    assert [cache.get(k, maker(k)) for k in ("a", "b", "a", "c", "a", "b")] == [
+        "model-a", "model-b", "model-a", "model-c", "model-a", "model-b"]
+    assert made == ["a", "b", "c", "b"]  # "a" stayed (used last), "b" was dropped for "c" and loaded again
+    assert len(cache) == 2
+    cache.clear()
+    assert len(cache) == 0

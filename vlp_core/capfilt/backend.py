@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,8 +52,41 @@ class CapfiltError(VlpError, ValueError):
     """A model folder or a setting that CapFilt cannot use (names the path or the key)."""
 
 
-# --------------------------------------------------------------------------- ids
-_HASHES: dict[tuple, str] = {}
+# --------------------------------------------------------------------------- caches
+class LruCache:
+    """A bounded, most-recently-used cache (the process's loaded models and folder hashes): a
+    Prefect worker running many shards loads each model once, and a long-lived one going through
+    round after round keeps only the ``capacity`` models it used last, not every round's."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()  # outside the lock: loading a model takes seconds
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# a captioner and a filter per round, and the previous round's pair while a worker moves on
+BACKENDS = LruCache(capacity=4)
+_HASHES = LruCache(capacity=256)  # folder hashes by (path, files' names, sizes, mtimes)
 
 
 def dir_content_hash(directory: str | Path, length: int = 12) -> str:
@@ -62,17 +97,18 @@ def dir_content_hash(directory: str | Path, length: int = 12) -> str:
     files = sorted(x for x in d.rglob("*") if x.is_file() and not x.name.startswith("."))
     stamp = (str(d.resolve()), length, tuple((str(p.relative_to(d)), p.stat().st_size, p.stat().st_mtime_ns)
                                              for p in files))
-    if stamp in _HASHES:
-        return _HASHES[stamp]
-    h = hashlib.sha256()
-    for p in files:
-        h.update(str(p.relative_to(d)).encode())
-        h.update(b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    _HASHES[stamp] = h.hexdigest()[:length]
-    return _HASHES[stamp]
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(str(p.relative_to(d)).encode())
+            h.update(b"\0")
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()[:length]
+
+    return _HASHES.get(stamp, digest)
 
 
 def state_hash(module: torch.nn.Module, extra: Any = None) -> str:
@@ -315,28 +351,24 @@ class HfBackend(Backend):
         return [c.strip() for c in self.tokenizer.batch_decode(out[:, n_prompt:], skip_special_tokens=True)]
 
 
-_CACHE: dict[tuple[str, str, str], Backend] = {}
-
-
 def load_backend(model_dir: str | Path, role: Role, device: Optional[str | torch.device] = None,
                  cache: bool = True) -> Backend:
-    """The backend for ``model_dir`` in ``role`` (cached per process: a Prefect worker that
-    runs many shards loads each model once)."""
+    """The backend for ``model_dir`` in ``role`` (``cache``: kept in :data:`BACKENDS`, so a
+    Prefect worker that runs many shards loads each model once)."""
     d, kind = resolve_model_dir(model_dir)
     dev = device if isinstance(device, torch.device) else pick_device(device)
     model_id = dir_content_hash(d)
     # a vlp checkpoint serves both roles with one object (one set of weights in memory)
     key = (model_id, role if kind == "hf" else "any", str(dev))
-    if cache and key in _CACHE:
-        return _CACHE[key]
-    backend: Backend = (VlpBackend if kind == "vlp" else HfBackend)(d, role, dev, model_id)
-    if cache:
-        _CACHE[key] = backend
-    return backend
+
+    def load() -> Backend:
+        return (VlpBackend if kind == "vlp" else HfBackend)(d, role, dev, model_id)
+
+    return BACKENDS.get(key, load) if cache else load()
 
 
 def clear_backend_cache() -> None:
-    _CACHE.clear()
+    BACKENDS.clear()
 
 
 # --------------------------------------------------------------------------- roles
