@@ -15,6 +15,7 @@ from vlp_core.errors import VlpError
 
 CORPUS_DIR = "corpus"  # a CapFilt stage's rows (CORPUS_SCHEMA)
 FEATS_DIR = "feats"  # the CapFilt stage's per-row ITC features (features_schema, flags unset), reused by features
+META_AUTOCAST = b"vlp.autocast"  # embeddings' Parquet metadata: "bf16" or "fp32", the arithmetic they came from
 
 
 def corpus_folder(corpus_dir: str | Path) -> Path:
@@ -58,4 +59,4 @@ def to_numpy_list(col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray
     return out, valid
 
 
-__all__ = ["CORPUS_DIR", "FEATS_DIR", "corpus_folder", "fixed_list", "resolve_ref", "to_numpy_list"]
+__all__ = ["CORPUS_DIR", "FEATS_DIR", "META_AUTOCAST", "corpus_folder", "fixed_list", "resolve_ref", "to_numpy_list"]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from vlp_core.capfilt.fastmed import FastText
 from vlp_core.errors import VlpError
+from vlp_core.precision import autocast_for
 
 Role = Literal["captioner", "filter"]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -107,11 +108,10 @@ def pick_device(device: Optional[str] = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing on CPU (fp32 there is both faster and exact)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast where ``capfilt.precision`` says so (``auto``: on CUDA and on CPUs with
+    native bf16, :mod:`vlp_core.precision`), nothing elsewhere."""
+    return autocast_for(precision, device)
 
 
 # --------------------------------------------------------------------------- backends
@@ -374,7 +374,8 @@ def decode_image(data: bytes, size: Optional[int]) -> np.ndarray:
 class ImagePass:
     """Encode a uint8 batch once per distinct vision encoder among ``backends``."""
 
-    def __init__(self, backends: Sequence[Backend]):
+    def __init__(self, backends: Sequence[Backend], precision: str = "auto"):
+        self.precision = precision
         self.groups: dict[str, Backend] = {}
         for b in backends:
             self.groups.setdefault(b.vision_key, b)
@@ -390,7 +391,7 @@ class ImagePass:
         """uint8 ``(B, H, W, 3)`` -> ``{vision_key: image_embeds (B, 1 + N, Dv)}``."""
         out = {}
         for key, b in self.groups.items():
-            with autocast(b.device):
+            with autocast(b.device, self.precision):
                 out[key] = b.encode_image(b.preprocess(images))
             self.passes += 1
         return out

@@ -9,7 +9,8 @@ cross-attention keys/values once and drops finished rows from the batch).
 Captions come back without the prompt, as
 BLIP's CapFilt stores them.  Two backends sit behind the same interface: vlp_core
 checkpoints and local Hugging Face ``BlipForConditionalGeneration`` folders
-(:mod:`vlp_core.capfilt.backend`).
+(:mod:`vlp_core.capfilt.backend`).  Encoding and decoding run under bf16 autocast where
+``capfilt.precision`` says so (:mod:`vlp_core.precision`).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class Captioner:
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` -> ``image_embeds (B, 1 + N, Dv)``."""
         b = self.backend
-        with autocast(b.device):
+        with autocast(b.device, self.params.precision):
             return b.encode_image(b.preprocess(images))
 
     @torch.no_grad()
@@ -65,7 +66,7 @@ class Captioner:
         if p.decode == "greedy" and k > 1:
             raise CapfiltError("capfilt.decode=greedy gives one caption per image; set capfilt.num_captions=1 "
                                "or decode to nucleus or beam")
-        with autocast(self.backend.device):
+        with autocast(self.backend.device, p.precision):
             if p.decode == "beam":
                 flat = self.backend.generate(embeds, sample=False, top_p=p.top_p, num_beams=max(p.num_beams, k),
                                              max_length=p.max_length, min_length=p.min_length, prompt=p.prompt,

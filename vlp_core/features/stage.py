@@ -15,10 +15,12 @@ weights), and the flags ``exact_dup`` (an earlier image has the same sha256), ``
 and ``dup_cosine``.  "Earlier" is corpus order (shard name, then row).
 
 One image pass: when the CapFilt stage already computed the filter's projections
-(``<capfilt>/feats/<shard>.parquet``, written by the same filter model), they are reused and
-no image is decoded again; otherwise images are read from the ingest shards in bounded
+(``<capfilt>/feats/<shard>.parquet``, written by the same filter model in the same
+arithmetic), they are reused and no image is decoded again; otherwise images are read from the ingest shards in bounded
 batches.  Duplicate search is global (across shards) with blocked matrix products
-(:mod:`vlp_core.features.dedup`), after every shard's embeddings are on disk.
+(:mod:`vlp_core.features.dedup`), after every shard's embeddings are on disk.  The filter
+runs under bf16 autocast where ``capfilt.precision`` says so (as in CapFilt, whose embeddings
+are reused); a change of arithmetic recomputes the shards.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from vlp_core.config import Params, section_dict
-from vlp_core.corpus import FEATS_DIR, corpus_folder, fixed_list, resolve_ref, to_numpy_list
+from vlp_core.corpus import FEATS_DIR, META_AUTOCAST, corpus_folder, fixed_list, resolve_ref, to_numpy_list
 from vlp_core.errors import VlpError
 from vlp_core.io import (ParquetReadError, StageStats, done_marker, mark_done, read_json, read_parquet,
                          read_parquet_metadata, read_parquet_schema, write_parquet)
@@ -79,12 +81,14 @@ class Backbone:
 
 
 # --------------------------------------------------------------------------- one shard
-def _reuse_sidecar(sidecar: Path, corpus: pa.Table, model_id: str) -> Optional[pa.Table]:
+def _reuse_sidecar(sidecar: Path, corpus: pa.Table, model_id: str, arith: str) -> Optional[pa.Table]:
+    """CapFilt's features of this corpus shard, if the same model computed them in the same
+    arithmetic (``arith``: bf16 or fp32) for the same rows; else None (recompute)."""
     if not sidecar.is_file():
         return None
     try:  # a cache: one that cannot be read is recomputed
         meta = read_parquet_schema(sidecar).metadata or {}
-        if meta.get(META_MODEL_ID, b"").decode() != model_id:
+        if meta.get(META_MODEL_ID, b"").decode() != model_id or meta.get(META_AUTOCAST, b"").decode() != arith:
             return None
         t = read_parquet(sidecar)
     except ParquetReadError:
@@ -231,6 +235,7 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
     stage folder or its ``corpus/``), with the ITC projections of ``model_dir`` (a vlp
     checkpoint or an HF ``BlipForImageTextRetrieval`` folder).  Rows in == rows out."""
     from vlp_core.capfilt.filter import ItmFilter
+    from vlp_core.precision import resolved
 
     t0 = time.perf_counter()
     fp = params.features
@@ -242,9 +247,12 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
     emb_dir = out_dir / EMB_DIR
     for p in emb_dir.glob(".*.tmp") if emb_dir.is_dir() else []:
         p.unlink(missing_ok=True)
-    flt = ItmFilter(model_dir, device=device, batch_size=fp.batch_size)
+    # the same arithmetic as CapFilt's filter (capfilt.precision), so reused and recomputed
+    # embeddings of one corpus compare alike
+    flt = ItmFilter(model_dir, device=device, batch_size=fp.batch_size, precision=params.capfilt.precision)
+    arith = resolved(params.capfilt.precision, flt.backend.device)
     backbone = Backbone(fp.backbone, flt.backend.device) if fp.backbone else None
-    fingerprint = {"model_id": flt.model_id, "features": section_dict(params, "features")}
+    fingerprint = {"model_id": flt.model_id, "features": section_dict(params, "features"), "autocast": arith}
     stats = StageStats(stage="features")
     outs = []
     for f in files:
@@ -261,7 +269,7 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
             stats.rows_out += read_parquet_metadata(out_path).num_rows
             outs.append(out_path)
             continue
-        sidecar = None if backbone else _reuse_sidecar(stage_dir / FEATS_DIR / f.name, corpus, flt.model_id)
+        sidecar = None if backbone else _reuse_sidecar(stage_dir / FEATS_DIR / f.name, corpus, flt.model_id, arith)
         if sidecar is not None:
             table = sidecar.set_column(sidecar.schema.get_field_index(C.KEPT), C.KEPT, corpus[C.KEPT])
             table = table.cast(sidecar.schema)
@@ -269,7 +277,7 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
         else:
             table, counts = _compute_shard(params, corpus, flt, backbone, f.parent.parent
                                            if f.parent.name == "corpus" else f.parent, name)
-        table = table.replace_schema_metadata({META_MODEL_ID: flt.model_id.encode()})
+        table = table.replace_schema_metadata({META_MODEL_ID: flt.model_id.encode(), META_AUTOCAST: arith.encode()})
         write_parquet(table, out_path)
         mark_done(emb_dir, name, {"rows": table.num_rows, "counts": counts,
                                   "fingerprint": {**fingerprint, "corpus_sha": corpus_sha}})
@@ -282,7 +290,7 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
         stats.counts[k] = v
     stats.seconds = time.perf_counter() - t0
     stats.extra = {"model_id": flt.model_id, "corpus": str(folder), "near_dup_threshold": fp.near_dup_threshold,
-                   "backbone": fp.backbone}
+                   "backbone": fp.backbone, "autocast": arith}
     stats.check().write(out_dir)
     return stats
 
