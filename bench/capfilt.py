@@ -20,6 +20,14 @@ All in one run, on a synthetic world packed into webdataset tar shards (img2data
 
     .venv/bin/python bench/capfilt.py [--n-throughput 1000] [--batch-size 64] [--rounds 2]
         [--mem-sizes 2000,20000] [--quality-steps 600] [--skip-memory] [--skip-quality]
+
+``--arch blip-base`` measures something else (issue 20, :mod:`bench.capfilt_base`): base-size
+random BLIP folders at 384 px, ours (``capfilt.precision`` auto and fp32) against transformers in
+fp32 and in bf16 autocast, with the bf16/fp32 decision agreement; ``--arch smoke`` is the same at
+a tiny size (a check that the script runs)::
+
+    .venv/bin/python bench/capfilt.py --arch blip-base [--n-throughput 16] [--batch-size 8] [--rounds 3]
+        [--max-new-tokens 20] [--device cuda]
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -160,27 +169,30 @@ def make_models(world: Path, root: Path, train_steps: int, prompt: str) -> dict:
 
 
 # --------------------------------------------------------------------------- the two sides
-def run_ours(params, manifest: Path, models: dict, out: Path) -> tuple[int, float]:
+def run_ours(params, manifest: Path, models: dict, out: Path, device: Optional[str] = None) -> tuple[int, float]:
     from vlp_core.capfilt.stage import run_capfilt
 
     t0 = time.perf_counter()
-    stats = run_capfilt(params, manifest, models["ours_captioner"], models["ours_filter"], out)
+    stats = run_capfilt(params, manifest, models["ours_captioner"], models["ours_filter"], out, device=device)
     return stats.extra["images"], time.perf_counter() - t0
 
 
 class Baseline:
-    """CapFilt the transformers way (BlipProcessor + generate + BlipForImageTextRetrieval)."""
+    """CapFilt the transformers way (BlipProcessor + generate + BlipForImageTextRetrieval), on
+    ``device``; ``run(..., bf16=True)`` runs it under bf16 autocast (the documented way to use
+    bf16 with the fp32 checkpoints)."""
 
-    def __init__(self, models: dict, cp):
+    def __init__(self, models: dict, cp, device: str = "cpu"):
         from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
-        self.cp = cp
+        self.cp, self.device = cp, device
         self.proc = BlipProcessor.from_pretrained(str(models["hf_captioner"]))
         self.proc_itm = BlipProcessor.from_pretrained(str(models["hf_itm"]))
-        self.cap = BlipForConditionalGeneration.from_pretrained(str(models["hf_captioner"])).eval()
-        self.itm = BlipForImageTextRetrieval.from_pretrained(str(models["hf_itm"])).eval()
+        self.cap = BlipForConditionalGeneration.from_pretrained(str(models["hf_captioner"])).to(device).eval()
+        self.itm = BlipForImageTextRetrieval.from_pretrained(str(models["hf_itm"])).to(device).eval()
 
-    def run(self, manifest: Path, out: Path) -> tuple[int, float]:
+    def run(self, manifest: Path, out: Path, bf16: bool = False) -> tuple[int, float]:
+        import contextlib
         import io
 
         import torch
@@ -188,27 +200,28 @@ class Baseline:
 
         from vlp_core.shards import ShardReader
 
-        cp = self.cp
+        cp, dev = self.cp, self.device
+        cast = torch.autocast(torch.device(dev).type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         t0 = time.perf_counter()
         m = pq.read_table(manifest).to_pylist()
         rows = [r for r in m if r["status"] == "success"]
         reader = ShardReader()
         n_prompt = len(self.proc.tokenizer(cp.prompt)["input_ids"]) - 1
         results = []
-        with torch.no_grad():
+        with torch.no_grad(), cast:
             for s in range(0, len(rows), cp.batch_size):
                 batch = rows[s:s + cp.batch_size]
                 images = [Image.open(io.BytesIO(reader.read_bytes(r["shard"], r["key"]))).convert("RGB") for r in batch]
-                inputs = self.proc(images=images, text=[cp.prompt] * len(images), return_tensors="pt")
+                inputs = self.proc(images=images, text=[cp.prompt] * len(images), return_tensors="pt").to(dev)
                 gen = self.cap.generate(**inputs, do_sample=True, top_p=cp.top_p, top_k=0,
                                         max_length=n_prompt + cp.max_length, min_length=n_prompt + cp.min_length)
                 caps = [c[len(cp.prompt):].strip() if c.startswith(cp.prompt.strip()) else c.strip()
                         for c in self.proc.batch_decode(gen, skip_special_tokens=True)]
                 texts = [r["caption"] or "" for r in batch] + caps
                 enc = self.proc_itm(images=images + images, text=texts, padding=True, truncation=True,
-                                    max_length=35, return_tensors="pt")
-                itm = self.itm(**enc, use_itm_head=True).itm_score.softmax(-1)[:, 1]
-                itc = self.itm(**enc, use_itm_head=False).itm_score.diagonal()
+                                    max_length=35, return_tensors="pt").to(dev)
+                itm = self.itm(**enc, use_itm_head=True).itm_score.float().softmax(-1)[:, 1].cpu()
+                itc = self.itm(**enc, use_itm_head=False).itm_score.float().diagonal().cpu()
                 results.append(pa.table({"key": [r["key"] for r in batch] * 2, "text": texts,
                                          "itc": itc.numpy(), "itm": itm.numpy(),
                                          "kept": (itm > cp.itm_threshold).numpy()}))
@@ -298,9 +311,13 @@ def measure_quality(root: Path, world: Path, steps: int, n_web: int, overrides: 
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-throughput", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--arch", choices=["tiny-vit", "blip-base", "smoke"], default="tiny-vit",
+                    help="tiny-vit: throughput, memory, quality (below); blip-base / smoke: the precision comparison")
+    ap.add_argument("--n-throughput", type=int, default=None, help="images (default 1000; blip-base 16)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 64; blip-base 8")
+    ap.add_argument("--rounds", type=int, default=None, help="default 2; blip-base 3")
+    ap.add_argument("--max-new-tokens", type=int, default=20, help="blip-base: caption length cap")
+    ap.add_argument("--device", default=None, help="blip-base: cpu or cuda (default: cuda if available)")
     ap.add_argument("--train-steps", type=int, default=150, help="LM steps for the captioner (0 = random weights)")
     ap.add_argument("--mem-sizes", default="2000,20000")
     ap.add_argument("--quality-steps", type=int, default=600)
@@ -318,8 +335,26 @@ def main() -> None:
     apply_offline_env()
     if args.mem_child:
         return mem_child(args.mem_child, args.models, args.out, args.overrides)
+    small = args.arch == "tiny-vit"
+    args.n_throughput = args.n_throughput or (1000 if small else 16)
+    args.batch_size = args.batch_size or (64 if small else 8)
+    args.rounds = args.rounds or (2 if small else 3)
 
     import torch
+
+    if not small:
+        from capfilt_base import run as run_precision
+
+        torch.set_num_threads(int(os.environ.get("TORCH_NUM_THREADS", "2")))
+        root = Path(tempfile.mkdtemp(prefix=f"bench-capfilt-{args.arch}-"))
+        try:
+            rc = run_precision(args, root, Baseline, pack_world, run_ours)
+        finally:
+            if not args.keep:
+                import shutil
+
+                shutil.rmtree(root, ignore_errors=True)
+        raise SystemExit(rc)
 
     from vlp_core.capfilt.backend import clear_backend_cache
     from vlp_core.config import load_params

@@ -151,7 +151,7 @@ def test_fast_text_path_matches_the_model(untrained_model):
 
     from vlp_core.config import CapfiltParams
 
-    flt = ItmFilter(untrained_model)
+    flt = ItmFilter(untrained_model, precision="fp32")  # exact equality needs fp32 on a bf16 CPU too
     model = flt.backend.model
     imgs = np.random.default_rng(1).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
     emb = flt.encode(imgs)
@@ -163,8 +163,51 @@ def test_fast_text_path_matches_the_model(untrained_model):
         ref_itc = (model.image_feat(emb[index]) * model.text_feat(texts)).sum(-1).numpy()
         ref_caps = model.generate(image_embeds=emb, sample=False, max_length=8, min_length=3, strip_prompt=True)
     assert np.allclose(itm, ref_itm, atol=1e-5) and np.allclose(itc, ref_itc, atol=1e-5)
-    caps = Captioner(untrained_model, CapfiltParams(decode="greedy", max_length=8, min_length=3)).caption(emb)
+    caps = Captioner(untrained_model, CapfiltParams(decode="greedy", max_length=8, min_length=3,
+                                                    precision="fp32")).caption(emb)
     assert [c[0] for c in caps] == ref_caps
+
+
+def test_precision_bf16_scores_near_fp32_and_is_part_of_the_fingerprint(untrained_model, tiny_ingest, params,
+                                                                          full_run, tmp_path):
+    """capfilt.precision: forced bf16 runs on a CPU and moves scores a little; the resolved
+    arithmetic is in the shard fingerprint and stats, so changing it redoes the shards."""
+    import torch
+
+    from vlp_core.config import CapfiltParams
+    from vlp_core.precision import PrecisionError, resolved
+
+    imgs = np.random.default_rng(2).integers(0, 255, (3, 48, 48, 3), dtype=np.uint8)
+    texts = ["a red circle left of a star", "a big blue square", "a tiny green plus above a box"]
+    out = {}
+    for prec in ("fp32", "bf16"):
+        flt = ItmFilter(untrained_model, precision=prec)
+        emb = flt.encode(imgs)
+        assert emb.dtype == (torch.bfloat16 if prec == "bf16" else torch.float32)
+        itc, itm = flt.scores(emb, texts)
+        assert itc.dtype == itm.dtype == np.float32
+        caps = Captioner(untrained_model, CapfiltParams(decode="greedy", max_length=6, min_length=2,
+                                                        precision=prec)).caption(imgs)
+        assert len(caps) == 3 and all(isinstance(c[0], str) and c[0] for c in caps)
+        out[prec] = (itc, itm)
+    assert np.abs(out["bf16"][1] - out["fp32"][1]).max() < 0.05  # ITM probabilities
+    assert np.abs(out["bf16"][0] - out["fp32"][0]).max() < 0.05  # ITC cosines
+    with pytest.raises(PrecisionError, match="fp16"):
+        ItmFilter(untrained_model, precision="fp16").encode(imgs)
+
+    done, stats = full_run
+    auto = resolved("auto", "cpu")
+    assert stats.extra["autocast"] == auto
+    assert read_json(done / CORPUS_DIR / "00000_stats.json")["fingerprint"]["autocast"] == auto
+    other = "fp32" if auto == "bf16" else "bf16"
+    copy = tmp_path / "copy"
+    shutil.copytree(done, copy)
+    p = params.replace(**{"capfilt.itm_threshold": 0.5})
+    assert run_capfilt(p, tiny_ingest["web_manifest"], untrained_model, untrained_model, copy).shards_done == 0
+    redo = run_capfilt(p.replace(**{"capfilt.precision": other}), tiny_ingest["web_manifest"], untrained_model,
+                       untrained_model, copy)
+    assert redo.shards_skipped == 0 and redo.shards_done == stats.shards_done + stats.shards_skipped
+    assert redo.extra["autocast"] == other and redo.rows_out == stats.rows_out
 
 
 def test_calibrated_threshold_and_rethreshold_equals_recompute(tiny_ingest, untrained_model, params, full_run,

@@ -60,7 +60,7 @@ def test_hf_captioner_matches_transformers_generate(hf_dirs):
     from transformers import BlipForConditionalGeneration
 
     cap_dir, _ = hf_dirs
-    p = CapfiltParams(decode="greedy", num_captions=1, max_length=7, min_length=3)
+    p = CapfiltParams(decode="greedy", num_captions=1, max_length=7, min_length=3, precision="fp32")  # exact match
     cap = Captioner(cap_dir, p)
     assert cap.backend.kind == "hf"
     imgs = _images()
@@ -84,7 +84,7 @@ def test_hf_filter_matches_transformers_retrieval(hf_dirs):
     from transformers import BlipForImageTextRetrieval
 
     _, itm_dir = hf_dirs
-    flt = ItmFilter(itm_dir)
+    flt = ItmFilter(itm_dir, precision="fp32")  # exact match with transformers' fp32 forward
     imgs = _images()
     texts = ["a red circle", "a big blue square above a star", "two green triangles", "x"]
     itc, itm = flt.scores(flt.encode(imgs), texts)

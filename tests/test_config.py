@@ -148,3 +148,13 @@ def test_demo_world_and_retrain_settings_are_bounded():
         with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
             load_params("params.yaml", [override])
     assert load_params("params.yaml", ["synthetic.objects=1", "retrain.init=continue"]).retrain.init == "continue"
+
+
+def test_capfilt_precision_is_a_checked_choice(tmp_path):
+    assert load_params("params.yaml").capfilt.precision == "auto"
+    assert load_params("params.yaml", ["capfilt.precision=fp32"]).capfilt.precision == "fp32"
+    f = tmp_path / "p.yaml"
+    f.write_text("capfilt:\n  precision: fp16\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(f)
+    assert "capfilt.precision" in str(e.value) and str(f) in str(e.value) and "bf16" in str(e.value)

@@ -60,8 +60,9 @@ def dup_capfilt(tiny_ingest, untrained_model, tmp_path_factory):  # noqa: F811
     with tarfile.open(shards[0].shard) as tar:
         data = tar.extractfile(f"{a}.jpg").read()
     _rewrite_member(Path(shards[1].shard), b, data)
+    # fp32: the test below compares reused and recomputed embeddings exactly (bf16 is checked there too)
     params = tiny_params(**{"capfilt.num_captions": 1, "capfilt.max_length": 6, "capfilt.min_length": 2,
-                            "capfilt.threshold_mode": "fixed", "capfilt.batch_size": 64})
+                            "capfilt.threshold_mode": "fixed", "capfilt.batch_size": 64, "capfilt.precision": "fp32"})
     out = root / "capfilt"
     run_capfilt(params, ing, untrained_model, untrained_model, out)
     return params, out, a, b
@@ -120,6 +121,16 @@ def test_features_reuse_capfilt_pass_and_flag_duplicates(dup_capfilt, untrained_
     stats3 = run_features(params, capfilt_out, untrained_model, out)
     assert stats3.shards_skipped == 3 and stats3.shards_done == 0
     assert _table(out)[C.NEAR_DUP].to_pylist() == t[C.NEAR_DUP].to_pylist()
+    # another arithmetic (capfilt.precision): CapFilt's embeddings are not reused, every shard is redone
+    assert stats.extra["autocast"] == "fp32"
+    stats4 = run_features(params.replace(**{"capfilt.precision": "bf16"}), capfilt_out, untrained_model, out)
+    assert stats4.shards_done == 3 and "reused_capfilt_embeddings" not in stats4.counts
+    assert stats4.extra["autocast"] == "bf16" and stats4.rows_out == corpus.num_rows
+    t4 = _table(out)
+    assert pq.read_schema(sorted((out / EMB_DIR).glob("*.parquet"))[0]).metadata[b"vlp.autocast"] == b"bf16"
+    img4, ok4 = to_numpy_list(t4[C.IMAGE_EMB], dim)
+    assert (ok4 == img_ok).all() and np.allclose(np.linalg.norm(img4[ok4], axis=1), 1, atol=1e-5)  # unit in fp32
+    assert np.abs(img4 - img).max() < 0.05 and t4[C.EXACT_DUP].to_pylist() == t[C.EXACT_DUP].to_pylist()
 
 
 def test_backbone_features_and_cli(dup_capfilt, untrained_model, tmp_path, capsys):  # noqa: F811

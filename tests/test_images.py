@@ -82,7 +82,7 @@ def test_embed_images_is_preprocess_then_encode_without_gradients():
 
     enc = Enc()
     px = np.random.default_rng(2).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
-    out = embed_images(enc, px)
+    out = embed_images(enc, px, "fp32")
     assert out.shape == (2, 16, 2) and not out.requires_grad
     assert torch.equal(out, enc.encode_image(enc.preprocess(px)).detach())
 

@@ -161,6 +161,10 @@ class CapfiltParams:
     keep_top: Optional[int] = None  # keep at most N synthetic captions per image, the highest ITM above the threshold
     batch_size: int = 128
     seed: int = 0
+    # bf16 autocast for the captioner, the filter and the features stage's embeddings
+    # (vlp_core/precision.py): auto = on CUDA and on CPUs with native bf16 (AMX-BF16 /
+    # AVX512-BF16); fp32 / bf16 force either
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass(frozen=True)

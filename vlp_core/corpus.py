@@ -31,6 +31,7 @@ from vlp_core.schema import C, itc_sidecar_schema
 
 FEATS_DIR = "feats"  # the CapFilt stage's ITC sidecar: per-row filter projections (itc_sidecar_schema)
 META_MODEL_ID = b"vlp.model_id"  # Parquet metadata: the model whose projections a file holds
+META_AUTOCAST = b"vlp.autocast"  # Parquet metadata: "bf16" or "fp32", the arithmetic the projections came from
 
 
 def corpus_folder(corpus_dir: str | Path) -> Path:
@@ -82,8 +83,8 @@ class ItcSidecarWriter:
     atomically on a clean exit, and only once a batch has told the dimension (a shard whose
     every image failed leaves none; the features stage then computes what it needs)."""
 
-    def __init__(self, path: str | Path, model_id: str):
-        self.path, self.model_id = Path(path), model_id
+    def __init__(self, path: str | Path, model_id: str, autocast: str = "fp32"):
+        self.path, self.model_id, self.autocast = Path(path), model_id, autocast
         self._writer: Optional[pq.ParquetWriter] = None
         self._atomic: Any = None
         self._pending: list[tuple] = []  # batches before the dimension was known
@@ -105,7 +106,8 @@ class ItcSidecarWriter:
         dim = image_emb.shape[1]
         if self._writer is None:
             self._atomic = atomic_path(self.path)
-            schema = itc_sidecar_schema(dim).with_metadata({META_MODEL_ID: self.model_id.encode()})
+            schema = itc_sidecar_schema(dim).with_metadata({META_MODEL_ID: self.model_id.encode(),
+                                                            META_AUTOCAST: self.autocast.encode()})
             self._writer = pq.ParquetWriter(self._atomic.__enter__(), schema)
             for r, sh, iok, tok in self._pending:
                 zeros = np.zeros((r.num_rows, dim), np.float32)
@@ -129,16 +131,17 @@ class ItcSidecarWriter:
         self._atomic.__exit__(exc_type, exc, tb)  # renamed into place, or (on an error) removed
 
 
-def read_itc_sidecar(path: str | Path, corpus: pa.Table, model_id: str) -> Optional[pa.Table]:
+def read_itc_sidecar(path: str | Path, corpus: pa.Table, model_id: str, autocast: str = "fp32") -> Optional[pa.Table]:
     """The ITC sidecar at ``path`` (:func:`itc_sidecar_schema` columns) when it holds
-    ``model_id``'s projections of exactly ``corpus``'s rows (same keys and candidates, in
-    order); None otherwise (a cache: a missing, unreadable, stale or foreign one is recomputed)."""
+    ``model_id``'s projections, computed in ``autocast`` arithmetic (bf16 or fp32), of exactly
+    ``corpus``'s rows (same keys and candidates, in order); None otherwise (a cache: a missing,
+    unreadable, stale or foreign one is recomputed)."""
     p = Path(path)
     if not p.is_file():
         return None
     try:
         meta = read_parquet_schema(p).metadata or {}
-        if meta.get(META_MODEL_ID, b"").decode() != model_id:
+        if meta.get(META_MODEL_ID, b"").decode() != model_id or meta.get(META_AUTOCAST, b"fp32").decode() != autocast:
             return None
         t = read_parquet(p, columns=[C.KEY, C.SHARD, C.CANDIDATE, C.SHA256, C.IMAGE_EMB, C.TEXT_EMB])
     except (ParquetReadError, KeyError):
@@ -148,5 +151,5 @@ def read_itc_sidecar(path: str | Path, corpus: pa.Table, model_id: str) -> Optio
     return t
 
 
-__all__ = ["CORPUS_DIR", "FEATS_DIR", "META_MODEL_ID", "ItcSidecarWriter", "corpus_folder", "fixed_list",
+__all__ = ["CORPUS_DIR", "FEATS_DIR", "META_AUTOCAST", "META_MODEL_ID", "ItcSidecarWriter", "corpus_folder", "fixed_list",
            "read_itc_sidecar", "resolve_ref", "to_numpy_list"]

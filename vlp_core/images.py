@@ -170,13 +170,12 @@ def hf_image_spec(hf_dir: str | Path, vision_size: int) -> ImageSpec:
     return ImageSpec(int(vision_size), mean, std)
 
 
-def autocast(device: "torch.device") -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing on CPU (fp32 there is both faster and exact)."""
-    import torch
+def autocast(device: "torch.device", precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where ``precision`` (``capfilt.precision``: auto | fp32 | bf16) says so
+    (``auto``: on CUDA and on CPUs with native bf16, :mod:`vlp_core.precision`), else nothing."""
+    from vlp_core.precision import autocast_for  # imports torch: only when a model runs
 
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast_for(precision, device)
 
 
 class ImageEncoder(Protocol):
@@ -189,12 +188,12 @@ class ImageEncoder(Protocol):
     def encode_image(self, pixel_values: "torch.Tensor") -> "torch.Tensor": ...
 
 
-def embed_images(encoder: ImageEncoder, images: Any) -> "torch.Tensor":
+def embed_images(encoder: ImageEncoder, images: Any, precision: str) -> "torch.Tensor":
     """uint8 ``(B, H, W, 3)`` -> image token embeddings ``(B, 1 + N, Dv)`` of ``encoder``
-    (no gradients; bf16 autocast on CUDA)."""
+    (no gradients; bf16 autocast where ``precision`` says so, see :func:`autocast`)."""
     import torch
 
-    with torch.no_grad(), autocast(encoder.device):
+    with torch.no_grad(), autocast(encoder.device, precision):
         return encoder.encode_image(encoder.preprocess(images))
 
 

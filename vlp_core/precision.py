@@ -1,4 +1,5 @@
-"""Numeric precision: when to run under bf16 autocast (``model.precision``).
+"""Numeric precision: when to run under bf16 autocast (``model.precision`` for training,
+``capfilt.precision`` for CapFilt's captioner and filter and the features stage's embeddings).
 
 ``auto`` turns bf16 autocast on for CUDA and for CPUs with native bf16 instructions
 (AMX-BF16 or AVX512-BF16, read from ``/proc/cpuinfo``), and leaves fp32 elsewhere;
@@ -9,11 +10,15 @@ Weights stay fp32 (autocast only lowers the matmuls), so checkpoints do not chan
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
 import torch
 
+from vlp_core.errors import VlpError
+
+PRECISIONS = ("auto", "fp32", "bf16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -31,8 +36,14 @@ def cpu_has_bf16() -> bool:
     return False
 
 
+class PrecisionError(VlpError, ValueError):
+    """A precision that is not auto, fp32 or bf16."""
+
+
 def use_bf16(precision: str, device: torch.device | str) -> bool:
     """Whether ``precision`` (auto | fp32 | bf16) means bf16 autocast on ``device``."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return False
     if precision == "bf16":
@@ -41,4 +52,17 @@ def use_bf16(precision: str, device: torch.device | str) -> bool:
     return kind == "cuda" or (kind == "cpu" and cpu_has_bf16())
 
 
-__all__ = ["cpu_has_bf16", "use_bf16"]
+def autocast_for(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` where ``precision`` says so (:func:`use_bf16`), else nothing."""
+    dev = torch.device(device)
+    if use_bf16(precision, dev):
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolved(precision: str, device: torch.device | str) -> str:
+    """``"bf16"`` or ``"fp32"``: what ``precision`` means on ``device`` (for fingerprints and stats)."""
+    return "bf16" if use_bf16(precision, device) else "fp32"
+
+
+__all__ = ["PRECISIONS", "PrecisionError", "autocast_for", "cpu_has_bf16", "resolved", "use_bf16"]

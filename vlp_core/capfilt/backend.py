@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from vlp_core.capfilt.fastmed import FastText
 from vlp_core.errors import VlpError
-from vlp_core.images import ImageSpec, embed_images, hf_image_spec
+from vlp_core.images import ImageSpec, autocast, embed_images, hf_image_spec
 
 Role = Literal["captioner", "filter"]
 VLP_MODEL_TYPE = "vlp-blip-med"
@@ -375,12 +375,15 @@ def clear_backend_cache() -> None:
 class BackendRole:
     """What :class:`~vlp_core.capfilt.captioner.Captioner` and
     :class:`~vlp_core.capfilt.filter.ItmFilter` share: the backend of ``model_dir`` in
-    ``role`` (or the ``backend`` given), its ids, and its image pass."""
+    ``role`` (or the ``backend`` given), its ids, and its image pass (under bf16 autocast where
+    ``precision``, ``capfilt.precision``, says so)."""
 
     role: Role
 
-    def __init__(self, model_dir: str | Path, device: Optional[str] = None, backend: Optional[Backend] = None):
+    def __init__(self, model_dir: str | Path, device: Optional[str] = None, backend: Optional[Backend] = None,
+                 precision: str = "auto"):
         self.backend = backend or load_backend(model_dir, self.role, device)
+        self.precision = precision
 
     @property
     def model_id(self) -> str:
@@ -392,14 +395,15 @@ class BackendRole:
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` -> ``image_embeds (B, 1 + N, Dv)``."""
-        return embed_images(self.backend, images)
+        return embed_images(self.backend, images, self.precision)
 
 
 # --------------------------------------------------------------------------- one image pass
 class ImagePass:
     """Encode a uint8 batch once per distinct vision encoder among ``backends``."""
 
-    def __init__(self, backends: Sequence[Backend]):
+    def __init__(self, backends: Sequence[Backend], precision: str = "auto"):
+        self.precision = precision
         self.groups: dict[str, Backend] = {}
         for b in backends:
             self.groups.setdefault(b.vision_key, b)
@@ -415,7 +419,7 @@ class ImagePass:
         """uint8 ``(B, H, W, 3)`` -> ``{vision_key: image_embeds (B, 1 + N, Dv)}``."""
         out = {}
         for key, b in self.groups.items():
-            out[key] = embed_images(b, images)
+            out[key] = embed_images(b, images, self.precision)
             self.passes += 1
         return out
 

@@ -9,7 +9,8 @@ cross-attention keys/values once and drops finished rows from the batch).
 Captions come back without the prompt, as
 BLIP's CapFilt stores them.  Two backends sit behind the same interface: vlp_core
 checkpoints and local Hugging Face ``BlipForConditionalGeneration`` folders
-(:mod:`vlp_core.capfilt.backend`).
+(:mod:`vlp_core.capfilt.backend`).  Encoding and decoding run under bf16 autocast where
+``capfilt.precision`` says so (:mod:`vlp_core.precision`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class Captioner(BackendRole):
 
     def __init__(self, model_dir: str | Path, params: CapfiltParams = CapfiltParams(),
                  device: Optional[str] = None, backend: Optional[Backend] = None):
-        super().__init__(model_dir, device, backend)
+        super().__init__(model_dir, device, backend, params.precision)
         self.params = params
         if params.decode == "beam" and params.num_captions > params.num_beams:
             raise CapfiltError(f"capfilt.num_captions ({params.num_captions}) must not exceed capfilt.num_beams "
@@ -53,7 +54,7 @@ class Captioner(BackendRole):
         if p.decode == "greedy" and k > 1:
             raise CapfiltError("capfilt.decode=greedy gives one caption per image; set capfilt.num_captions=1 "
                                "or decode to nucleus or beam")
-        with autocast(self.backend.device):
+        with autocast(self.backend.device, p.precision):
             if p.decode == "beam":
                 flat = self.backend.generate(embeds, sample=False, top_p=p.top_p, num_beams=max(p.num_beams, k),
                                              max_length=p.max_length, min_length=p.min_length, prompt=p.prompt,

@@ -4,7 +4,8 @@
 Backends: vlp_core checkpoints and local Hugging Face ``BlipForImageTextRetrieval`` folders
 (:mod:`vlp_core.capfilt.backend`).  Scores are computed from image embeddings, so the image
 is encoded once however many candidate texts it has; the optional ITC pre-screen skips the
-(costlier, cross-attending) ITM pass for candidates whose ITC is far too low.
+(costlier, cross-attending) ITM pass for candidates whose ITC is far too low.  The passes run
+under bf16 autocast where ``precision`` (``capfilt.precision``) says so; scores come back float32.
 """
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from vlp_core.images import autocast
 
 
 LENGTH_BUCKET = 64  # texts per forward after sorting by length (less padding, still batched)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """float32 rows of norm 1: features normalised under bf16 autocast come back bf16, whose
+    norms are 1 only to ~1e-3; ITC cosines and stored embeddings need them unit in float32."""
+    return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
 def length_chunks(rows: np.ndarray, texts: Sequence[str], size: int) -> list[np.ndarray]:
@@ -36,24 +43,24 @@ class ItmFilter(BackendRole):
     role = "filter"
 
     def __init__(self, model_dir: str | Path, device: Optional[str] = None, backend: Optional[Backend] = None,
-                 batch_size: int = 256):
-        super().__init__(model_dir, device, backend)
+                 batch_size: int = 256, precision: str = "auto"):
+        super().__init__(model_dir, device, backend, precision)
         self.batch_size = batch_size
 
     @torch.no_grad()
     def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Normalised ITC image features ``(B, E)`` (float32)."""
-        with autocast(self.backend.device):
-            return self.backend.image_feat(image_embeds).float()
+        with autocast(self.backend.device, self.precision):
+            return unit(self.backend.image_feat(image_embeds))
 
     @torch.no_grad()
     def text_feat(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalised ITC text features ``(N, E)`` (float32), in batches."""
         n = len(texts)
         out: Optional[torch.Tensor] = None
-        with autocast(self.backend.device):
+        with autocast(self.backend.device, self.precision):
             for rows in length_chunks(np.arange(n), texts, min(self.batch_size, LENGTH_BUCKET)):
-                f = self.backend.text_feat([texts[i] for i in rows]).float()
+                f = unit(self.backend.text_feat([texts[i] for i in rows]))
                 if out is None:
                     out = torch.zeros(n, f.shape[1], device=f.device)
                 out[torch.as_tensor(rows, device=f.device)] = f
@@ -79,14 +86,14 @@ class ItmFilter(BackendRole):
         idx = idx.to(image_embeds.device)
         b = self.backend
         size = min(self.batch_size, LENGTH_BUCKET)
-        with autocast(b.device):
-            img_f = b.image_feat(image_embeds).float()  # (B, E)
+        with autocast(b.device, self.precision):
+            img_f = unit(b.image_feat(image_embeds))  # (B, E)
             cross = b.fast_encoder.cross_kv(image_embeds)  # each image's cross-attention K/V, once
             txt_f: Optional[torch.Tensor] = None
             pending = []  # ITM chunks left for after the ITC pre-screen
             for rows in length_chunks(np.arange(n), texts, size):  # one tokenization serves ITC and ITM
                 ids, itm_ids, mask = b.tokenize_pair([texts[i] for i in rows])
-                f = b.text_feat_ids(ids, mask).float()
+                f = unit(b.text_feat_ids(ids, mask))
                 if txt_f is None:
                     txt_f = torch.zeros(n, f.shape[1], device=f.device)
                 r = torch.as_tensor(rows, device=idx.device)

@@ -27,6 +27,9 @@ and encoded once per distinct vision encoder (:class:`~vlp_core.capfilt.backend.
 rows stream into a temp Parquet file renamed into place at the end, then the done marker is
 written.  A rerun skips shards whose marker matches this run's fingerprint.  A shard tar
 that is truncated or damaged fails alone with an error naming it (``stats.shards_failed``).
+Captioner and filter run under bf16 autocast where ``capfilt.precision`` says so (``auto``: CUDA
+and CPUs with native bf16); what it resolved to (``autocast``: bf16 / fp32) is part of the
+fingerprint, of the calibration's and of ``stats.extra``.
 """
 from __future__ import annotations
 
@@ -150,7 +153,7 @@ def calibration_scores(params: Params, filter_dir: str | Path, calibration: str 
     mp = manifest_path(calibration)
     t = read_manifest(mp)
     t = t.filter(pc.equal(t[C.STATUS], SUCCESS))
-    flt = ItmFilter(filter_dir, batch_size=params.capfilt.batch_size)
+    flt = ItmFilter(filter_dir, batch_size=params.capfilt.batch_size, precision=params.capfilt.precision)
     keys, texts, itcs, itms = [], [], [], []
     bs = params.capfilt.batch_size
     rows = t.to_pylist()
@@ -185,7 +188,8 @@ def calibrate_threshold(params: Params, filter_dir: str | Path, calibration: Cal
     scores are kept in ``calibration.parquet`` so :func:`~vlp_core.capfilt.rethreshold.rethreshold`
     can re-derive it without a model pass).  A float ``calibration`` is taken as the
     threshold already decided (the Prefect fan-out computes it once for all shards)."""
-    from vlp_core.capfilt.backend import dir_content_hash, resolve_model_dir
+    from vlp_core.capfilt.backend import dir_content_hash, pick_device, resolve_model_dir
+    from vlp_core.precision import resolved
 
     cp = params.capfilt
     out_dir = Path(out_dir)
@@ -201,7 +205,8 @@ def calibrate_threshold(params: Params, filter_dir: str | Path, calibration: Cal
                        "(pass --calibration M, or set -S capfilt.threshold_mode=fixed)")
     mp = manifest_path(calibration)
     fp = {"mode": "calibrated", "percentile": cp.calibrate_percentile, "filter_id": filter_id,
-          "calibration": str(mp), "calibration_sha": _file_sha(mp)}
+          "calibration": str(mp), "calibration_sha": _file_sha(mp),
+          "autocast": resolved(cp.precision, pick_device())}  # the scores' arithmetic: bf16 or fp32
     tpath = out_dir / THRESHOLD_FILE
     if tpath.is_file() and (out_dir / CALIBRATION_FILE).is_file():
         old = read_json(tpath)
@@ -218,9 +223,12 @@ def calibrate_threshold(params: Params, filter_dir: str | Path, calibration: Cal
 
 
 # --------------------------------------------------------------------------- one shard
-def _fingerprint(params: Params, captioner_id: str, filter_id: str, threshold: float, round: int) -> dict[str, Any]:
+def _fingerprint(params: Params, captioner_id: str, filter_id: str, threshold: float, round: int,
+                 autocast: str) -> dict[str, Any]:
+    """What a shard's rows depend on; ``autocast`` is what ``capfilt.precision`` resolved to on
+    this device (``auto`` means bf16 on one machine and fp32 on another)."""
     return {"capfilt": section_dict(params, "capfilt"), "captioner_id": captioner_id, "filter_id": filter_id,
-            "itm_threshold": round_float(threshold), "round": round}
+            "itm_threshold": round_float(threshold), "round": round, "autocast": autocast}
 
 
 def check_keep_top(keep_top: Optional[int]) -> None:
@@ -251,6 +259,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     from vlp_core.capfilt.backend import ImagePass
     from vlp_core.capfilt.captioner import Captioner
     from vlp_core.capfilt.filter import ItmFilter
+    from vlp_core.precision import resolved
 
     t0 = time.perf_counter()
     cp = params.capfilt
@@ -259,8 +268,10 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     corpus = out_dir / CORPUS_DIR
     threshold = calibrate_threshold(params, filter, calibration, out_dir)
     cap = Captioner(captioner, cp, device=device)
-    flt = ItmFilter(filter, device=device, batch_size=max(cp.batch_size, 1) * (cp.num_captions + 1))
-    fp = _fingerprint(params, cap.model_id, flt.model_id, threshold, round)
+    flt = ItmFilter(filter, device=device, batch_size=max(cp.batch_size, 1) * (cp.num_captions + 1),
+                    precision=cp.precision)
+    arith = resolved(cp.precision, flt.backend.device)  # bf16 or fp32 on this device
+    fp = _fingerprint(params, cap.model_id, flt.model_id, threshold, round, arith)
     marker = done_marker(corpus, shard.name)
     if marker.is_file():
         old = read_json(marker)
@@ -275,7 +286,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     stats: dict[str, Any] = {"shard": shard.name, "images": n_img, "rows_in": n_img * (1 + k), "rows_out": 0,
                              "counts": {}, "fingerprint": fp}
     counts: dict[str, int] = stats["counts"]
-    imgpass = ImagePass([cap.backend, flt.backend])
+    imgpass = ImagePass([cap.backend, flt.backend], cp.precision)
     reader = ShardReader()
     # the shard's own random stream: its captions depend neither on shard order nor on other
     # shards running concurrently in threads (Prefect's default runner)
@@ -285,7 +296,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     dsize = imgpass.decode_size
     out_path = corpus / f"{shard.name}.parquet"
     with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, CORPUS_SCHEMA) as writer, \
-            ItcSidecarWriter(out_dir / FEATS_DIR / f"{shard.name}.parquet", flt.model_id) as feats, \
+            ItcSidecarWriter(out_dir / FEATS_DIR / f"{shard.name}.parquet", flt.model_id, arith) as feats, \
             torch.inference_mode(), \
             tqdm(total=n_img, desc=f"capfilt {shard.name}", unit="img", disable=None, leave=False) as bar:
         for s in range(0, n_img, bs):
@@ -426,7 +437,7 @@ def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, fil
         stats.rows_out += res["rows_out"]
         for key, n in res["counts"].items():
             stats.add(key, n)
-        ids = {"captioner_id": res["fingerprint"]["captioner_id"], "filter_id": res["fingerprint"]["filter_id"]}
+        ids = {k: res["fingerprint"][k] for k in ("captioner_id", "filter_id", "autocast")}
         stats.extra["vision_passes"] = stats.extra.get("vision_passes", 0) + int(res.get("vision_passes", 0))
     stats.seconds = time.perf_counter() - t0
     stats.extra.update({"manifest": str(manifest_path(manifest)), "manifest_rows": table.num_rows, "images": images,

@@ -19,6 +19,9 @@ sidecar ``<capfilt>/feats/<shard>.parquet``, written by the same filter model; s
 :mod:`vlp_core.corpus`), this stage builds its rows from them and no image is decoded again;
 otherwise images are read from the ingest shards in bounded batches, decoded, preprocessed
 and embedded by :mod:`vlp_core.images`.  Only this stage writes ``features_schema`` rows.
+The filter runs under bf16 autocast where ``capfilt.precision`` says so (as in CapFilt, whose
+projections are reused only when computed in the same arithmetic); a change of arithmetic
+recomputes the shards.
 Duplicate search is global (across shards) with blocked matrix products
 (:mod:`vlp_core.features.dedup`), after every shard's embeddings are on disk.
 """
@@ -34,8 +37,8 @@ import numpy as np
 import pyarrow as pa
 
 from vlp_core.config import Params, section_dict
-from vlp_core.corpus import (FEATS_DIR, META_MODEL_ID, corpus_folder, fixed_list, read_itc_sidecar, resolve_ref,
-                             to_numpy_list)
+from vlp_core.corpus import (FEATS_DIR, META_AUTOCAST, META_MODEL_ID, corpus_folder, fixed_list, read_itc_sidecar,
+                             resolve_ref, to_numpy_list)
 from vlp_core.errors import VlpError
 from vlp_core.images import ImageSpec, decode_image
 from vlp_core.io import (StageStats, done_marker, mark_done, read_json, read_parquet, read_parquet_metadata,
@@ -227,6 +230,7 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
     stage folder or its ``corpus/``), with the ITC projections of ``model_dir`` (a vlp
     checkpoint or an HF ``BlipForImageTextRetrieval`` folder).  Rows in == rows out."""
     from vlp_core.capfilt.filter import ItmFilter
+    from vlp_core.precision import resolved
 
     t0 = time.perf_counter()
     fp = params.features
@@ -238,9 +242,12 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
     emb_dir = out_dir / EMB_DIR
     for p in emb_dir.glob(".*.tmp") if emb_dir.is_dir() else []:
         p.unlink(missing_ok=True)
-    flt = ItmFilter(model_dir, device=device, batch_size=fp.batch_size)
+    # the same arithmetic as CapFilt's filter (capfilt.precision), so reused and recomputed
+    # embeddings of one corpus compare alike
+    flt = ItmFilter(model_dir, device=device, batch_size=fp.batch_size, precision=params.capfilt.precision)
+    arith = resolved(params.capfilt.precision, flt.backend.device)
     backbone = Backbone(fp.backbone, flt.backend.device) if fp.backbone else None
-    fingerprint = {"model_id": flt.model_id, "features": section_dict(params, "features")}
+    fingerprint = {"model_id": flt.model_id, "features": section_dict(params, "features"), "autocast": arith}
     stats = StageStats(stage="features")
     outs = []
     for f in files:
@@ -257,14 +264,14 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
             stats.rows_out += read_parquet_metadata(out_path).num_rows
             outs.append(out_path)
             continue
-        sidecar = None if backbone else read_itc_sidecar(stage_dir / FEATS_DIR / f.name, corpus, flt.model_id)
+        sidecar = None if backbone else read_itc_sidecar(stage_dir / FEATS_DIR / f.name, corpus, flt.model_id, arith)
         if sidecar is not None:
             table = _from_sidecar(sidecar, corpus)
             counts = {"reused_capfilt_embeddings": corpus.num_rows}
         else:
             table, counts = _compute_shard(params, corpus, flt, backbone, f.parent.parent
                                            if f.parent.name == "corpus" else f.parent, name)
-        table = table.replace_schema_metadata({META_MODEL_ID: flt.model_id.encode()})
+        table = table.replace_schema_metadata({META_MODEL_ID: flt.model_id.encode(), META_AUTOCAST: arith.encode()})
         write_parquet(table, out_path)
         mark_done(emb_dir, name, {"rows": table.num_rows, "counts": counts,
                                   "fingerprint": {**fingerprint, "corpus_sha": corpus_sha}})
@@ -277,7 +284,7 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
         stats.counts[k] = v
     stats.seconds = time.perf_counter() - t0
     stats.extra = {"model_id": flt.model_id, "corpus": str(folder), "near_dup_threshold": fp.near_dup_threshold,
-                   "backbone": fp.backbone}
+                   "backbone": fp.backbone, "autocast": arith}
     stats.check().write(out_dir)
     return stats
 
