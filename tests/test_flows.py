@@ -4,6 +4,7 @@ real git + DVC repo in a temp dir.  Flows run under ``prefect_test_harness``; ta
 also called through ``.fn()``."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -197,18 +198,22 @@ def test_flow_resumes_and_dvc_status_is_clean(harness, dvc_repo):
     assert "ingest.allowed_hosts" not in recorded  # a network policy, not an input
     assert set(V.dvc_lock_hashes(dvc_repo)) == {"ingest_web", "ingest_human", "ingest_test"}
 
-    # the round's markdown artifact holds the stage stats
+    # the round's table artifact holds the stage stats
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     async def artifacts():
         async with get_client() as c:
-            flt = ArtifactFilter(key=ArtifactFilterKey(any_=["round-0-summary"]))
+            flt = ArtifactFilter(key=ArtifactFilterKey(any_=["round-0-stages"]))
             return await c.read_artifacts(artifact_filter=flt)
 
     arts = run_coro_as_sync(artifacts())
-    assert arts and "| ingest_test | False | 100 | 100 |" in arts[0].data
+    assert arts and arts[0].type == "table"
+    rows = {r["stage"]: r for r in json.loads(arts[0].data)}
+    assert (rows["ingest_test"]["state"], rows["ingest_test"]["rows in"], rows["ingest_test"]["rows out"]) == (
+        "ran", 100, 100)
+    assert rows["ingest_web"]["state"] == "cached"
 
     async def task_run_names():
         async with get_client() as c:

@@ -92,7 +92,8 @@ def test_hf_folder_and_its_import_score_alike(first, tok, untrained_model, tiny_
     assert json.loads((vlp_dir / "config.json").read_text())["itm_first_token"] == first
 
     # the filter on its own: ITM and ITC of both paths, and transformers' own forward fed the same ids
-    hf_flt, vlp_flt = ItmFilter(hf_dir), ItmFilter(vlp_dir)
+    # fp32: exact arithmetic on both paths (bf16 CPUs would autocast by default)
+    hf_flt, vlp_flt = ItmFilter(hf_dir, precision="fp32"), ItmFilter(vlp_dir, precision="fp32")
     assert (hf_flt.backend.kind, vlp_flt.backend.kind) == ("hf", "vlp")
     imgs = _images()
     h_itc, h_itm = hf_flt.scores(hf_flt.encode(imgs), TEXTS)
@@ -112,7 +113,8 @@ def test_hf_folder_and_its_import_score_alike(first, tok, untrained_model, tiny_
 
     # the CapFilt stage (what `vlp capfilt --filter` runs per shard): same scores, same decisions
     params = tiny_params(**{"capfilt.num_captions": 1, "capfilt.decode": "greedy", "capfilt.max_length": 5,
-                            "capfilt.min_length": 2, "capfilt.threshold_mode": "fixed", "capfilt.itm_threshold": 0.5})
+                            "capfilt.min_length": 2, "capfilt.threshold_mode": "fixed", "capfilt.itm_threshold": 0.5,
+                            "capfilt.precision": "fp32"})
     shard = list_capfilt_shards(tiny_ingest["web_manifest"])[0]
     tables = {}
     for name, filt in (("hf", hf_dir), ("vlp", vlp_dir)):

@@ -120,13 +120,14 @@ def git_commit_and_tag(path: str | Path, message: str, tag: Optional[str] = None
     forced = [str(p) for p in force if (Path(path) / p).exists()]
     if forced:
         git(["add", "-f", "--", *forced], path)
-        existing += forced
     if existing:
-        git(["add", "--", *existing], path)
-        staged = git(["diff", "--cached", "--quiet", "--", *existing], path, check=False).returncode != 0
+        git(["add", "--", *existing], path)  # not -f: a path the user ignores on purpose stays out
+    both = existing + forced
+    if both:
+        staged = git(["diff", "--cached", "--quiet", "--", *both], path, check=False).returncode != 0
         if staged:
             git(["-c", "user.name=vlp", "-c", "user.email=vlp@localhost", "commit", "-q", "-m", message,
-                 "--", *existing], path)
+                 "--", *both], path)
     rev = git(["rev-parse", "HEAD"], path).stdout.strip()
     if tag:
         git(["tag", "-f", tag], path)
