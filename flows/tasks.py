@@ -87,8 +87,9 @@ def run_logs() -> Iterator[None]:
         yield
         return
     root = logging.getLogger("vlp_core")
-    handler, level = _ToRunLogger(run_logger), root.level
+    handler, level, propagate = _ToRunLogger(run_logger), root.level, root.propagate
     root.addHandler(handler)
+    root.propagate = False  # the run logger prints it (console and API): not a second time through the root
     if root.getEffectiveLevel() > logging.INFO:
         root.setLevel(logging.INFO)
     try:
@@ -96,6 +97,7 @@ def run_logs() -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+        root.propagate = propagate
 
 
 def _threads() -> None:
