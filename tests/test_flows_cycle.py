@@ -164,8 +164,11 @@ def test_rerun_skips_everything(cycled):
     for name in ("ingest-web", "pretrain-round0", "finetune-filter-round1", "capfilt-round1", "retrain-round0",
                  "evaluate-pretrain-round0", "record-round1"):
         assert states.get(name) == "Cached", (name, states)
+    # (Prefect stores a link artifact as markdown: "[text](url)")
     assert {a.key: a.type for a in artifacts} == {"round-0-stages": "table", "round-1-metrics": "table",
-                                                  "vlp-comparison": "table", "vlp-report": "link"}
+                                                  "vlp-comparison": "table", "vlp-report": "markdown"}
+    link = next(a for a in artifacts if a.key == "vlp-report").data
+    assert link.startswith("[vlp report (HTML)](file://") and link.endswith("report/index.html)")
 
 
 @pytest.mark.slow
