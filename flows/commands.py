@@ -122,5 +122,8 @@ def _demo(args: argparse.Namespace) -> int:
               "corpus ('raw web': the pretrained model trained on, on the raw web, when retrain.init is continue):\n")
         print(res["table"])
         print(f"\n({args.workdir}/data/comparison/table.md, results.json)")
-    print(f"report: {res.get('report')}\ncompare: cd {args.workdir} && vlp versions diff round0 round1")
+    rounds = sorted(k for k in res if k.startswith("round") and k[5:].isdigit())
+    compare = (f"vlp versions diff {rounds[0]} {rounds[-1]}" if len(rounds) > 1
+               else "vlp versions list; dvc metrics show")
+    print(f"report: {res.get('report')}\ncompare: cd {args.workdir} && {compare}")
     return 0
