@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 import numpy as np
 
 from vlp_core.errors import VlpError
+from vlp_core.io import read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -93,13 +93,7 @@ class ImageSpec:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
-        raise ImageSettingsError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ImageSettingsError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json_object(path, ImageSettingsError)
 
 
 def read_image_settings(hf_dir: str | Path) -> dict[str, tuple[Any, Path]]:

@@ -106,6 +106,18 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_json_object(path: str | Path, error: type[Exception]) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else raises ``error`` in one line naming
+    the file (unreadable, not JSON, or another JSON type)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def _json_default(o: Any) -> Any:
     if dataclasses.is_dataclass(o):
         return dataclasses.asdict(o)

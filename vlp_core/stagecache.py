@@ -153,14 +153,7 @@ def _stats_of(path: Path) -> dict[str, Any]:
 def is_cached(params: Params, layout: Layout, sid: str, key: str, out_dir: str | Path,
               done_file: str = "stats.json") -> bool:
     """Whether ``sid``'s marker holds ``key`` and its done file exists (the stage would be skipped)."""
-    marker = layout.marker(sid)
-    if not marker.exists() or not (Path(out_dir) / done_file).exists():
-        return False
-    try:
-        old = read_json(marker)
-    except (OSError, ValueError):
-        return False
-    return isinstance(old, dict) and old.get("key") == key
+    return (Path(out_dir) / done_file).exists() and marker_key(layout, sid) == key
 
 
 def marker_key(layout: Layout, sid: str) -> Optional[str]:

@@ -65,6 +65,7 @@ import torch
 import torch.nn as nn
 
 from vlp_core.images import CLIP_MEAN, CLIP_STD, PREPROCESSOR_FILE, PROCESSOR_FILE, hf_image_spec, read_image_settings
+from vlp_core.io import read_json_object
 from vlp_core.models.med import (CONFIG_FILE, DEFAULT_ITM_FIRST_TOKEN, ITM_FIRST_TOKENS, BlipMED, MedConfig,
                                   ModelError)
 
@@ -291,13 +292,7 @@ def export_filter(vlp_dir: str | Path | BlipMED, out_dir: str | Path) -> Path:
 
 # --------------------------------------------------------------------------- import
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ModelError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+    return read_json_object(path, ModelError)
 
 
 def hf_itm_first_token(hf_dir: str | Path) -> str:
