@@ -24,6 +24,8 @@ from scipy.stats import rankdata
 import pyarrow.parquet as pq
 
 from vlp_core.schema import C
+from vlp_core.synthetic.truth import load_ground_truth, url_path
+from vlp_core.synthetic.world import check_caption
 
 ATTRIBUTES = ("colour", "shape", "size", "relation")
 
@@ -64,24 +66,18 @@ def _read_corpus(corpus: str | Path):
 
 
 def _truth_frame(world_dir: str | Path):
-    from vlp_core.synthetic.truth import load_ground_truth
-
     gt = load_ground_truth(world_dir).to_pandas()
     return gt.set_index(C.URL)
 
 
 def _check_captions(texts, paths, gt) -> list[dict]:
     """``check_caption`` of each text against the scene of its image (``paths`` index ``gt``)."""
-    from vlp_core.synthetic.world import check_caption
-
     return [check_caption(t or "", s) for t, s in zip(texts, gt.loc[paths, C.SCENE].to_numpy())]
 
 
 def synthetic_candidates(corpus: str | Path, world_dir: str | Path):
     """The synthetic rows of a corpus whose image is in the ground truth, as a DataFrame with a
     ``correct`` column (every attribute right) and ``itm`` with -1 where there is no score."""
-    from vlp_core.synthetic.truth import url_path
-
     df = _read_corpus(corpus)
     gt = _truth_frame(world_dir)
     df = df[df[C.SOURCE] == "synthetic"].copy()
@@ -94,8 +90,6 @@ def synthetic_candidates(corpus: str | Path, world_dir: str | Path):
 
 def audit_corpus(corpus: str | Path, world_dir: str | Path) -> dict[str, Any]:
     """Audit one corpus (a directory of CORPUS_SCHEMA Parquet files) against the ground truth."""
-    from vlp_core.synthetic.truth import url_path
-
     df = _read_corpus(corpus)
     gt = _truth_frame(world_dir)
     out: dict[str, Any] = {"rows": int(len(df))}
@@ -140,8 +134,6 @@ def audit_corpus(corpus: str | Path, world_dir: str | Path) -> dict[str, Any]:
 
 def oracle_rows(manifest: str | Path, world_dir: str | Path) -> list[int]:
     """Row indices of a web manifest whose text the ground truth says is clean (for the oracle)."""
-    from vlp_core.synthetic.truth import url_path
-
     gt = _truth_frame(world_dir)
     t = pq.read_table(manifest, columns=[C.ROW, C.URL]).to_pandas()
     paths = t[C.URL].map(url_path)

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Sequence
 
+from vlp_core.config import load_params
 from vlp_core.env import apply_offline_env
 from vlp_core.errors import VlpError
 
@@ -40,8 +41,6 @@ def add_params_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_params_from_args(args: argparse.Namespace):
-    from vlp_core.config import load_params
-
     return load_params(args.params, args.overrides)
 
 

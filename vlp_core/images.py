@@ -29,6 +29,7 @@ import numpy as np
 
 from vlp_core.errors import VlpError
 from vlp_core.io import read_json_object
+from vlp_core.precision import autocast_for
 
 if TYPE_CHECKING:
     import torch
@@ -167,8 +168,6 @@ def hf_image_spec(hf_dir: str | Path, vision_size: int) -> ImageSpec:
 def autocast(device: "torch.device", precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast where ``precision`` (``capfilt.precision``: auto | fp32 | bf16) says so
     (``auto``: on CUDA and on CPUs with native bf16, :mod:`vlp_core.precision`), else nothing."""
-    from vlp_core.precision import autocast_for  # imports torch: only when a model runs
-
     return autocast_for(precision, device)
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from vlp_core.errors import VlpError
+
+if TYPE_CHECKING:  # torch loads when a model runs, not when vlp_core.images imports this
+    import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -48,12 +50,16 @@ def use_bf16(precision: str, device: torch.device | str) -> bool:
         return False
     if precision == "bf16":
         return True
+    import torch
+
     kind = torch.device(device).type
     return kind == "cuda" or (kind == "cpu" and cpu_has_bf16())
 
 
 def autocast_for(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` where ``precision`` says so (:func:`use_bf16`), else nothing."""
+    import torch
+
     dev = torch.device(device)
     if use_bf16(precision, dev):
         return torch.autocast(dev.type, dtype=torch.bfloat16)

@@ -6,6 +6,7 @@ that names the command, the folder and the tool's last error line.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -95,8 +96,6 @@ def dvc_stage_names(path: str | Path) -> list[str]:
 
 def dvc_status(path: str | Path, targets: Sequence[str] = ()) -> dict[str, Any]:
     """``dvc status --json`` as a dict: empty means every stage is up to date."""
-    import json
-
     proc = dvc(["status", "--json", *targets], path)
     text = proc.stdout.strip()
     return json.loads(text) if text else {}

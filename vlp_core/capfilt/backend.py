@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from vlp_core.capfilt.fastmed import FastText
 from vlp_core.errors import VlpError
 from vlp_core.images import ImageSpec, autocast, embed_images, hf_image_spec
+from vlp_core.models import BlipMED
+from vlp_core.models.hf import hf_itm_first_token
 
 Role = Literal["captioner", "filter"]
 VLP_MODEL_TYPE = "vlp-blip-med"
@@ -209,8 +211,6 @@ class VlpBackend(Backend):
     kind = "vlp"
 
     def __init__(self, model_dir: Path, role: Role, device: torch.device, model_id: Optional[str] = None):
-        from vlp_core.models import BlipMED
-
         self.role, self.model_dir, self.device = role, model_dir, device
         self.model_id = model_id or dir_content_hash(model_dir)
         self.model = BlipMED.from_pretrained(model_dir).to(device).eval()
@@ -297,8 +297,6 @@ class HfBackend(Backend):
     def _itm_token_id(self, model_dir: Path) -> tuple[Optional[int], Optional[str]]:
         """``(id, None)`` of the token leading the ITM input, by config.json's ``itm_first_token``
         (as ``vlp import`` reads it), or ``(None, why)`` when the tokenizer lacks it (ITC still works)."""
-        from vlp_core.models.hf import hf_itm_first_token
-
         first = hf_itm_first_token(model_dir)
         token = "[ENC]" if first == "enc" else self.tokenizer.cls_token
         tid = self.tokenizer.convert_tokens_to_ids(token) if token else None

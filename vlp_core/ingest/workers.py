@@ -10,6 +10,7 @@ pixels, 1.2 GB decoded).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import threading
 import warnings
@@ -83,8 +84,6 @@ def guarded_download(allowed_hosts: Iterable[tuple[str, int]], max_pixels: int) 
     """img2dataset's ``download``, called in this thread while this is open, makes
     :class:`GuardedResizer`s with this policy.  The factory is put in place once and for good
     (so concurrent ingests in threads never restore each other's), and the policy is per thread."""
-    import importlib
-
     main = importlib.import_module("img2dataset.main")  # the module (img2dataset.main is also a function)
     with _install_lock:
         if main.Resizer is not _resizer_factory:

@@ -68,6 +68,7 @@ from vlp_core.images import CLIP_MEAN, CLIP_STD, PREPROCESSOR_FILE, PROCESSOR_FI
 from vlp_core.io import read_json_object
 from vlp_core.models.med import (CONFIG_FILE, DEFAULT_ITM_FIRST_TOKEN, ITM_FIRST_TOKENS, BlipMED, MedConfig,
                                   ModelError)
+from vlp_core.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +328,6 @@ def import_hf(hf_dir: str | Path, **overrides: Any) -> BlipMED:
     (``BlipForConditionalGeneration`` or ``BlipForImageTextRetrieval``); ``overrides``
     replace :class:`MedConfig` fields (e.g. ``queue_size``, ``prompt``)."""
     import transformers
-
-    from vlp_core.models.tokenizer import load_tokenizer
 
     d = Path(hf_dir)
     if not is_hf_blip_dir(d):

@@ -38,6 +38,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, Bli
 
 from vlp_core.errors import VlpError
 from vlp_core.images import ImageSpec
+from vlp_core.models.tokenizer import load_tokenizer
 from vlp_core.models.vision import create_vision
 
 CONFIG_FILE = "config.json"
@@ -496,8 +497,6 @@ class BlipMED(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "BlipMED":
         from safetensors.torch import load_model
-
-        from vlp_core.models.tokenizer import load_tokenizer
 
         d = Path(directory)
         if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():

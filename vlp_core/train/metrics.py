@@ -18,6 +18,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from vlp_core.synthetic.world import check_caption
+
 RECALL_KS = (1, 5, 10)
 CAPTION_ATTRIBUTES = ("colour", "shape", "size", "relation")
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -136,8 +138,6 @@ def caption_accuracy(captions: Sequence[str], scenes: Sequence[str]) -> dict[str
     """Share of captions whose stated attributes are all true (``caption_acc``) and, per
     attribute, the share of captions stating it that got it right.  ``scenes`` are the
     ground truth's scene JSON strings; checked with the synthetic world's ``check_caption``."""
-    from vlp_core.synthetic.world import check_caption
-
     if len(captions) != len(scenes):
         raise ValueError("one scene per caption is needed")
     results = [check_caption(c, s) for c, s in zip(captions, scenes)]
