@@ -18,11 +18,9 @@ from params before the flow starts.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -37,20 +35,23 @@ from vlp_core.capfilt import stage as cs
 from vlp_core.catalog import flatten_metrics
 from vlp_core.config import Params, load_params
 from vlp_core.io import read_json
+from vlp_core.layout import resolve
 from vlp_core.rounds import STEPS
 from vlp_core.stagecache import is_cached
 
 
 
-@contextlib.contextmanager
-def in_workdir(workdir: str | Path) -> Iterator[Path]:
-    """Run with ``workdir`` as the current folder (stage paths are relative to it, as under DVC)."""
-    old = Path.cwd()
-    os.chdir(workdir)
-    try:
-        yield Path(".")
-    finally:
-        os.chdir(old)
+def open_workdir(workdir: str | Path, params_path: str | Path, overrides: Sequence[str]) -> tuple[T.Layout, Params]:
+    """The layout of ``workdir`` (its root made absolute once, here: every stage path and shard
+    reference below is resolved against it, never against the current folder, so no task needs
+    ``os.chdir``) and its settings (``params_path`` relative to ``workdir``, as under DVC)."""
+    layout = T.Layout.at(workdir)
+    return layout, load_params(str(resolve(params_path, layout.root)), list(overrides))
+
+
+def in_root(layout: T.Layout, path: Optional[str | Path]) -> Optional[str]:
+    """A path the caller gave relative to the work dir (``--init-from``), as an absolute one."""
+    return None if path is None else str(resolve(path, layout.root))
 
 
 def task_runner_for(params: Params):
@@ -199,7 +200,7 @@ def _capfilt_fanout(params: Params, layout: T.Layout, step: R.Step, upstream: li
     round = step.round
     shards = list(cs.list_capfilt_shards(params, layout.manifest("web")))
     calibration = cs.calibrate_threshold(params, str(layout.model(round, "finetune_filter")),
-                                         layout.manifest("human"), layout.stage(round, "capfilt"))
+                                         layout.manifest("human"), layout.stage(round, "capfilt"), root=layout.root)
     from prefect.utilities.annotations import unmapped
 
     futures = T.capfilt_shard_task.map(
@@ -246,20 +247,18 @@ def bootstrap_flow(params_path: str = "params.yaml", overrides: Sequence[str] = 
                    workdir: str = ".", init_from: Optional[str] = None, until: Optional[str] = None) -> dict:
     """One round of the bootstrap (see the module doc).  ``init_from`` replaces round 0's
     pretraining with an imported checkpoint; ``until`` stops after that step."""
-    with in_workdir(workdir):
-        params = load_params(params_path, list(overrides))
-        layout = T.Layout(Path("."), home=str(Path.cwd()))
-        return run_round(params, layout, round, init_from, until, overridden=T.tracked_overrides(overrides))
+    layout, params = open_workdir(workdir, params_path, overrides)
+    return run_round(params, layout, round, in_root(layout, init_from), until,
+                     overridden=T.tracked_overrides(overrides))
 
 
 def run_bootstrap(params_path: str = "params.yaml", overrides: Sequence[str] = (), round: int = 0,
                   workdir: str = ".", init_from: Optional[str] = None, until: Optional[str] = None) -> dict:
     """Validate params, pick the task runner from them, and run :func:`bootstrap_flow`."""
-    with in_workdir(workdir):
-        params = load_params(params_path, list(overrides))
-        f = bootstrap_flow.with_options(task_runner=task_runner_for(params))
-        return f(params_path=params_path, overrides=tuple(overrides), round=round, workdir=".",
-                 init_from=init_from, until=until)
+    layout, params = open_workdir(workdir, params_path, overrides)
+    f = bootstrap_flow.with_options(task_runner=task_runner_for(params))
+    return f(params_path=str(resolve(params_path, layout.root)), overrides=tuple(overrides), round=round,
+             workdir=str(layout.root), init_from=in_root(layout, init_from), until=until)
 
 
-__all__ = ["STEPS", "bootstrap_flow", "in_workdir", "run_bootstrap", "run_round", "task_runner_for", "version_task"]
+__all__ = ["STEPS", "bootstrap_flow", "in_root", "open_workdir", "run_bootstrap", "run_round", "task_runner_for", "version_task"]

@@ -18,11 +18,11 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact
 
 from flows import tasks as T
-from flows.bootstrap import _artifacts, _capfilt_fanout, _logger, in_workdir, run_round, task_runner_for
+from flows.bootstrap import _artifacts, _capfilt_fanout, _logger, in_root, open_workdir, run_round, task_runner_for
 from vlp_core import promotion as P
 from vlp_core import rounds as R
 from vlp_core.catalog import CatalogError
-from vlp_core.config import load_params
+from vlp_core.layout import resolve
 from vlp_core.report import write_report
 from vlp_core.stagecache import marker_key
 
@@ -49,27 +49,25 @@ def write_report_if_possible(params, layout: T.Layout) -> Optional[Path]:
 def cycles_flow(rounds: Optional[int] = None, params_path: str = "params.yaml", overrides: Sequence[str] = (),
                 workdir: str = ".", init_from: Optional[str] = None, start_round: int = 0) -> dict:
     """Run rounds ``start_round .. rounds-1`` (default ``orchestration.rounds``)."""
-    with in_workdir(workdir):
-        params = load_params(params_path, list(overrides))
-        layout = T.Layout(Path("."), home=str(Path.cwd()))
-        n = params.orchestration.rounds if rounds is None else rounds
-        out: dict[str, Any] = {}
-        for k in range(start_round, n):
-            # init_from: round 0's start, and later rounds' when no round is promoted
-            out[f"round{k}"] = run_round(params, layout, k, init_from, overridden=T.tracked_overrides(overrides))
-        report = write_report_if_possible(params, layout)
-        out["report"] = str(report) if report else None
-        return out
+    layout, params = open_workdir(workdir, params_path, overrides)
+    n = params.orchestration.rounds if rounds is None else rounds
+    out: dict[str, Any] = {}
+    for k in range(start_round, n):
+        # init_from: round 0's start, and later rounds' when no round is promoted
+        out[f"round{k}"] = run_round(params, layout, k, in_root(layout, init_from),
+                                     overridden=T.tracked_overrides(overrides))
+    report = write_report_if_possible(params, layout)
+    out["report"] = str(report) if report else None
+    return out
 
 
 def run_cycles(rounds: Optional[int] = None, params_path: str = "params.yaml", overrides: Sequence[str] = (),
                workdir: str = ".", init_from: Optional[str] = None, start_round: int = 0) -> dict:
     """Validate params, pick the task runner from them, and run :func:`cycles_flow`."""
-    with in_workdir(workdir):
-        params = load_params(params_path, list(overrides))
-        f = cycles_flow.with_options(task_runner=task_runner_for(params))
-        return f(rounds=rounds, params_path=params_path, overrides=tuple(overrides), workdir=".",
-                 init_from=init_from, start_round=start_round)
+    layout, params = open_workdir(workdir, params_path, overrides)
+    f = cycles_flow.with_options(task_runner=task_runner_for(params))
+    return f(rounds=rounds, params_path=str(resolve(params_path, layout.root)), overrides=tuple(overrides),
+             workdir=str(layout.root), init_from=in_root(layout, init_from), start_round=start_round)
 
 
 @flow(name="vlp-nightly", log_prints=True)
@@ -77,30 +75,28 @@ def nightly_flow(params_path: str = "params.yaml", workdir: str = ".", overrides
     """Incremental ingest of ``data/urls/web.parquet``, then CapFilt of the new shards into
     the latest promoted round's corpus (when a promoted round with a captioner and a filter exists).
     ``overrides`` are ``-S`` settings (``vlp deploy -S ...`` stores them in the deployment)."""
-    with in_workdir(workdir):
-        params = load_params(params_path, list(overrides))
-        layout = T.Layout(Path("."), home=str(Path.cwd()))
-        web = R.ingest_step(params, layout, "web")
-        res: dict[str, Any] = {"ingest_web": T.unwrap(T.step_task(params, web)(params, layout, web, []))}
-        done = set(layout.rounds_done())  # rounds with a captioner and a filter
-        k = P.latest_promoted_round(layout, lambda j: j in done)
-        if k is None or not layout.ingest("human").exists():
-            _logger().info("no promoted round with a captioner and a filter yet: ingest only (run `vlp cycles` first)")
-            return res
-        base = R.base_step(layout, k) if k else R.pretrain_step(params, layout)
-        capfilt = next(s for s in R.round_steps(params, layout, k, base, until="capfilt", record=False)
-                       if s.name == "capfilt")
-        # the fine-tunes are not rerun: their stage cache keys stand for them
-        known = {web.id: res["ingest_web"],
-                 "ingest_human": R.run_step(params, layout, R.given_ingest(layout, "human"), [])}
-        for t in ("captioner", "filter"):
-            sid = T.stage_id(f"finetune_{t}", k)
-            known[sid] = res[f"finetune_{t}"] = {"key": marker_key(layout, sid) or "none", "skipped": True, "stats": {}}
-        upstream = [known[n] for n in capfilt.needs]
-        _capfilt_fanout(params, layout, capfilt, upstream)
-        res["capfilt"] = T.unwrap(T.step_task(params, capfilt)(params, layout, capfilt, upstream))
-        _artifacts(params, layout, k, res)
+    layout, params = open_workdir(workdir, params_path, overrides)
+    web = R.ingest_step(params, layout, "web")
+    res: dict[str, Any] = {"ingest_web": T.unwrap(T.step_task(params, web)(params, layout, web, []))}
+    done = set(layout.rounds_done())  # rounds with a captioner and a filter
+    k = P.latest_promoted_round(layout, lambda j: j in done)
+    if k is None or not layout.ingest("human").exists():
+        _logger().info("no promoted round with a captioner and a filter yet: ingest only (run `vlp cycles` first)")
         return res
+    base = R.base_step(layout, k) if k else R.pretrain_step(params, layout)
+    capfilt = next(s for s in R.round_steps(params, layout, k, base, until="capfilt", record=False)
+                   if s.name == "capfilt")
+    # the fine-tunes are not rerun: their stage cache keys stand for them
+    known = {web.id: res["ingest_web"],
+             "ingest_human": R.run_step(params, layout, R.given_ingest(layout, "human"), [])}
+    for t in ("captioner", "filter"):
+        sid = T.stage_id(f"finetune_{t}", k)
+        known[sid] = res[f"finetune_{t}"] = {"key": marker_key(layout, sid) or "none", "skipped": True, "stats": {}}
+    upstream = [known[n] for n in capfilt.needs]
+    _capfilt_fanout(params, layout, capfilt, upstream)
+    res["capfilt"] = T.unwrap(T.step_task(params, capfilt)(params, layout, capfilt, upstream))
+    _artifacts(params, layout, k, res)
+    return res
 
 
 __all__ = ["cycles_flow", "nightly_flow", "run_cycles", "write_report_if_possible"]

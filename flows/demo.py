@@ -32,12 +32,12 @@ from prefect.cache_policies import NONE
 import yaml
 
 from flows import tasks as T
-from flows.bootstrap import in_workdir, run_round, task_runner_for
+from flows.bootstrap import open_workdir, run_round, task_runner_for
 from flows.cycles import write_report_if_possible
 from vlp_core import versioning as V
 from vlp_core.comparison import (comparison_table, inputs_of, results_from_json, results_to_json, round_results,
                                  run_controls, table_rows)
-from vlp_core.config import ConfigError, Params, load_params, params_from_dict
+from vlp_core.config import ConfigError, Params, params_from_dict
 from vlp_core.io import read_json, write_json, write_text
 from vlp_core.synthetic.make import run_synthetic_make
 from vlp_core.synthetic.server import serve_world, write_url_list
@@ -176,24 +176,22 @@ def demo_flow(params_path: str = "params.yaml", overrides: Sequence[str] = (), w
               rounds: Optional[int] = None, port: int = 8765, controls: bool = True) -> dict:
 
     overrides = tuple(overrides)
-    with in_workdir(workdir):
-        params = load_params(params_path, list(overrides))
-        layout = T.Layout(Path("."), home=str(Path.cwd()))
-        out: dict[str, Any] = {"synthetic": T.unwrap(synthetic_task(params, layout))}
-        if V.is_dvc_repo(".") and params.orchestration.dvc_commit and not T.tracked_overrides(overrides):
-            V.dvc_commit(".", ["synthetic"])
-        n = params.orchestration.rounds if rounds is None else rounds
-        with serve_world(layout.world, port=port) as srv:
-            write_urls_if_changed(layout, srv.base_url)
-            params = allow_server(params, srv.host_port)
-            for k in range(n):
-                out[f"round{k}"] = run_round(params, layout, k, overridden=T.tracked_overrides(overrides))
-        report = write_report_if_possible(params, layout)
-        out["report"] = str(report) if report else None
-        if n >= 1 and controls:
-            out["controls"] = T.unwrap(controls_task(params, layout, out["round0"]))
-            out["table"] = write_comparison(params, layout, n)
-        return out
+    layout, params = open_workdir(workdir, params_path, overrides)
+    out: dict[str, Any] = {"synthetic": T.unwrap(synthetic_task(params, layout))}
+    if V.is_dvc_repo(layout.root) and params.orchestration.dvc_commit and not T.tracked_overrides(overrides):
+        V.dvc_commit(layout.root, ["synthetic"])
+    n = params.orchestration.rounds if rounds is None else rounds
+    with serve_world(layout.world, port=port) as srv:
+        write_urls_if_changed(layout, srv.base_url)
+        params = allow_server(params, srv.host_port)
+        for k in range(n):
+            out[f"round{k}"] = run_round(params, layout, k, overridden=T.tracked_overrides(overrides))
+    report = write_report_if_possible(params, layout)
+    out["report"] = str(report) if report else None
+    if n >= 1 and controls:
+        out["controls"] = T.unwrap(controls_task(params, layout, out["round0"]))
+        out["table"] = write_comparison(params, layout, n)
+    return out
 
 
 def write_comparison(params: Params, layout: T.Layout, rounds: int) -> str:
@@ -225,12 +223,10 @@ def run_demo(params_path: str = "params.yaml", overrides: Sequence[str] = (), wo
 
         raise ConfigError(params_path, "<file>", "file not found")
     prepare_demo_repo(workdir, base)
-    params_path = "params.yaml"  # the demo repo's own, relative to workdir
-    with in_workdir(workdir):
-        params = load_params(params_path, list(overrides))
-        f = demo_flow.with_options(task_runner=task_runner_for(params))
-        return f(params_path=params_path, overrides=tuple(overrides), workdir=".", rounds=rounds, port=port,
-                 controls=controls)
+    layout, params = open_workdir(workdir, "params.yaml", overrides)  # the demo repo's own params.yaml
+    f = demo_flow.with_options(task_runner=task_runner_for(params))
+    return f(params_path="params.yaml", overrides=tuple(overrides), workdir=str(layout.root), rounds=rounds, port=port,
+             controls=controls)
 
 
 __all__ = ["comparison_results", "controls_task", "demo_flow", "run_demo", "synthetic_task", "write_comparison",

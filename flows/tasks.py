@@ -43,21 +43,6 @@ def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def at_home(layout: Layout) -> Iterator[None]:
-    """Run in the flow's work dir: a task on a Dask worker starts elsewhere, and stage paths
-    (and the shard references inside manifests) are relative to the work dir."""
-    if layout.home is None or os.path.samefile(os.getcwd(), layout.home):
-        yield
-        return
-    old = os.getcwd()
-    os.chdir(layout.home)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
 class _ToRunLogger(logging.Handler):
     """Hands the project's log records (training progress every ``log_every`` steps, stage
     notes) to the Prefect run's logger, so they show in the run's logs: tqdm's bar turns itself
@@ -127,7 +112,7 @@ def stage_task(params: Any, layout: Layout, step: Step, upstream: Sequence[dict]
     """Run ``step`` (its stage function, unless the stage cache skips it)."""
     if step.trains or step.name in ("capfilt", "features") or step.name.startswith("evaluate"):
         _threads()
-    with at_home(layout), run_logs():
+    with run_logs():
         return as_state(run_step(params, layout, step, upstream))
 
 
@@ -144,14 +129,14 @@ def step_task(params: Any, step: Step):
 @task(name="capfilt-shard", task_run_name="capfilt-round{round}-{shard.name}", cache_policy=NONE)
 def capfilt_shard_task(params: Any, layout: Layout, round: int, shard: Any, captioner: str,
                        filter: str, calibration: Any) -> Any:
-    """Caption and filter ONE ingest shard (the fan-out unit; idempotent by done marker)."""
-
+    """Caption and filter ONE ingest shard (the fan-out unit; skipped when the stage cache holds
+    its entry); its paths are the layout's, under its absolute root, whatever the worker's cwd."""
     _threads()
-    with at_home(layout), run_logs():
+    with run_logs():
         return run_capfilt_shard(params, shard, captioner, filter, layout.stage(round, "capfilt"),
-                                 round=round, calibration=calibration)
+                                 round=round, calibration=calibration, root=layout.root)
 
 
-__all__ = ["FlowStageError", "Layout", "SPLITS", "StageResult", "as_state", "at_home", "cached_stage",
+__all__ = ["FlowStageError", "Layout", "SPLITS", "StageResult", "as_state", "cached_stage",
            "capfilt_shard_task", "digest_path", "dvc_stage_name", "input_key", "params_subset",
            "retry_unless_permanent", "run_logs", "stage_id", "stage_task", "step_task", "tracked_overrides", "unwrap"]

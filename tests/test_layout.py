@@ -94,7 +94,8 @@ def test_the_round_composer_writes_where_dvc_yaml_says(round, tmp_path):
 
 def test_every_step_calls_its_stage_function_with_its_own_out_dir(monkeypatch, tmp_path):
     """The composer's calls write to the step's folder (a closure bound to a later step's folder
-    would write one stage's files into another's)."""
+    would write one stage's files into another's), and each is given the layout's root (the work
+    dir its shard references are relative to: never the process's current folder)."""
     import vlp_core.capfilt.stage as cs
     import vlp_core.features.stage as fs
     import vlp_core.ingest.stage as ist
@@ -102,14 +103,20 @@ def test_every_step_calls_its_stage_function_with_its_own_out_dir(monkeypatch, t
     import vlp_core.train.loop as lp
 
     seen: dict[str, Path] = {}
-    monkeypatch.setattr(ist, "run_ingest", lambda p, urls, out: seen.setdefault(f"ingest:{out}", Path(out)))
-    monkeypatch.setattr(lp, "run_pretrain", lambda p, s, out, fresh=False: seen.setdefault("pretrain", Path(out)))
-    monkeypatch.setattr(lp, "run_finetune", lambda p, t, s, init, out, fresh=False: seen.setdefault(t, Path(out)))
-    monkeypatch.setattr(lp, "in_fresh_process", lambda fn, p, s, base, out, fresh=False: seen.setdefault("retrain", Path(out)))
-    monkeypatch.setattr(cs, "run_capfilt", lambda p, m, c, f, out, round, calibration: seen.setdefault("capfilt", Path(out)))
-    monkeypatch.setattr(fs, "run_features", lambda p, corpus, model, out: seen.setdefault("features", Path(out)))
-    monkeypatch.setattr(ev, "run_evaluate", lambda p, model, test, out, ground_truth=None: seen.setdefault(
-        f"evaluate:{Path(model).parent.name}", Path(out)))
+    roots: dict[str, Path] = {}
+
+    def saw(name: str, out, root) -> Path:
+        roots[name] = Path(root)
+        return seen.setdefault(name, Path(out))
+
+    monkeypatch.setattr(ist, "run_ingest", lambda p, urls, out, root: saw(f"ingest:{out}", out, root))
+    monkeypatch.setattr(lp, "run_pretrain", lambda p, s, out, fresh, root: saw("pretrain", out, root))
+    monkeypatch.setattr(lp, "run_finetune", lambda p, t, s, init, out, fresh, root: saw(t, out, root))
+    monkeypatch.setattr(lp, "in_fresh_process", lambda fn, p, s, base, out, fresh, root: saw("retrain", out, root))
+    monkeypatch.setattr(cs, "run_capfilt", lambda p, m, c, f, out, round, calibration, root: saw("capfilt", out, root))
+    monkeypatch.setattr(fs, "run_features", lambda p, corpus, model, out, root: saw("features", out, root))
+    monkeypatch.setattr(ev, "run_evaluate", lambda p, model, test, out, ground_truth, root: saw(
+        f"evaluate:{Path(model).parent.name}", out, root))
     layout = Layout(tmp_path)
     steps = compose(Params(), layout, 0, record=False)
     assert "gate" not in [s.name for s in steps]
@@ -122,3 +129,4 @@ def test_every_step_calls_its_stage_function_with_its_own_out_dir(monkeypatch, t
     assert {k: v for k, v in seen.items() if not k.startswith("ingest:")} == want
     assert {v for k, v in seen.items() if k.startswith("ingest:")} == {layout.ingest(s) for s in ("web", "human", "test")}
     assert {Path(s.out_dir) for s in steps} >= set(want.values())
+    assert len(roots) == len(seen) and set(roots.values()) == {layout.root}

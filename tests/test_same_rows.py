@@ -24,7 +24,6 @@ commit)::
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -49,17 +48,15 @@ THREADS = 2
 
 
 @contextmanager
-def _in(folder: Path, threads: int) -> Iterator[None]:
-    """Run in ``folder`` (image references are relative to it) with ``threads`` torch threads."""
+def _threads(threads: int) -> Iterator[None]:
+    """Run with ``threads`` torch threads."""
     import torch
 
-    cwd, before = os.getcwd(), torch.get_num_threads()
-    os.chdir(folder)
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         yield
     finally:
-        os.chdir(cwd)
         torch.set_num_threads(before)
 
 
@@ -102,14 +99,14 @@ def produce(root: Path, **overrides) -> dict[str, pa.Table]:
     fails = pq.read_table(root / "ground_truth.parquet")[C.FAIL_KIND].to_pylist()
     assert {"404", "not_image", "truncated"} <= set(fails), "the world must hold every kind of broken URL"
     clear_backend_cache()
-    with _in(root, THREADS):
+    with _threads(THREADS):  # image references are relative to ``root``, passed explicitly (no chdir)
         torch.manual_seed(0)
         texts = [t for t in pq.read_table(root / "web.parquet")[C.CAPTION].to_pylist() if t and t.strip()]
-        model = create_model("tiny", train_tokenizer(texts, vocab_size=128)).save_pretrained(Path("model"))
-        run_capfilt(params, "manifest.parquet", model, model, "capfilt")
-        run_features(params, "capfilt", model, "features_reused")
-        shutil.copytree("capfilt/corpus", "bare/corpus")  # no CapFilt projections beside it
-        run_features(params, "bare", model, "features_computed")
+        model = create_model("tiny", train_tokenizer(texts, vocab_size=128)).save_pretrained(root / "model")
+        run_capfilt(params, root / "manifest.parquet", model, model, root / "capfilt", root=root)
+        run_features(params, root / "capfilt", model, root / "features_reused", root=root)
+        shutil.copytree(root / "capfilt" / "corpus", root / "bare" / "corpus")  # no CapFilt projections beside it
+        run_features(params, root / "bare", model, root / "features_computed", root=root)
     order = [(C.KEY, "ascending"), (C.CANDIDATE, "ascending")]
     folders = {"corpus": root / "capfilt" / "corpus", "features_reused": root / "features_reused" / EMB_DIR,
                "features_computed": root / "features_computed" / EMB_DIR}

@@ -19,19 +19,24 @@ same candidate slot (0 = the web/human text, 1..K = synthetic captions).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
+import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import pyarrow as pa
 
+from vlp_core import versioning
 from vlp_core.config import Params
 from vlp_core.errors import VlpError
+from vlp_core.gate import STATES
 from vlp_core.io import read_parquet
-from vlp_core.layout import CORPUS_DIR
+from vlp_core.layout import CORPUS_DIR, as_written
 from vlp_core.schema import CORPUS_SCHEMA, C
 
 VERSION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
@@ -88,8 +93,6 @@ def experiment_version_name(base: str, exp_name: Optional[str]) -> str:
 def version_name(base: str, env: Optional[dict[str, str]] = None) -> str:
     """``base``, or its experiment name (:func:`experiment_version_name`) when the environment
     (default ``os.environ``) says a ``dvc exp run`` is running (``DVC_EXP_NAME``)."""
-    import os
-
     return experiment_version_name(base, (os.environ if env is None else env).get(EXP_NAME_ENV))
 
 
@@ -214,12 +217,10 @@ def record_version(
 ) -> RecordSummary:
     """Record (or replace) version ``name`` in the catalog at ``catalog`` (default
     ``params.catalog.path``).  The git revision and DVC hashes are read from ``repo_dir``
-    when it is a git/DVC repo (else left empty).  ``state`` (``promoted`` / ``rejected``, with
+    when it is a git/DVC repo (else left empty); the stats and corpus paths are stored relative
+    to it (:func:`vlp_core.layout.as_written`).  ``state`` (``promoted`` / ``rejected``, with
     the gate's ``reason`` and the ``parent`` it compared with) is stored in ``version_states``;
     None records no state.  All inserts are one transaction."""
-    from vlp_core import versioning
-    from vlp_core.gate import STATES
-
     check_version_name(name)
     if state is not None and state not in STATES:
         raise CatalogError(f"version {name!r}: state {state!r} refused (one of {', '.join(STATES)})")
@@ -229,7 +230,8 @@ def record_version(
         s = _read_json(Path(sp), "stats")
         if not isinstance(s, dict):
             raise CatalogError(f"{sp}: stats must be a JSON object")
-        stats_rows.append((name, str(s.get("stage") or Path(sp).parent.name), str(sp), s.get("rows_in"),
+        stats_rows.append((name, str(s.get("stage") or Path(sp).parent.name), as_written(sp, repo_dir or "."),
+                           s.get("rows_in"),
                            s.get("rows_out"), s.get("seconds"), json.dumps(s.get("counts", {}), sort_keys=True),
                            json.dumps(s.get("extra", {}), sort_keys=True, default=str)))
     metric_rows = []
@@ -253,7 +255,7 @@ def record_version(
             "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?)",
             [name, _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None), git_rev,
              json.dumps(dvc_hashes, sort_keys=True), json.dumps(params.to_dict(), sort_keys=True), round,
-             str(corpus_dir) if corpus_dir is not None else None],
+             as_written(corpus_dir, repo_dir or ".") if corpus_dir is not None else None],
         )
         if state is not None:
             con.execute("INSERT INTO version_states VALUES (?, ?, ?, ?)", [name, state, reason, parent])
@@ -280,8 +282,6 @@ def update_version_revision(catalog: str | Path, name: str, repo_dir: str | Path
     recorded: a round is recorded before its stages are ``dvc commit``-ted and its ``dvc.lock``
     committed and tagged, so the flows call this afterwards.  Returns (git revision, number of
     stages with hashes)."""
-    from vlp_core import versioning
-
     check_version_name(name)
     git_rev = versioning.git_rev(repo_dir)
     hashes = versioning.dvc_lock_hashes(repo_dir)
@@ -353,8 +353,6 @@ class VersionDiff:
     examples: list[dict[str, Any]] = field(default_factory=list)  # captions that changed
 
     def to_dict(self) -> dict[str, Any]:
-        import dataclasses
-
         return dataclasses.asdict(self)
 
 
@@ -506,8 +504,6 @@ def query(path: str | Path, sql: str, limit: Optional[int] = None,
     """Run one read-only query; returns ``(column names, rows)``.  The database is opened
     read-only with external file access off, and non-SELECT statements are refused.  A query
     still running after ``timeout`` seconds is interrupted (:class:`CatalogError`)."""
-    import threading
-
     import duckdb
 
     body = check_read_only_sql(sql)

@@ -101,22 +101,23 @@ def raw_corpus(web_manifest: str | Path, out_dir: str | Path) -> Path:
     return oracle_corpus(web_manifest, None, out_dir)
 
 
-def pair_counts(sources: list[tuple[str, str]]) -> dict[str, int]:
-    """Training pairs by source, as the trainer will read them."""
-
-    counts = pc.value_counts(load_pairs(sources)[C.SOURCE]).to_pylist()
+def pair_counts(sources: list[tuple[str, str]], root: str | Path = ".") -> dict[str, int]:
+    """Training pairs by source, as the trainer will read them (from the work dir ``root``)."""
+    counts = pc.value_counts(load_pairs(sources, root)[C.SOURCE]).to_pylist()
     return {c["values"]: int(c["counts"]) for c in counts}
 
 
 # --------------------------------------------------------------------------- the experiment
 @dataclass
 class Inputs:
-    """What the comparison reads: ingest manifests (or world URL lists) and the world."""
+    """What the comparison reads: ingest manifests (or world URL lists) and the world; ``root``:
+    the work dir their shard references are relative to (:mod:`vlp_core.layout`)."""
 
     web: str
     human: str
     test: str
     world: str
+    root: str = "."
 
     @property
     def ground_truth(self) -> Path:
@@ -146,9 +147,10 @@ def evaluated(params, name: str, model_dir: str | Path, eval_dir: str | Path, in
     metrics_file = Path(eval_dir) / "metrics.json"
     metrics = read_json(metrics_file) if metrics_file.exists() else None
     if metrics is None or not same_evaluation(metrics, params):
-        metrics = run_evaluate(params, model_dir, (inputs.test, "human"), eval_dir, ground_truth=inputs.ground_truth)
+        metrics = run_evaluate(params, model_dir, (inputs.test, "human"), eval_dir, ground_truth=inputs.ground_truth,
+                               root=inputs.root)
     audit = audit_corpus(corpus, inputs.world) if corpus is not None else {}
-    return ModelResult(name, sources, audit, metrics, pair_counts(sources))
+    return ModelResult(name, sources, audit, metrics, pair_counts(sources, inputs.root))
 
 
 def train_and_evaluate(params, name: str, sources: list[tuple[str, str]], inputs: Inputs, out_dir: str | Path,
@@ -166,9 +168,9 @@ def train_and_evaluate(params, name: str, sources: list[tuple[str, str]], inputs
     else:
         log(f"[{name}] training {base} on {what} for {retrain_settings(params).steps} more steps")
     if base is None:
-        in_fresh_process(run_pretrain, params, sources, d / "train", fresh=fresh)
+        in_fresh_process(run_pretrain, params, sources, d / "train", fresh=fresh, root=inputs.root)
     else:
-        in_fresh_process(run_retrain, params, sources, base, d / "train", fresh=fresh)
+        in_fresh_process(run_retrain, params, sources, base, d / "train", fresh=fresh, root=inputs.root)
     return evaluated(params, name, d / "train" / "model", d / "eval", inputs, sources, corpus)
 
 
@@ -205,7 +207,7 @@ def run_controls(params, inputs: Inputs, round0_corpus: str | Path, workdir: str
 def inputs_of(layout) -> Inputs:
     """The comparison's inputs in a work dir (:class:`vlp_core.layout.Layout`)."""
     return Inputs(web=str(layout.ingest("web")), human=str(layout.ingest("human")), test=str(layout.ingest("test")),
-                  world=str(layout.world))
+                  world=str(layout.world), root=str(layout.root))
 
 
 def round_results(params, layout, rounds: int) -> list[ModelResult]:

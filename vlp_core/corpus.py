@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from vlp_core.errors import VlpError
 from vlp_core.io import ParquetReadError, atomic_path, read_parquet, read_parquet_schema
-from vlp_core.layout import CORPUS_DIR  # noqa: F401 - a CapFilt stage's rows (CORPUS_SCHEMA)
+from vlp_core.layout import CORPUS_DIR, resolve  # CORPUS_DIR: a CapFilt stage's rows (CORPUS_SCHEMA)
 from vlp_core.schema import C, itc_sidecar_schema
 
 FEATS_DIR = "feats"  # the CapFilt stage's ITC sidecar: per-row filter projections (itc_sidecar_schema)
@@ -43,16 +43,18 @@ def corpus_folder(corpus_dir: str | Path) -> Path:
     return folder
 
 
-def resolve_ref(ref: str, base: Path) -> str:
-    """Shard references are relative to the working directory; fall back to the manifest's
-    folder, then to its parent (an ingest folder's ``shards/``), when the file is there."""
-    p = Path(ref)
-    if p.is_absolute() or p.exists():
-        return ref
+def resolve_ref(ref: str, root: str | Path, base: Optional[Path] = None) -> str:
+    """The file a shard reference (as a manifest or corpus row stores it) names: references are
+    relative to the work dir ``root`` (:func:`vlp_core.layout.resolve`; never the current
+    folder); failing that, to ``base`` (the manifest's or corpus file's folder), then to its
+    parent, when the file is there.  Not found: the path under ``root`` (the reader's error names it)."""
+    p = resolve(ref, root)
+    if p.exists() or base is None:
+        return str(p)
     for b in (base, base.parent):
-        if (b / p).exists():
-            return str(b / p)
-    return ref
+        if (b / ref).exists():
+            return str(b / ref)
+    return str(p)
 
 
 def fixed_list(arr: np.ndarray, valid: np.ndarray, dim: int) -> pa.Array:

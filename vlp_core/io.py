@@ -1,8 +1,8 @@
-"""Files: atomic writes, per-shard done markers and stage statistics.
+"""Files: atomic writes, Parquet and JSON reading with one-line errors, stage statistics.
 
 Every stage writes each output file atomically (a temp file in the same folder, then
-``os.replace``), so a crash never leaves half a file.  A shard is done when its
-``<name>_stats.json`` marker exists (the img2dataset convention): a rerun skips it.
+``os.replace``), so a crash never leaves half a file.  What is done and skipped -- a stage or
+one shard of it -- is decided by :mod:`vlp_core.stagecache`, not here.
 """
 from __future__ import annotations
 
@@ -126,15 +126,6 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-# --------------------------------------------------------------------------- markers
-def done_marker(out_dir: str | Path, shard_name: str) -> Path:
-    return Path(out_dir) / f"{shard_name}_stats.json"
-
-
-def mark_done(out_dir: str | Path, shard_name: str, stats: dict[str, Any]) -> Path:
-    return write_json(stats, done_marker(out_dir, shard_name))
 
 
 @dataclass

@@ -11,6 +11,14 @@
     data/.flow/<stage id>.json       the stage cache's markers (:mod:`vlp_core.stagecache`)
     data/comparison/                 the demo's controls and table
 
+**One root, no cwd.** Every path a stage reads or writes is resolved against an explicit
+root -- the work dir, :attr:`Layout.root`, absolute in the flows -- never against the
+process's current folder, so a task on a thread-pool runner or a Dask worker needs no
+``os.chdir``.  Paths *written into files* (the shard references of a manifest, the inputs a
+``stats.json`` names) stay relative to that root (:func:`as_written`), so a work dir can be
+moved or tracked by DVC; readers turn them back into paths with :func:`resolve`.  The CLI's
+root is the folder ``vlp`` runs in (``"."``), as before.
+
 **Round k** means one thing everywhere (flows, demo, comparison, benchmarks): the captioner
 and the filter are fine-tuned from round k's *base model* (round 0: the pretrained model;
 round k > 0: round k-1's retrained model), CapFilt writes version ``round<k>``'s corpus, and
@@ -46,6 +54,26 @@ ROUND_STAGES = ("finetune_captioner", "finetune_filter", "capfilt", "features", 
 RECORDED_STATS = ("finetune_captioner", "finetune_filter", "capfilt", "features", "retrain")
 
 
+def resolve(path: str | Path, root: str | Path) -> Path:
+    """A path as written into a file (relative to the work dir ``root``), as a path to open:
+    absolute paths are kept, relative ones are joined onto ``root``."""
+    p = Path(path)
+    return p if p.is_absolute() else Path(root) / p
+
+
+def as_written(path: str | Path, root: str | Path) -> str:
+    """``path`` as it is written into a file: relative to ``root`` when it lies under an
+    absolute ``root`` (the flows'), else as given (the CLI's paths, relative to where ``vlp``
+    runs, or absolute ones outside the work dir)."""
+    p, r = Path(path), Path(root)
+    if p.is_absolute() and r.is_absolute():
+        try:
+            return str(p.relative_to(r))
+        except ValueError:
+            return str(p)
+    return str(p)
+
+
 def stage_id(name: str, round: Optional[int] = None) -> str:
     """``ingest_web`` or ``round1-capfilt``: a stage's name in the stage cache."""
     return name if round is None else f"round{round}-{name}"
@@ -61,10 +89,20 @@ def dvc_stage_name(name: str, round: Optional[int] = None) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """Every stage's paths, relative to ``root`` (the work dir, the DVC repo root)."""
+    """Every stage's paths under ``root`` (the work dir, the DVC repo root).  The flows build it
+    with :meth:`at`: an absolute root, so its paths do not depend on the current folder."""
 
     root: Path = Path(".")
-    home: Optional[str] = None  # the absolute work dir, for tasks that run in other processes (Dask)
+
+    @classmethod
+    def at(cls, workdir: str | Path) -> "Layout":
+        """The layout of ``workdir``, resolved to an absolute path once (relative to where the
+        caller runs: the CLI's ``--workdir``)."""
+        return cls(Path(workdir).resolve())
+
+    def written(self, path: str | Path) -> str:
+        """``path`` as written into a file (:func:`as_written`)."""
+        return as_written(path, self.root)
 
     @property
     def data(self) -> Path:
@@ -184,4 +222,4 @@ class Layout:
 
 __all__ = ["CAPTIONS_FILE", "CHECKPOINT_DIR", "CORPUS_DIR", "EMBEDDINGS_DIR", "GATE_FILE", "LOSS_FILE", "Layout", "MANIFEST_FILE",
            "METRICS_FILE", "MODEL_DIR", "PRETRAIN", "RECORDED_STATS", "RECORD_FILE", "ROUND_STAGES", "SHARDS_DIR",
-           "SPLITS", "STATS_FILE", "dvc_stage_name", "stage_id"]
+           "SPLITS", "STATS_FILE", "as_written", "dvc_stage_name", "resolve", "stage_id"]

@@ -16,7 +16,9 @@ from typing import Any, Optional, Sequence
 
 from vlp_core import catalog
 from vlp_core.io import atomic_path
+from vlp_core.layout import resolve
 from vlp_core.schema import C
+from vlp_core.shards import ShardReader
 
 
 def _png(fig) -> str:
@@ -99,8 +101,6 @@ def _metrics_across(con, versions: Sequence[str], max_metrics: int = 8) -> Optio
 
 
 def _samples(con, version: str, n: int, base_dir: Path) -> list[dict[str, Any]]:
-    from vlp_core.shards import ShardReader
-
     keys = con.execute(
         f"""SELECT DISTINCT {C.SHARD}, {C.KEY}, coalesce({C.URL}, {C.KEY}) AS ident FROM corpus
             WHERE version = ? AND {C.SHARD} IS NOT NULL AND {C.SOURCE} <> 'human'
@@ -108,9 +108,7 @@ def _samples(con, version: str, n: int, base_dir: Path) -> list[dict[str, Any]]:
     reader = ShardReader()
     out = []
     for shard, key, ident in keys:
-        path = Path(shard)
-        if not path.is_absolute():
-            path = base_dir / path
+        path = resolve(shard, base_dir)  # references are relative to the work dir
         try:
             data = reader.read_bytes(str(path), key)
             b64 = base64.b64encode(data).decode("ascii")

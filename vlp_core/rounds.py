@@ -86,8 +86,7 @@ def after(step: str, until: Optional[str]) -> bool:
 # --------------------------------------------------------------------------- the steps
 def ingest_step(params: Params, layout: Layout, split: str) -> Step:
     def call() -> None:
-
-        ingest_stage.run_ingest(params, layout.urls(split), layout.ingest(split))
+        ingest_stage.run_ingest(params, layout.urls(split), layout.ingest(split), root=layout.root)
 
     return Step(f"ingest_{split}", None, layout.ingest(split), ("ingest",), (), call, files=(layout.urls(split),),
                 network=True, task="ingest", run_name=f"ingest-{split}",
@@ -113,8 +112,8 @@ def pretrain_step(params: Params, layout: Layout, init_from: Optional[str] = Non
     out = layout.stage(0, PRETRAIN)
 
     def call(fresh: bool) -> None:
-
-        train_loop.run_pretrain(params, [(str(layout.ingest("web")), "web")] + _human(layout), out, fresh=fresh)
+        train_loop.run_pretrain(params, [(str(layout.ingest("web")), "web")] + _human(layout), out, fresh=fresh,
+                                root=layout.root)
 
     return Step(PRETRAIN, 0, out, ("pretrain", "model"), ("ingest_web", "ingest_human"), call, trains=True,
                 task="pretrain", run_name="pretrain-round0")
@@ -140,8 +139,7 @@ def round_steps(params: Params, layout: Layout, round: int, base: Step, until: O
             out = layout.stage(k, f"finetune_{target}")
 
             def call(fresh: bool, target: str = target, out: Path = out) -> None:
-
-                train_loop.run_finetune(params, target, human, str(base_model), out, fresh=fresh)
+                train_loop.run_finetune(params, target, human, str(base_model), out, fresh=fresh, root=layout.root)
 
             steps.append(Step(f"finetune_{target}", k, out, (f"finetune.{target}",), (base.id, "ingest_human"), call,
                               trains=True, task="finetune", run_name=f"finetune-{target}-round{k}"))
@@ -150,9 +148,8 @@ def round_steps(params: Params, layout: Layout, round: int, base: Step, until: O
         out = layout.stage(k, "capfilt")
 
         def capfilt(out: Path = out) -> None:
-
             capfilt_stage.run_capfilt(params, layout.manifest("web"), str(captioner), str(filter_), out, round=k,
-                        calibration=layout.manifest("human"))
+                                      calibration=layout.manifest("human"), root=layout.root)
 
         steps.append(Step("capfilt", k, out, ("capfilt",),
                           (stage_id("finetune_captioner", k), stage_id("finetune_filter", k), "ingest_web",
@@ -161,8 +158,7 @@ def round_steps(params: Params, layout: Layout, round: int, base: Step, until: O
         out = layout.stage(k, "features")
 
         def features(out: Path = out) -> None:
-
-            features_stage.run_features(params, layout.stage(k, "capfilt"), filter_, out)
+            features_stage.run_features(params, layout.stage(k, "capfilt"), filter_, out, root=layout.root)
 
         steps.append(Step("features", k, out, ("features",), (stage_id("capfilt", k), stage_id("finetune_filter", k)),
                           features, task="features", run_name=f"features-round{k}"))
@@ -171,8 +167,8 @@ def round_steps(params: Params, layout: Layout, round: int, base: Step, until: O
         sources = [(str(layout.stage(k, "capfilt")), "web")] + human
 
         def retrain(fresh: bool, out: Path = out, sources: list = sources) -> None:
-
-            train_loop.in_fresh_process(train_loop.run_retrain, params, sources, str(base_model), out, fresh=fresh)
+            train_loop.in_fresh_process(train_loop.run_retrain, params, sources, str(base_model), out, fresh=fresh,
+                                        root=layout.root)
 
         steps.append(Step("retrain", k, out, ("pretrain", "retrain", "model"), (stage_id("capfilt", k), "ingest_human"),
                           retrain, trains=True, task="retrain", run_name=f"retrain-round{k}"))
@@ -204,9 +200,8 @@ def evaluate_step(params: Params, layout: Layout, round: int, which: str) -> Ste
     gt = layout.ground_truth if layout.ground_truth.exists() else None
 
     def call() -> None:
-
         train_evaluate.run_evaluate(params, layout.model(round, which), (str(layout.ingest("test")), "human"), out,
-                                    ground_truth=gt)
+                                    ground_truth=gt, root=layout.root)
 
     return Step(name, round, out, ("evaluate", "capfilt.prompt", "pretrain.seed"),
                 (stage_id(which, round), "ingest_test"), call, files=(gt,) if gt else (), done_file=METRICS_FILE,

@@ -1,22 +1,32 @@
-"""The stage cache: whether a stage whose inputs did not change can be skipped.
+"""The stage cache: the one place that decides what is done and skipped, at every grain.
 
-Each stage has an *input key*, the SHA-256 of (stage id, the params sections it reads, the
-keys of its upstream stages, and the content digest of its external inputs -- URL lists,
-imported checkpoints).  Keys chain like a Merkle tree, so a changed URL list or setting
+**Stages.** Each stage has an *input key*, the SHA-256 of (stage id, the params sections it
+reads, the keys of its upstream stages, and the content digest of its external inputs -- URL
+lists, imported checkpoints).  Keys chain like a Merkle tree, so a changed URL list or setting
 re-runs that stage and everything downstream, and nothing else.  After a stage succeeds its
 marker ``data/.flow/<stage id>.json`` (:meth:`vlp_core.layout.Layout.marker`) stores the key;
 a stage whose marker holds the same key and whose done file (``stats.json``) still exists is
-skipped.  A stage that failed half-way has no marker: the rerun calls the stage function
-again, which itself skips finished shards (done markers) and resumes training from its last
-checkpoint -- so a failed run resumes where it stopped.
+skipped.
 
-The flows (through Prefect tasks), the demo, the comparison and the benchmarks all decide
-what to skip here; Prefect's own result cache is off.
+**Shards.** Inside a stage, each shard of CapFilt and of the features stage (and CapFilt's
+threshold calibration) is an :class:`Entry` of the same cache: its input key is made the same
+way, from what its rows depend on (settings, model ids, the digests of its inputs), and its
+marker ``<out>/<shard>_stats.json`` (beside the shard's output, so a CLI run outside any work
+dir resumes too) holds the key with the shard's stats.  A shard whose marker holds the same key
+and whose outputs exist is skipped.  So a stage that failed half-way (it has no stage marker)
+is run again, and redoes only its unfinished shards; training resumes from its last
+checkpoint (:mod:`vlp_core.train.loop`: resume, not a skip).
+
+The flows (through Prefect tasks), the demo, the comparison, the benchmarks and the CLI all
+decide what to skip here; Prefect's own result cache is off, and DVC's stage cache is DVC's
+(``dvc repro``).  ``img2dataset`` keeps its own shard markers inside an ingest (the download
+tool's resume, :mod:`vlp_core.ingest.stage`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +36,9 @@ from vlp_core.config import Params
 from vlp_core.errors import VlpError
 from vlp_core.io import read_json, write_json
 from vlp_core.layout import Layout, stage_id
+
+
+log = logging.getLogger(__name__)
 
 
 class StageInputError(VlpError, RuntimeError):
@@ -82,15 +95,20 @@ def params_subset(params: Params, sections: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _key(inputs: dict[str, Any]) -> str:
+    """The key rule, at every grain: SHA-256 of the inputs as canonical JSON."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def input_key(sid: str, params: Params, sections: Sequence[str], upstream: Sequence[dict],
               files: Sequence[str | Path] = ()) -> str:
-    blob = json.dumps({
+    """A stage's input key (see the module doc)."""
+    return _key({
         "stage": sid,
         "params": params_subset(params, sections),
         "upstream": [u["key"] for u in upstream],
         "files": [digest_path(f) for f in files],
-    }, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    })
 
 
 @dataclass
@@ -138,7 +156,7 @@ def cached_stage(params: Params, layout: Layout, name: str, round: Optional[int]
         run()
     stats = _stats_of(done) if done.exists() else {}
     write_json({"stage": sid, "key": key, "finished": time.time(), "seconds": time.time() - t0,
-                "out_dir": str(out_dir)}, marker)
+                "out_dir": layout.written(out_dir)}, marker)
     return StageResult(name, round, key, str(out_dir), False, stats).as_dict()
 
 
@@ -165,5 +183,51 @@ def marker_key(layout: Layout, sid: str) -> Optional[str]:
     return old.get("key") if isinstance(old, dict) else None
 
 
-__all__ = ["StageInputError", "StageResult", "UNTRACKED_KEYS", "UNTRACKED_SECTIONS", "cached_stage", "digest_path",
+# --------------------------------------------------------------------------- shard entries
+@dataclass(frozen=True)
+class Entry:
+    """One shard of a stage (or another unit inside it: CapFilt's calibration) in the stage
+    cache.  ``inputs``: what its output depends on (settings, model ids, digests of its inputs);
+    its key is made from them by the same rule as a stage's; its marker
+    ``<folder>/<name>_stats.json`` holds the key, the inputs (``fingerprint``) and the unit's stats."""
+
+    stage: str  # the stage (capfilt, features)
+    name: str  # the shard (00000) or unit (calibration)
+    folder: Path  # where its outputs and its marker are
+    inputs: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return _key({"stage": self.stage, "shard": self.name, "inputs": self.inputs})
+
+    @property
+    def marker(self) -> Path:
+        return Path(self.folder) / f"{self.name}_stats.json"
+
+    def cached(self, *outputs: str | Path) -> Optional[dict[str, Any]]:
+        """The stats the unit stored when its marker holds this key and every one of ``outputs``
+        exists (skip it); else None (run it).  A marker from other inputs is logged."""
+        try:
+            old = read_json(self.marker)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(old, dict):
+            return None
+        if old.get("key") != self.key:
+            log.info("%s: done marker is from other settings, models or inputs; redoing %s %s",
+                     self.marker, self.stage, self.name)
+            return None
+        if not all(Path(o).exists() for o in outputs):
+            return None
+        return old
+
+    def done(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Write the marker (after the unit's outputs are in place): the unit is done."""
+        marker = {**stats, "stage": self.stage, "shard": self.name, "key": self.key, "fingerprint": self.inputs,
+                  "finished": time.time()}
+        write_json(marker, self.marker)
+        return marker
+
+
+__all__ = ["Entry", "StageInputError", "StageResult", "UNTRACKED_KEYS", "UNTRACKED_SECTIONS", "cached_stage", "digest_path",
            "input_key", "is_cached", "marker_key", "params_subset", "tracked_overrides"]

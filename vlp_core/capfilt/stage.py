@@ -5,11 +5,12 @@ captioner and a filter model folder (vlp_core checkpoints or local HF BLIP folde
 ``threshold_mode: calibrated`` a clean (human) manifest.  Output, in ``out_dir``::
 
     corpus/<shard>.parquet      CORPUS_SCHEMA: one row per (image, candidate text)
-    corpus/<shard>_stats.json   the shard's done marker (its counts and fingerprint)
+    corpus/<shard>_stats.json   the shard's stage-cache entry (its key, inputs and counts)
     feats/<shard>.parquet       the ITC sidecar: the filter's projections of each row, handed to
                                 the features stage (vlp_core.corpus; not the features format)
     threshold.json              the ITM threshold used and how it was chosen
     calibration.parquet         the filter's scores on the clean pairs (calibrated mode)
+    calibration_stats.json      the calibration's stage-cache entry (calibrated mode)
     stats.json                  StageStats
 
 Candidate 0 of an image is its web alt-text (``source=web``), candidates ``1..K`` are the
@@ -24,8 +25,10 @@ Manifest rows whose status is not ``success`` are not candidates; they are count
 Work is per shard (:func:`run_capfilt_shard`, the unit a Prefect flow fans out over, from
 :func:`list_capfilt_shards`): images stream in bounded batches, each image is decoded once
 and encoded once per distinct vision encoder (:class:`~vlp_core.capfilt.backend.ImagePass`),
-rows stream into a temp Parquet file renamed into place at the end, then the done marker is
-written.  A rerun skips shards whose marker matches this run's fingerprint.  A shard tar
+rows stream into a temp Parquet file renamed into place at the end, then the shard's entry in
+the stage cache is written (:class:`vlp_core.stagecache.Entry`; its key: the settings, the
+captioner's and filter's ids, the threshold, the autocast and the shard's manifest rows).  A
+rerun skips the shards whose entry holds the same key and whose corpus file exists.  A shard tar
 that is truncated or damaged fails alone with an error naming it (``stats.shards_failed``).
 Captioner and filter run under bf16 autocast where ``capfilt.precision`` says so (``auto``: CUDA
 and CPUs with native bf16); what it resolved to (``autocast``: bf16 / fp32) is part of the
@@ -45,16 +48,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
+from vlp_core.capfilt.backend import CapfiltError, ImagePass, dir_content_hash, pick_device, resolve_model_dir
+from vlp_core.capfilt.captioner import Captioner
+from vlp_core.capfilt.filter import ItmFilter
 from vlp_core.capfilt.judge import R_EMPTY, R_IMAGE, R_PRESCREEN, judge, tally
 from vlp_core.config import Params, section_dict
 from vlp_core.corpus import CORPUS_DIR, FEATS_DIR, ItcSidecarWriter, resolve_ref
 from vlp_core.errors import VlpError
 from vlp_core.images import decode_image
-from vlp_core.io import (StageStats, atomic_path, done_marker, mark_done, read_json, read_parquet, read_parquet_schema,
-                         write_json, write_parquet)
+from vlp_core.io import StageStats, atomic_path, read_parquet, read_parquet_schema, write_json, write_parquet
+from vlp_core.layout import as_written
+from vlp_core.precision import resolved
 from vlp_core.schema import CORPUS_SCHEMA, C, require_columns
-from vlp_core.shards import ShardError, ShardReader
+from vlp_core.shards import ShardError, ShardReader, load_images
+from vlp_core.stagecache import Entry
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +154,10 @@ def _file_sha(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def calibration_scores(params: Params, filter_dir: str | Path, calibration: str | Path) -> pa.Table:
-    """The filter's ITC and ITM on every clean pair of the ``calibration`` manifest."""
-    from vlp_core.capfilt.filter import ItmFilter
-    from vlp_core.shards import load_images
-
+def calibration_scores(params: Params, filter_dir: str | Path, calibration: str | Path,
+                       root: str | Path = ".") -> pa.Table:
+    """The filter's ITC and ITM on every clean pair of the ``calibration`` manifest (its shard
+    references relative to the work dir ``root``)."""
     mp = manifest_path(calibration)
     t = read_manifest(mp)
     t = t.filter(pc.equal(t[C.STATUS], SUCCESS))
@@ -162,7 +170,7 @@ def calibration_scores(params: Params, filter_dir: str | Path, calibration: str 
         chunk = [r for r in rows[i:i + bs] if (r[C.CAPTION] or "").strip()]
         if not chunk:
             continue
-        imgs, reasons = load_images([(resolve_ref(r[C.SHARD], base), r[C.KEY]) for r in chunk],
+        imgs, reasons = load_images([(resolve_ref(r[C.SHARD], root, base), r[C.KEY]) for r in chunk],
                                     flt.backend.spec.size)
         good = [j for j, why in enumerate(reasons) if why is None]
         if not good:
@@ -180,7 +188,7 @@ def calibration_scores(params: Params, filter_dir: str | Path, calibration: str 
 
 
 def calibrate_threshold(params: Params, filter_dir: str | Path, calibration: Calibration,
-                        out_dir: str | Path) -> float:
+                        out_dir: str | Path, root: str | Path = ".") -> float:
     """The ITM threshold of this run, recorded in ``out_dir/threshold.json``.
 
     ``fixed``: ``capfilt.itm_threshold``.  ``calibrated``: the ``calibrate_percentile``-th
@@ -188,9 +196,6 @@ def calibrate_threshold(params: Params, filter_dir: str | Path, calibration: Cal
     scores are kept in ``calibration.parquet`` so :func:`~vlp_core.capfilt.rethreshold.rethreshold`
     can re-derive it without a model pass).  A float ``calibration`` is taken as the
     threshold already decided (the Prefect fan-out computes it once for all shards)."""
-    from vlp_core.capfilt.backend import dir_content_hash, pick_device, resolve_model_dir
-    from vlp_core.precision import resolved
-
     cp = params.capfilt
     out_dir = Path(out_dir)
     if isinstance(calibration, (float, int)) and not isinstance(calibration, bool):
@@ -205,24 +210,34 @@ def calibrate_threshold(params: Params, filter_dir: str | Path, calibration: Cal
                        "(pass --calibration M, or set -S capfilt.threshold_mode=fixed)")
     mp = manifest_path(calibration)
     fp = {"mode": "calibrated", "percentile": cp.calibrate_percentile, "filter_id": filter_id,
-          "calibration": str(mp), "calibration_sha": _file_sha(mp),
+          "calibration": as_written(mp, root), "calibration_sha": _file_sha(mp),
           "autocast": resolved(cp.precision, pick_device())}  # the scores' arithmetic: bf16 or fp32
     tpath = out_dir / THRESHOLD_FILE
-    if tpath.is_file() and (out_dir / CALIBRATION_FILE).is_file():
-        old = read_json(tpath)
-        if all(old.get(k) == v for k, v in fp.items()):
-            return float(old["itm_threshold"])
-    scores = calibration_scores(params, filter_dir, mp)
+    entry = Entry("capfilt", "calibration", out_dir, fp)  # the stage cache decides whether to score again
+    old = entry.cached(tpath, out_dir / CALIBRATION_FILE)
+    if old is not None:
+        return float(old["itm_threshold"])
+    scores = calibration_scores(params, filter_dir, mp, root)
     write_parquet(scores, out_dir / CALIBRATION_FILE)
     itm = scores[C.ITM].to_numpy()
     thr = float(np.percentile(itm, cp.calibrate_percentile))
     write_json({**fp, "itm_threshold": thr, "n_calibration": len(itm),
                 "calibration_itm_quantiles": {str(q): float(np.percentile(itm, q)) for q in (1, 5, 10, 25, 50, 75, 90)}},
                tpath)
+    entry.done({"itm_threshold": thr, "n_calibration": len(itm)})
     return thr
 
 
 # --------------------------------------------------------------------------- one shard
+def _rows_digest(rows: pa.Table) -> str:
+    """The digest of a shard's manifest rows (keys, URLs, captions, references): the shard's
+    input in its stage-cache key (a re-ingested shard under the same name is redone)."""
+    h = hashlib.sha256()
+    for col in (C.KEY, C.URL, C.CAPTION, C.SHARD):
+        h.update(repr(rows[col].to_pylist()).encode())
+    return h.hexdigest()[:16]
+
+
 def _fingerprint(params: Params, captioner_id: str, filter_id: str, threshold: float, round: int,
                  autocast: str) -> dict[str, Any]:
     """What a shard's rows depend on; ``autocast`` is what ``capfilt.precision`` resolved to on
@@ -233,8 +248,6 @@ def _fingerprint(params: Params, captioner_id: str, filter_id: str, threshold: f
 
 def check_keep_top(keep_top: Optional[int]) -> None:
     """``capfilt.keep_top``: None (keep every candidate above the threshold) or N >= 1."""
-    from vlp_core.capfilt.backend import CapfiltError
-
     if keep_top is not None and (isinstance(keep_top, bool) or not isinstance(keep_top, int) or keep_top < 1):
         raise CapfiltError(f"capfilt.keep_top must be null or a whole number >= 1, got {keep_top!r}")
 
@@ -249,37 +262,30 @@ def _is_text(t: Any) -> bool:
 
 def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path, filter: str | Path,
                       out_dir: str | Path, round: int = 0, calibration: Calibration = None,
-                      device: Optional[str] = None) -> dict[str, Any]:
-    """Caption and filter ONE shard into ``out_dir/corpus/<shard.name>.parquet``; returns the
+                      device: Optional[str] = None, root: str | Path = ".") -> dict[str, Any]:
+    """Caption and filter ONE shard into ``out_dir/corpus/<shard.name>.parquet`` (its image
+    references relative to the work dir ``root``, :func:`vlp_core.corpus.resolve_ref`); returns the
     shard's stats (also its done marker).  Idempotent: a shard whose marker matches this
     run's fingerprint is skipped.  Raises :class:`CapfiltShardError` for a damaged tar."""
-    import torch
     from tqdm.auto import tqdm
-
-    from vlp_core.capfilt.backend import ImagePass
-    from vlp_core.capfilt.captioner import Captioner
-    from vlp_core.capfilt.filter import ItmFilter
-    from vlp_core.precision import resolved
 
     t0 = time.perf_counter()
     cp = params.capfilt
     check_keep_top(cp.keep_top)
     out_dir = Path(out_dir)
     corpus = out_dir / CORPUS_DIR
-    threshold = calibrate_threshold(params, filter, calibration, out_dir)
+    threshold = calibrate_threshold(params, filter, calibration, out_dir, root)
     cap = Captioner(captioner, cp, device=device)
     flt = ItmFilter(filter, device=device, batch_size=max(cp.batch_size, 1) * (cp.num_captions + 1),
                     precision=cp.precision)
     arith = resolved(cp.precision, flt.backend.device)  # bf16 or fp32 on this device
-    fp = _fingerprint(params, cap.model_id, flt.model_id, threshold, round, arith)
-    marker = done_marker(corpus, shard.name)
-    if marker.is_file():
-        old = read_json(marker)
-        if old.get("fingerprint") == fp:
-            return {**old, "skipped": True}
-        log.info("%s: done marker is from other settings or models; redoing the shard", marker)
-
     rows = _shard_rows(shard)
+    fp = _fingerprint(params, cap.model_id, flt.model_id, threshold, round, arith)
+    entry = Entry("capfilt", shard.name, corpus, {**fp, "rows": _rows_digest(rows)})
+    out_path = corpus / f"{shard.name}.parquet"
+    old = entry.cached(out_path)  # the stage cache decides: same inputs, output in place
+    if old is not None:
+        return {**old, "skipped": True}
     base = Path(shard.manifest).parent
     k = cp.num_captions
     n_img = rows.num_rows
@@ -294,7 +300,6 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     keys, urls, refs, caps_web = (rows[c].to_pylist() for c in (C.KEY, C.URL, C.SHARD, C.CAPTION))
     bs = max(1, cp.batch_size)
     dsize = imgpass.decode_size
-    out_path = corpus / f"{shard.name}.parquet"
     with atomic_path(out_path) as tmp, pq.ParquetWriter(tmp, CORPUS_SCHEMA) as writer, \
             ItcSidecarWriter(out_dir / FEATS_DIR / f"{shard.name}.parquet", flt.model_id, arith) as feats, \
             torch.inference_mode(), \
@@ -306,7 +311,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
             bad: dict[int, str] = {}
             shas: list[Optional[str]] = [None] * (e - s)
             for j in range(s, e):
-                ref = resolve_ref(refs[j], base)
+                ref = resolve_ref(refs[j], root, base)
                 try:
                     data = reader.read_bytes(ref, keys[j])
                 except (ShardError, KeyError, FileNotFoundError) as exc:
@@ -382,7 +387,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     stats["vision_passes"] = imgpass.passes
     stats["vision_encoders"] = imgpass.n_encoders
     stats["seconds"] = round_float(time.perf_counter() - t0)
-    mark_done(corpus, shard.name, stats)
+    entry.done(stats)
     return {**stats, "skipped": False}
 
 
@@ -396,8 +401,10 @@ def _clean_stale_temps(*folders: Path) -> None:
 
 def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, filter: str | Path,
                 out_dir: str | Path, round: int = 0, calibration: Calibration = None,
-                device: Optional[str] = None) -> StageStats:
-    """CapFilt over every shard of ``manifest`` into ``out_dir`` (see the module docstring).
+                device: Optional[str] = None, root: str | Path = ".") -> StageStats:
+    """CapFilt over every shard of ``manifest`` into ``out_dir`` (see the module docstring);
+    ``root``: the work dir the manifest's shard references are relative to (the CLI's: where
+    ``vlp`` runs; the flows': the layout's absolute root).
 
     ``stats.rows_in`` counts candidates (successful images x (1 + K)) and equals
     ``stats.rows_out``, the corpus rows; ``stats.extra["manifest_rows"]`` equals
@@ -415,13 +422,13 @@ def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, fil
     for st, n in sorted(status_counts.items()):
         if st != SUCCESS:
             stats.add(f"skipped:{st}", n)
-    threshold = calibrate_threshold(params, filter, calibration, out_dir)
+    threshold = calibrate_threshold(params, filter, calibration, out_dir, root)
     images = 0
     ids: dict[str, str] = {}
     for shard in list_capfilt_shards(manifest):
         try:
             res = run_capfilt_shard(params, shard, captioner, filter, out_dir, round=round, calibration=threshold,
-                                    device=device)
+                                    device=device, root=root)
         except CapfiltShardError as exc:
             log.error("capfilt: shard %s failed: %s", shard.name, exc)
             stats.shards_failed.append(shard.name)
@@ -440,7 +447,7 @@ def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, fil
         ids = {k: res["fingerprint"][k] for k in ("captioner_id", "filter_id", "autocast")}
         stats.extra["vision_passes"] = stats.extra.get("vision_passes", 0) + int(res.get("vision_passes", 0))
     stats.seconds = time.perf_counter() - t0
-    stats.extra.update({"manifest": str(manifest_path(manifest)), "manifest_rows": table.num_rows, "images": images,
+    stats.extra.update({"manifest": as_written(manifest_path(manifest), root), "manifest_rows": table.num_rows, "images": images,
                         "candidates_per_image": 1 + params.capfilt.num_captions, "itm_threshold": threshold,
                         "threshold_mode": params.capfilt.threshold_mode, "round": round, **ids})
     stats.check().write(out_dir)

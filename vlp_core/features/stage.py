@@ -3,7 +3,8 @@
 Output, in ``out_dir``::
 
     embeddings/<shard>.parquet      features_schema: one row per corpus row (never dropped)
-    embeddings/<shard>_stats.json   the shard's done marker
+    embeddings/<shard>_stats.json   the shard's stage-cache entry (:class:`vlp_core.stagecache.Entry`:
+                                    key from the model id, settings, autocast and the corpus file's digest)
     stats.json                      StageStats (duplicate counts in ``counts``)
 
 Per row: the image's sha256, the model's ITC image projection (``image_embedding``, the
@@ -36,14 +37,19 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
+from vlp_core.capfilt.filter import ItmFilter
 from vlp_core.config import Params, section_dict
 from vlp_core.corpus import (FEATS_DIR, META_AUTOCAST, META_MODEL_ID, corpus_folder, fixed_list, read_itc_sidecar,
                              resolve_ref, to_numpy_list)
 from vlp_core.errors import VlpError
+from vlp_core.features.dedup import exact_duplicates, near_duplicates
 from vlp_core.images import ImageSpec, decode_image
-from vlp_core.io import (StageStats, done_marker, mark_done, read_json, read_parquet, read_parquet_metadata,
-                         read_parquet_schema, write_parquet)
+from vlp_core.io import StageStats, read_parquet, read_parquet_metadata, read_parquet_schema, write_parquet
+from vlp_core.layout import as_written, resolve
+from vlp_core.precision import resolved
 from vlp_core.schema import C, features_schema, require_columns
+from vlp_core.shards import ShardReader
+from vlp_core.stagecache import Entry
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +63,17 @@ def _corpus_files(corpus_dir: str | Path) -> tuple[Path, list[Path]]:
 
 # --------------------------------------------------------------------------- backbone
 class Backbone:
-    """A timm model's pooled features (``num_classes=0``), from ``name`` or ``name@weights``."""
+    """A timm model's pooled features (``num_classes=0``), from ``name`` or ``name@weights``
+    (a weights file, relative to the work dir ``root``)."""
 
-    def __init__(self, spec: str, device):
+    def __init__(self, spec: str, device, root: str | Path = "."):
         import timm
         import torch
 
         name, _, weights = spec.partition("@")
         kw: dict[str, Any] = {"num_classes": 0}
         if weights:
-            kw.update(pretrained=True, pretrained_cfg_overlay={"file": weights})
+            kw.update(pretrained=True, pretrained_cfg_overlay={"file": str(resolve(weights, root))})
         try:
             self.model = timm.create_model(name, **kw).to(device).eval()
         except Exception as exc:
@@ -95,10 +102,8 @@ def _from_sidecar(sidecar: pa.Table, corpus: pa.Table) -> pa.Table:
 
 
 def _compute_shard(params: Params, corpus: pa.Table, flt, backbone: Optional[Backbone], base: Path,
-                   name: str) -> tuple[pa.Table, dict[str, int]]:
+                   name: str, root: str | Path) -> tuple[pa.Table, dict[str, int]]:
     from tqdm.auto import tqdm
-
-    from vlp_core.shards import ShardReader
 
     fp = params.features
     n = corpus.num_rows
@@ -126,7 +131,7 @@ def _compute_shard(params: Params, corpus: pa.Table, flt, backbone: Optional[Bac
             for j in range(s, e):
                 ref, key = img_list[j]
                 try:
-                    data = reader.read_bytes(resolve_ref(ref, base), key)
+                    data = reader.read_bytes(resolve_ref(ref, root, base), key)
                     shas[j] = hashlib.sha256(data).hexdigest()
                     arrs.append(decode_image(data, size))
                     idx.append(j)
@@ -172,8 +177,6 @@ def _compute_shard(params: Params, corpus: pa.Table, flt, backbone: Optional[Bac
 # --------------------------------------------------------------------------- dedup
 def _flag_duplicates(files: list[Path], threshold: float, block_size: int) -> dict[str, int]:
     """Global exact + near duplicate flags, written back into each shard file (atomically)."""
-    from vlp_core.features.dedup import exact_duplicates, near_duplicates
-
     # one entry per distinct image, in corpus order
     img_keys: list[str] = []
     img_shas: list[Optional[str]] = []
@@ -225,13 +228,11 @@ def _flag_duplicates(files: list[Path], threshold: float, block_size: int) -> di
 
 # --------------------------------------------------------------------------- the stage
 def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
-                 device: Optional[str] = None) -> StageStats:
+                 device: Optional[str] = None, root: str | Path = ".") -> StageStats:
     """Embeddings + duplicate flags for every row of the corpus in ``corpus_dir`` (a CapFilt
     stage folder or its ``corpus/``), with the ITC projections of ``model_dir`` (a vlp
-    checkpoint or an HF ``BlipForImageTextRetrieval`` folder).  Rows in == rows out."""
-    from vlp_core.capfilt.filter import ItmFilter
-    from vlp_core.precision import resolved
-
+    checkpoint or an HF ``BlipForImageTextRetrieval`` folder).  Rows in == rows out.  The
+    rows' image references are relative to the work dir ``root`` (the CLI's: where ``vlp`` runs)."""
     t0 = time.perf_counter()
     fp = params.features
     folder, files = _corpus_files(corpus_dir)
@@ -246,7 +247,7 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
     # embeddings of one corpus compare alike
     flt = ItmFilter(model_dir, device=device, batch_size=fp.batch_size, precision=params.capfilt.precision)
     arith = resolved(params.capfilt.precision, flt.backend.device)
-    backbone = Backbone(fp.backbone, flt.backend.device) if fp.backbone else None
+    backbone = Backbone(fp.backbone, flt.backend.device, root) if fp.backbone else None
     fingerprint = {"model_id": flt.model_id, "features": section_dict(params, "features"), "autocast": arith}
     stats = StageStats(stage="features")
     outs = []
@@ -255,11 +256,10 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
         corpus = read_parquet(f)
         require_columns(corpus, [C.KEY, C.SHARD, C.CANDIDATE, C.TEXT, C.SOURCE, C.KEPT], f)
         corpus_sha = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-        marker = done_marker(emb_dir, name)
+        entry = Entry("features", name, emb_dir, {**fingerprint, "corpus_sha": corpus_sha})
         out_path = emb_dir / f"{name}.parquet"
         stats.rows_in += corpus.num_rows
-        if marker.is_file() and out_path.is_file() and read_json(marker).get("fingerprint") == {
-                **fingerprint, "corpus_sha": corpus_sha}:
+        if entry.cached(out_path) is not None:  # the stage cache decides: same inputs, output in place
             stats.shards_skipped += 1
             stats.rows_out += read_parquet_metadata(out_path).num_rows
             outs.append(out_path)
@@ -270,11 +270,10 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
             counts = {"reused_capfilt_embeddings": corpus.num_rows}
         else:
             table, counts = _compute_shard(params, corpus, flt, backbone, f.parent.parent
-                                           if f.parent.name == "corpus" else f.parent, name)
+                                           if f.parent.name == "corpus" else f.parent, name, root)
         table = table.replace_schema_metadata({META_MODEL_ID: flt.model_id.encode(), META_AUTOCAST: arith.encode()})
         write_parquet(table, out_path)
-        mark_done(emb_dir, name, {"rows": table.num_rows, "counts": counts,
-                                  "fingerprint": {**fingerprint, "corpus_sha": corpus_sha}})
+        entry.done({"rows": table.num_rows, "counts": counts})
         for k, v in counts.items():
             stats.add(k, v)
         stats.rows_out += table.num_rows
@@ -283,7 +282,7 @@ def run_features(params: Params, corpus_dir: str | Path, model_dir: str | Path, 
     for k, v in _flag_duplicates(outs, fp.near_dup_threshold, fp.block_size).items():
         stats.counts[k] = v
     stats.seconds = time.perf_counter() - t0
-    stats.extra = {"model_id": flt.model_id, "corpus": str(folder), "near_dup_threshold": fp.near_dup_threshold,
+    stats.extra = {"model_id": flt.model_id, "corpus": as_written(folder, root), "near_dup_threshold": fp.near_dup_threshold,
                    "backbone": fp.backbone, "autocast": arith}
     stats.check().write(out_dir)
     return stats

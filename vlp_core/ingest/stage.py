@@ -30,6 +30,7 @@ import signal
 from pathlib import Path
 from typing import Any, Optional
 
+import img2dataset
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -39,9 +40,10 @@ from vlp_core.io import StageStats, Timer, read_json, write_json, write_parquet
 from vlp_core.ingest.reader import read_url_list
 from vlp_core.ingest.retry import NO_RESULT, transient_rows
 from vlp_core.ingest.validate import Verdicts, allowed_hosts, validate_rows
+from vlp_core.ingest.workers import guarded_download
+from vlp_core.layout import SHARDS_DIR, as_written
 from vlp_core.schema import INGEST_STATUSES, MANIFEST_SCHEMA, C
 
-SHARDS_DIR = "shards"
 WORK_DIR = "_work"
 
 
@@ -101,10 +103,6 @@ def _run_img2dataset(url_list: Path, shards: Path, ip: IngestParams, mode: str =
     """Download ``url_list`` into ``shards``.  ``mode="incremental"`` (shards 0, 1, ... of the
     list; those with a done marker are skipped) or ``"extend"`` (new shards numbered after the
     highest finished one: the retry pass)."""
-    import img2dataset  # heavy: imported only when downloading
-
-    from vlp_core.ingest.workers import guarded_download
-
     previous = signal.getsignal(signal.SIGINT)
     try:
         with guarded_download(allowed_hosts(ip), ip.max_image_pixels):  # checked in every download process
@@ -158,8 +156,11 @@ def _collect(shards: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
     return found, failed
 
 
-def _manifest(verdicts: Verdicts, found: dict[int, dict[str, Any]], out_dir: Path, ip: IngestParams) -> pa.Table:
-    """One row per input row, in input order: the validation verdict, else the shard result."""
+def _manifest(verdicts: Verdicts, found: dict[int, dict[str, Any]], out_dir: Path, ip: IngestParams,
+              root: str | Path) -> pa.Table:
+    """One row per input row, in input order: the validation verdict, else the shard result
+    (its shard reference relative to the work dir ``root``, :func:`vlp_core.layout.as_written`)."""
+    shards_as_written = Path(as_written(out_dir / SHARDS_DIR, root))
     cols: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
     for i in range(len(verdicts.urls)):
         status, reason = verdicts.status[i], verdicts.reason[i]
@@ -172,7 +173,7 @@ def _manifest(verdicts: Verdicts, found: dict[int, dict[str, Any]], out_dir: Pat
             else:
                 status, key = r["status"], r["key"]
                 if status == "success":
-                    shard = _shard_ref(out_dir / SHARDS_DIR, r["shard_name"], key, ip)
+                    shard = _shard_ref(shards_as_written, r["shard_name"], key, ip)
                     width, height, sha = r["width"], r["height"], r["sha256"]
                 else:
                     reason = r["error_message"] or status
@@ -213,11 +214,13 @@ def _retry_pass(manifest: pa.Table, shards: Path, work: Path, ip: IngestParams,
     return info, rows
 
 
-def run_ingest(params: Params, urls: str | Path, out_dir: str | Path) -> StageStats:
+def run_ingest(params: Params, urls: str | Path, out_dir: str | Path, root: str | Path = ".") -> StageStats:
     """Ingest the URL list ``urls`` into ``out_dir`` (see the module doc); returns StageStats
     with ``counts`` = rows per manifest status.  ``rows_in == rows_out`` always.  With
     ``ingest.retry_failed`` the rows that failed for a transient reason are then downloaded
-    again into new shards and merged into the manifest (``extra["retry"]``)."""
+    again into new shards and merged into the manifest (``extra["retry"]``).  The manifest's
+    shard references are written relative to the work dir ``root`` (the CLI's: where ``vlp``
+    runs, so they read as ``--out`` was given)."""
     ip = params.ingest
     out_dir = Path(out_dir)
     shards, work = out_dir / SHARDS_DIR, out_dir / WORK_DIR
@@ -244,12 +247,12 @@ def run_ingest(params: Params, urls: str | Path, out_dir: str | Path) -> StageSt
             _run_img2dataset(dl_path, shards, ip)
         unfinished = [s for s in base if not _done(shards, s)]
         found, failed = _collect(shards)
-        manifest = _manifest(verdicts, found, out_dir, ip)
+        manifest = _manifest(verdicts, found, out_dir, ip, root)
         if ip.retry_failed:
             retry, retried = _retry_pass(manifest, shards, work, ip, unfinished)
             if retried:
                 found, failed = _collect(shards)
-                manifest = _manifest(verdicts, found, out_dir, ip)
+                manifest = _manifest(verdicts, found, out_dir, ip, root)
             ok = manifest.column(C.STATUS).to_pylist()
             retry["recovered"] = sum(ok[i] == "success" for i in retried)
             retry["still_failed"] = retry["retried"] - retry["recovered"]
@@ -266,7 +269,7 @@ def run_ingest(params: Params, urls: str | Path, out_dir: str | Path) -> StageSt
     stats.rows_in = n
     stats.rows_out = manifest.num_rows
     stats.seconds = round(timer.seconds, 3)
-    stats.extra.update({"urls": str(urls), "downloaded_rows": len(todo), "shards": n_shards,
+    stats.extra.update({"urls": as_written(urls, root), "downloaded_rows": len(todo), "shards": n_shards,
                         "images_per_s": round(stats.counts.get("success", 0) / max(timer.seconds, 1e-9), 1),
                         "top_reasons": [[st, r, k] for (st, r), k in reasons.most_common(8)]})
     stats.check().write(out_dir)

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import torch
 import torch.utils.data
 
+from vlp_core.corpus import resolve_ref
 from vlp_core.errors import VlpError
 from vlp_core.io import read_parquet, read_parquet_schema
 from vlp_core.layout import CORPUS_DIR, MANIFEST_FILE
@@ -54,18 +55,17 @@ def parse_source(spec: str, default: str = "web") -> tuple[str, str]:
     return str(spec), default
 
 
-def _resolve_shard(shard: Optional[str], base: Path, cache: dict[str, str]) -> Optional[str]:
-    """Shard paths are relative to the working directory; fall back to the source file's
-    folder when that is where the file is."""
-    if shard is None:
-        return None
-    if shard not in cache:
-        p = Path(shard)
-        if not p.is_absolute() and not p.exists() and (base / p).exists():
-            cache[shard] = str(base / p)
-        else:
-            cache[shard] = shard
-    return cache[shard]
+def _resolve_shards(shards: Sequence[Optional[str]], root: str | Path, base: Path) -> list[Optional[str]]:
+    """Each row's shard reference as the file to read (:func:`vlp_core.corpus.resolve_ref`:
+    relative to the work dir ``root``, else to the source file's folder ``base``), once per
+    distinct reference."""
+    cache: dict[str, str] = {}
+    out: list[Optional[str]] = []
+    for s in shards:
+        if s is not None and s not in cache:
+            cache[s] = resolve_ref(s, root, base)
+        out.append(None if s is None else cache[s])
+    return out
 
 
 def _pairs_table(key, shard, text, source, url) -> pa.Table:
@@ -74,22 +74,20 @@ def _pairs_table(key, shard, text, source, url) -> pa.Table:
                      C.URL: pa.array(url, pa.string())}, schema=PAIR_SCHEMA)
 
 
-def _read_manifest(path: Path, name: str) -> pa.Table:
+def _read_manifest(path: Path, name: str, root: str | Path) -> pa.Table:
     table = read_parquet(path)
     require_columns(table, [C.KEY, C.SHARD, C.CAPTION, C.STATUS, C.URL], path)
     table = table.filter(pc.equal(table[C.STATUS], SUCCESS))
-    cache: dict[str, str] = {}
-    shards = [_resolve_shard(s, path.parent, cache) for s in table[C.SHARD].to_pylist()]
+    shards = _resolve_shards(table[C.SHARD].to_pylist(), root, path.parent)
     return _pairs_table(table[C.KEY].to_pylist(), shards, table[C.CAPTION].to_pylist(),
                         [name] * table.num_rows, table[C.URL].to_pylist())
 
 
-def _read_corpus_file(path: Path) -> pa.Table:
+def _read_corpus_file(path: Path, root: str | Path) -> pa.Table:
     table = read_parquet(path)
     require_columns(table, [C.KEY, C.SHARD, C.TEXT, C.SOURCE, C.KEPT], path)
     table = table.filter(pc.fill_null(table[C.KEPT], False))
-    cache: dict[str, str] = {}
-    shards = [_resolve_shard(s, path.parent, cache) for s in table[C.SHARD].to_pylist()]
+    shards = _resolve_shards(table[C.SHARD].to_pylist(), root, path.parent)
     urls = table[C.URL].to_pylist() if C.URL in table.column_names else [None] * table.num_rows
     return _pairs_table(table[C.KEY].to_pylist(), shards, table[C.TEXT].to_pylist(),
                         table[C.SOURCE].to_pylist(), urls)
@@ -105,33 +103,34 @@ def _read_world_list(path: Path, name: str) -> pa.Table:
     return _pairs_table(keys, shards, table[C.CAPTION].to_pylist(), [name] * table.num_rows, url_paths)
 
 
-def _read_parquet(path: Path, name: str) -> pa.Table:
+def _read_parquet(path: Path, name: str, root: str | Path) -> pa.Table:
     names = read_parquet_schema(path).names
     if C.KEPT in names:
-        return _read_corpus_file(path)
+        return _read_corpus_file(path, root)
     if C.STATUS in names:
-        return _read_manifest(path, name)
+        return _read_manifest(path, name, root)
     if WORLD_URL_COL in names:
         return _read_world_list(path, name)
     raise DataError(f"{path}: not a manifest (needs {C.STATUS}), a corpus (needs {C.KEPT}) "
                     f"or a world URL list (needs {WORLD_URL_COL}); has: {', '.join(names)}")
 
 
-def read_source(path: str | Path, name: str = "web") -> pa.Table:
-    """The pairs of one source (see the module docstring for what ``path`` may be)."""
+def read_source(path: str | Path, name: str = "web", root: str | Path = ".") -> pa.Table:
+    """The pairs of one source (see the module docstring for what ``path`` may be); the shard
+    references of manifests and corpora are relative to the work dir ``root``."""
     path = Path(path)
     if name not in SOURCES:
         raise DataError(f"{path}: unknown source name {name!r} (one of {', '.join(SOURCES)})")
     if path.is_file():
-        return _read_parquet(path, name)
+        return _read_parquet(path, name, root)
     if path.is_dir():
         if (path / MANIFEST_FILE).is_file():
-            return _read_manifest(path / MANIFEST_FILE, name)
+            return _read_manifest(path / MANIFEST_FILE, name, root)
         folder = path / CORPUS_DIR if (path / CORPUS_DIR).is_dir() else path
         files = sorted(folder.glob("*.parquet"))
         if not files:
             raise DataError(f"{path}: no {MANIFEST_FILE}, no {CORPUS_DIR}/ and no Parquet files")
-        return pa.concat_tables([_read_parquet(f, name) for f in files])
+        return pa.concat_tables([_read_parquet(f, name, root) for f in files])
     raise DataError(f"{path}: no such file or folder")
 
 
@@ -148,10 +147,11 @@ def source_files(path: str | Path) -> list[Path]:
     return []
 
 
-def load_pairs(sources: Iterable[Source]) -> pa.Table:
+def load_pairs(sources: Iterable[Source], root: str | Path = ".") -> pa.Table:
     """All pairs of ``sources`` (``(path, source_name)`` each), in order, as one table with
-    columns ``key, shard, text, source, url``."""
-    tables = [read_source(p, n) for p, n in sources]
+    columns ``key, shard, text, source, url`` (``shard``: the file to read, resolved against
+    the work dir ``root``; the CLI's: where ``vlp`` runs)."""
+    tables = [read_source(p, n, root) for p, n in sources]
     if not tables:
         raise DataError("no training sources given")
     return pa.concat_tables(tables)

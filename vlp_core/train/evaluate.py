@@ -34,7 +34,10 @@ from tqdm import tqdm
 
 from vlp_core.config import Params
 from vlp_core.io import write_json, write_parquet
+from vlp_core.models import BlipMED
 from vlp_core.schema import C
+from vlp_core.synthetic import world
+from vlp_core.synthetic.truth import load_ground_truth, url_path
 from vlp_core.train import metrics as M
 from vlp_core.train.data import Source, decode_pairs, load_pairs, parse_source
 from vlp_core.train.loop import TrainError, set_entry_threads
@@ -120,8 +123,6 @@ def rerank_scores(sim: torch.Tensor, texts: Sequence[str], k: int,
 
 
 def _truth_by_url(ground_truth: str | Path) -> dict[str, dict[str, Any]]:
-    from vlp_core.synthetic.truth import load_ground_truth, url_path
-
     path = Path(ground_truth)
     table = load_ground_truth(path.parent if path.suffix == ".parquet" else path)
     return {url_path(r[C.URL]): r for r in table.select([C.URL, C.TRUE_CAPTION, C.SCENE]).to_pylist()}
@@ -129,8 +130,6 @@ def _truth_by_url(ground_truth: str | Path) -> dict[str, dict[str, Any]]:
 
 def _swapped_negatives(scenes: Sequence[str], seed: int) -> list[str]:
     """A caption of each scene with exactly one attribute swapped (seeded)."""
-    from vlp_core.synthetic import world
-
     out = []
     for i, js in enumerate(scenes):
         rng = np.random.default_rng([seed, 4242, i])
@@ -153,11 +152,10 @@ def evaluation_settings(params: Params) -> dict[str, Any]:
 
 
 def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | str, out_dir: str | Path,
-                 ground_truth: Optional[str | Path] = None) -> dict[str, Any]:
+                 ground_truth: Optional[str | Path] = None, root: str | Path = ".") -> dict[str, Any]:
     """Evaluate the model at ``model_dir`` on ``test_source`` (a manifest, corpus or world
-    URL list, see :func:`vlp_core.train.data.load_pairs`); returns and writes the metrics."""
-    from vlp_core.models import BlipMED
-
+    URL list, see :func:`vlp_core.train.data.load_pairs`; its shard references relative to the
+    work dir ``root``); returns and writes the metrics."""
     set_entry_threads()
     t0 = time.perf_counter()
     ep = params.evaluate
@@ -167,7 +165,7 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
     source = parse_source(test_source) if isinstance(test_source, (str, Path)) else test_source
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = BlipMED.from_pretrained(model_dir).to(device).eval()
-    data = decode_pairs(load_pairs([source]), int(model.config.image_size))
+    data = decode_pairs(load_pairs([source], root), int(model.config.image_size))
     if len(data) < 2:
         raise TrainError(f"{source[0]}: fewer than 2 usable test pairs")
     texts = data.texts
@@ -218,8 +216,6 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
 
     # ---- ground truth (synthetic world only)
     if ground_truth is not None:
-        from vlp_core.synthetic.truth import url_path
-
         truth = _truth_by_url(ground_truth)
         rows = [i for i, u in enumerate(urls) if u is not None and url_path(u) in truth]
         metrics["n_ground_truth"] = len(rows)

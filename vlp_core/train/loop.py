@@ -29,12 +29,15 @@ batch) and wraps the model in DDP; the model's ITC gathers features across ranks
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import csv
 import dataclasses
 import hashlib
 import json
 import logging
+import logging.handlers
+import multiprocessing
 import os
 import random
 import shutil
@@ -48,12 +51,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlp_core import models
 from vlp_core.config import Params, TrainParams
 from vlp_core.env import keep_freed_memory
 from vlp_core.errors import VlpError
 from vlp_core.io import StageStats, atomic_path
+from vlp_core.layout import as_written, resolve
+from vlp_core.models.hf import import_hf, is_hf_blip_dir
 from vlp_core.precision import use_bf16
-from vlp_core.train.data import PairDataset, Source, decode_pairs, epoch_batches, get_batch, load_pairs
+from vlp_core.train.data import (PairDataset, Source, decode_pairs, epoch_batches, get_batch, load_pairs,
+                                 source_files)
 from vlp_core.train.hardneg import HardNegatives
 from vlp_core.train.schedule import make_scheduler
 
@@ -143,29 +150,19 @@ def state_sha256(model: torch.nn.Module, params_only: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------- model
-def _models():
-    """vlp_core.models, imported lazily (it pulls in timm and transformers)."""
-    import vlp_core.models as models
-
-    return models
-
-
 def _load_model(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise TrainError(f"{path}: model folder not found")
-    from vlp_core.models.hf import import_hf, is_hf_blip_dir
-
     if is_hf_blip_dir(path):  # a Hugging Face BLIP folder (e.g. an official checkpoint)
         return import_hf(path)
-    return _models().BlipMED.from_pretrained(path)
+    return models.BlipMED.from_pretrained(path)
 
 
-def _new_model(params: Params, captions: Sequence[str]):
-    models = _models()
+def _new_model(params: Params, captions: Sequence[str], root: str | Path = "."):
     mp = params.model
-    if mp.tokenizer:
-        tokenizer = models.load_tokenizer(mp.tokenizer)
+    if mp.tokenizer:  # a folder, relative to the work dir ``root``
+        tokenizer = models.load_tokenizer(resolve(mp.tokenizer, root))
     else:
         dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if dist_on else 0
@@ -244,20 +241,19 @@ def _file_sha256(path: Path) -> str:
 
 
 def train_fingerprint(stage: str, section: str, tp: TrainParams, sources: Sequence[Source],
-                      model_inputs: dict[str, Any]) -> dict[str, Any]:
+                      model_inputs: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
     """What a run's weights depend on, as a flat dict: the stage, the settings of ``section``
-    (all but :data:`FINGERPRINT_IGNORES`), the sources (path:label) and a sha256 of every
-    Parquet file they read, and the model inputs (arch and tokenizer, or the init model)."""
-    from vlp_core.train.data import source_files
-
+    (all but :data:`FINGERPRINT_IGNORES`), the sources (path:label, as written: relative to the
+    work dir ``root``) and a sha256 of every Parquet file they read, and the model inputs (arch
+    and tokenizer, or the init model)."""
     fp: dict[str, Any] = {"stage": stage}
     for f in dataclasses.fields(tp):
         if f.name not in FINGERPRINT_IGNORES:
             fp[f"{section}.{f.name}"] = getattr(tp, f.name)
-    fp["sources"] = [f"{os.path.normpath(str(p))}:{n}" for p, n in sources]
+    fp["sources"] = [f"{os.path.normpath(as_written(p, root))}:{n}" for p, n in sources]
     for p, _ in sources:
         for file in source_files(p):
-            fp[f"data {os.path.normpath(str(file))}"] = _file_sha256(file)
+            fp[f"data {os.path.normpath(as_written(file, root))}"] = _file_sha256(file)
     fp.update(model_inputs)
     return fp
 
@@ -350,7 +346,7 @@ class LossLog:
 # --------------------------------------------------------------------------- the loop
 def _train(stage: str, params: Params, tp: TrainParams, sources: Sequence[Source], out_dir: str | Path,
            build_model, stop_after_step: Optional[int], *, section: Optional[str] = None,
-           model_inputs: Optional[dict[str, Any]] = None, fresh: bool = False) -> StageStats:
+           model_inputs: Optional[dict[str, Any]] = None, fresh: bool = False, root: str | Path = ".") -> StageStats:
     set_entry_threads()
     dist = setup_distributed()
     before = torch.are_deterministic_algorithms_enabled()
@@ -363,7 +359,7 @@ def _train(stage: str, params: Params, tp: TrainParams, sources: Sequence[Source
         bf16 = use_bf16(params.model.precision, dist.device)
         inputs = {**(model_inputs or {}), "precision": "bf16" if bf16 else "fp32"}
         return _train_run(stage, tp, sources, out_dir, build_model, stop_after_step, dist,
-                          section=section or stage, model_inputs=inputs, fresh=fresh, bf16=bf16)
+                          section=section or stage, model_inputs=inputs, fresh=fresh, bf16=bf16, root=root)
     except BaseException:
         if not existed and dist.is_main and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a run that failed before writing anything leaves no empty folder
@@ -374,12 +370,12 @@ def _train(stage: str, params: Params, tp: TrainParams, sources: Sequence[Source
 
 def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: Path, build_model,
                stop_after_step: Optional[int], dist: DistInfo, *, section: str, model_inputs: dict[str, Any],
-               fresh: bool = False, bf16: bool = False) -> StageStats:
+               fresh: bool = False, bf16: bool = False, root: str | Path = ".") -> StageStats:
     t0 = time.perf_counter()
     seed_everything(tp.seed)
 
-    table = load_pairs(sources)
-    fingerprint = train_fingerprint(stage, section, tp, sources, model_inputs)
+    table = load_pairs(sources, root)
+    fingerprint = train_fingerprint(stage, section, tp, sources, model_inputs, root)
     if dist.is_main:
         if fresh:
             _clear_outputs(out_dir)
@@ -486,7 +482,7 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         "samples_per_s": round(samples / loop_s, 2) if loop_s > 0 and samples else None,
         "train_seconds": round(loop_s, 3), "world_size": dist.world_size, "images": int(len(data.images)),
         "final_losses": {k: round(v, 6) for k, v in means.items()},
-        "sources": [[str(p), n] for p, n in sources],
+        "sources": [[as_written(p, root), n] for p, n in sources],
         "fingerprint": fingerprint_sha256(fingerprint), "fingerprint_inputs": fingerprint,
     }
     param_hashes, hashes = [state_sha256(model, params_only=True)], [state_sha256(model)]
@@ -510,7 +506,7 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
 
 def run_pretrain(params: Params, sources: Sequence[Source], out_dir: str | Path,
                  init_from: Optional[str | Path] = None, *, stop_after_step: Optional[int] = None,
-                 fresh: bool = False) -> StageStats:
+                 fresh: bool = False, root: str | Path = ".") -> StageStats:
     """Pretrain on ``sources`` with ``params.pretrain`` (ITC + ITM + LM).
 
     The model starts from ``init_from`` (or ``params.model.init_from``) when given, else it
@@ -519,21 +515,23 @@ def run_pretrain(params: Params, sources: Sequence[Source], out_dir: str | Path,
     early after checkpointing (as if interrupted); a rerun resumes from there, but only when
     its fingerprint (settings, sources and their content, model) matches the checkpoint's,
     else :class:`TrainError`.  ``fresh`` deletes an earlier run's checkpoint and model first.
+    ``root``: the work dir the sources' shard references are relative to (the CLI's: where
+    ``vlp`` runs).
     """
     init = init_from or params.model.init_from
     mp = params.model
-    model_inputs: dict[str, Any] = ({"model.init_from": os.path.normpath(str(init))} if init else
+    model_inputs: dict[str, Any] = ({"model.init_from": os.path.normpath(as_written(init, root))} if init else
                                     {"model.arch": mp.arch, "model.max_text_len": mp.max_text_len})
     if not init:  # vocab_size only matters for a tokenizer trained here
         model_inputs.update({"model.tokenizer": mp.tokenizer} if mp.tokenizer else {"model.vocab_size": mp.vocab_size})
 
     def build(table):
         if init:
-            return _load_model(init)
-        return _new_model(params, [t for t in table["text"].to_pylist() if t and t.strip()])
+            return _load_model(resolve(init, root))
+        return _new_model(params, [t for t in table["text"].to_pylist() if t and t.strip()], root)
 
     return _train("pretrain", params, params.pretrain, sources, out_dir, build, stop_after_step,
-                  section="pretrain", model_inputs=model_inputs, fresh=fresh)
+                  section="pretrain", model_inputs=model_inputs, fresh=fresh, root=root)
 
 
 def in_fresh_process(fn, *args, **kwargs):
@@ -544,9 +542,6 @@ def in_fresh_process(fn, *args, **kwargs):
     ran its shard tasks in worker threads -- ran at 106-131 samples/s where the same run
     alone ran at 167-207 (the demo, 2 cores); a spawned child costs a few seconds of imports
     and trains at full speed.  Used for the retrains and the comparison's arms."""
-    import concurrent.futures
-    import multiprocessing
-
     if multiprocessing.current_process().daemon:  # e.g. a Dask worker: it may not have children
         return fn(*args, **kwargs)
     ctx = multiprocessing.get_context("spawn")
@@ -564,8 +559,6 @@ def in_fresh_process(fn, *args, **kwargs):
 
 def _send_logs(records) -> None:
     """In the spawned child: the project's log records go to the parent (:func:`_relay_logs`)."""
-    import logging.handlers
-
     root = logging.getLogger("vlp_core")
     root.setLevel(logging.INFO)
     root.addHandler(logging.handlers.QueueHandler(records))
@@ -593,7 +586,7 @@ def retrain_settings(params: Params) -> TrainParams:
 
 
 def run_retrain(params: Params, sources: Sequence[Source], base_model: Optional[str | Path], out_dir: str | Path,
-                *, stop_after_step: Optional[int] = None, fresh: bool = False) -> StageStats:
+                *, stop_after_step: Optional[int] = None, fresh: bool = False, root: str | Path = ".") -> StageStats:
     """Retrain on a bootstrapped corpus (or a control's corpus), as ``params.retrain`` says:
 
     * ``init: scratch`` (BLIP's recipe): a fresh model, exactly :func:`run_pretrain`;
@@ -601,16 +594,18 @@ def run_retrain(params: Params, sources: Sequence[Source], base_model: Optional[
       :func:`retrain_settings`' steps -- cheaper, and every arm of a comparison then starts
       from the same weights."""
     if params.retrain.init == "scratch":
-        return run_pretrain(params, sources, out_dir, stop_after_step=stop_after_step, fresh=fresh)
+        return run_pretrain(params, sources, out_dir, stop_after_step=stop_after_step, fresh=fresh, root=root)
     if base_model is None:
         raise TrainError("retrain.init is continue, but no base model was given")
     tp = retrain_settings(params)
     return _train("retrain", params, tp, sources, out_dir, lambda table: _load_model(base_model), stop_after_step,
-                  section="retrain", model_inputs={"model.init_from": os.path.normpath(str(base_model))}, fresh=fresh)
+                  section="retrain", model_inputs={"model.init_from": os.path.normpath(as_written(base_model, root))},
+                  fresh=fresh, root=root)
 
 
 def run_finetune(params: Params, target: Target, sources: Sequence[Source], init_from: str | Path,
-                 out_dir: str | Path, *, stop_after_step: Optional[int] = None, fresh: bool = False) -> StageStats:
+                 out_dir: str | Path, *, stop_after_step: Optional[int] = None, fresh: bool = False,
+                 root: str | Path = ".") -> StageStats:
     """Fine-tune the model at ``init_from`` into the captioner (LM loss, weights from
     ``params.finetune.captioner``) or the filter (ITC + ITM, ``params.finetune.filter``).
     The tokenizer is the init model's.  Resume and ``fresh`` as :func:`run_pretrain`."""
@@ -619,7 +614,7 @@ def run_finetune(params: Params, target: Target, sources: Sequence[Source], init
     tp: TrainParams = getattr(params.finetune, target)
     return _train(f"finetune_{target}", params, tp, sources, out_dir, lambda table: _load_model(init_from),
                   stop_after_step, section=f"finetune.{target}",
-                  model_inputs={"model.init_from": os.path.normpath(str(init_from))}, fresh=fresh)
+                  model_inputs={"model.init_from": os.path.normpath(as_written(init_from, root))}, fresh=fresh, root=root)
 
 
 __all__ = ["DistInfo", "LossLog", "TrainError", "fingerprint_sha256", "in_fresh_process", "retrain_settings", "run_finetune", "run_pretrain", "run_retrain",
