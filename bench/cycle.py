@@ -94,19 +94,19 @@ def _ingest(params, world: Path, out: Path) -> dict[str, str]:
         for split in ("web", "human", "test"):
             urls = write_url_list(world, split, srv.base_url, out / "urls" / f"{split}.parquet")
             d = out / "ingest" / split
-            if not (d / "stats.json").exists():
-                run_ingest(params, urls, d)
+            if not (d / "stats.json").exists():  # absolute shard references: every seed's work dir reads them
+                run_ingest(params, urls, d.resolve())
             dirs[split] = str(d)
     return dirs
 
 
 def seed_layout(root: Path, shared: Path):
-    """A seed's work dir (:class:`vlp_core.layout.Layout`) whose ``data/world`` and ``data/ingest``
-    link to the shared world and downloads (their manifests' shard paths stay valid: they are
-    relative to the folder this runs from)."""
+    """A seed's work dir (:class:`vlp_core.layout.Layout`, its root absolute) whose ``data/world``
+    and ``data/ingest`` link to the shared world and downloads (their manifests' shard paths stay
+    valid: :func:`_ingest` writes them absolute)."""
     from vlp_core.layout import Layout
 
-    layout = Layout(root)
+    layout = Layout.at(root)
     layout.data.mkdir(parents=True, exist_ok=True)
     for name, target in (("world", shared / "world"), ("ingest", shared / "ingest")):
         link = layout.data / name

@@ -9,6 +9,7 @@ flows' run neither changes the current folder nor writes anything into it.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,18 @@ def test_a_flow_on_the_thread_pool_writes_what_the_cli_writes_from_any_folder(
                 assert np.isclose(va, rb[col], rtol=0, atol=1e-6), (ra[C.KEY], col)
             else:
                 assert va == rb[col], (ra[C.KEY], col)
+
+
+@pytest.mark.parametrize("path, root, written", [
+    ("data/ingest/web/shards", ".", "data/ingest/web/shards"),  # the CLI's root: as given
+    ("/w/data/ingest/web/shards", "/w", "data/ingest/web/shards"),  # the flows': relative to the root
+    ("/elsewhere/shards", "/w", "/elsewhere/shards"),  # outside an absolute root: stays absolute
+    ("runs/s0/data/x", "runs/s0", "data/x"),  # a relative root (a benchmark's work dir)
+    ("other/x", "runs/s0", "../../other/x"),
+    ("/abs/x", "runs/s0", "/abs/x"),
+])
+def test_paths_are_written_relative_to_the_root_and_resolve_back(path, root, written):
+    from vlp_core.layout import as_written, resolve
+
+    assert as_written(path, root) == written
+    assert os.path.normpath(resolve(written, root)) == os.path.normpath(path)

@@ -27,6 +27,7 @@ the model retrained on it is round k's model.  ``dvc.yaml`` writes the same path
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -62,16 +63,16 @@ def resolve(path: str | Path, root: str | Path) -> Path:
 
 
 def as_written(path: str | Path, root: str | Path) -> str:
-    """``path`` as it is written into a file: relative to ``root`` when it lies under an
-    absolute ``root`` (the flows'), else as given (the CLI's paths, relative to where ``vlp``
-    runs, or absolute ones outside the work dir)."""
+    """``path`` as it is written into a file, so that :func:`resolve` finds it again: relative to
+    ``root`` (the flows' absolute root, or a relative one such as a benchmark's), except an
+    absolute path outside an absolute root, which stays absolute; always as given for the CLI's
+    root ``"."`` (paths relative to where ``vlp`` runs, or absolute ones)."""
     p, r = Path(path), Path(root)
-    if p.is_absolute() and r.is_absolute():
-        try:
-            return str(p.relative_to(r))
-        except ValueError:
-            return str(p)
-    return str(p)
+    if r == Path(".") or p.is_absolute() != r.is_absolute():
+        return str(p)
+    rel = os.path.relpath(p, r)
+    outside = rel == ".." or rel.startswith(".." + os.sep)
+    return str(p) if outside and p.is_absolute() else rel
 
 
 def stage_id(name: str, round: Optional[int] = None) -> str:
