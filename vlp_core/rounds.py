@@ -258,7 +258,7 @@ def run_step(params: Params, layout: Layout, step: Step, upstream: Sequence[dict
         return step.call()
     if step.given:
         key = input_key(step.id, params, step.sections, upstream, step.files)
-        return StageResult(step.name, step.round, key, str(step.out_dir), True, {}).as_dict()
+        return StageResult(step.name, step.round, key, layout.written(step.out_dir), True, {}).as_dict()
     return cached_stage(params, layout, step.name, step.round, step.out_dir, step.sections, upstream, step.files,
                         step.call, done_file=step.done_file, pass_fresh=step.trains)
 

@@ -118,7 +118,7 @@ class StageResult:
     name: str
     round: Optional[int]
     key: str
-    out_dir: str
+    out_dir: str  # as written: relative to the layout's root (vlp_core.layout.as_written)
     skipped: bool
     stats: dict[str, Any]
 
@@ -146,7 +146,7 @@ def cached_stage(params: Params, layout: Layout, name: str, round: Optional[int]
             old = {}
         old = old if isinstance(old, dict) else {}
     if old.get("key") == key and done.exists():
-        return StageResult(name, round, key, str(out_dir), True, _stats_of(done)).as_dict()
+        return StageResult(name, round, key, layout.written(out_dir), True, _stats_of(done)).as_dict()
     if params.orchestration.fail_before == name:
         raise StageInputError(f"{sid}: stopped before running (orchestration.fail_before={name})")
     t0 = time.time()
@@ -157,7 +157,7 @@ def cached_stage(params: Params, layout: Layout, name: str, round: Optional[int]
     stats = _stats_of(done) if done.exists() else {}
     write_json({"stage": sid, "key": key, "finished": time.time(), "seconds": time.time() - t0,
                 "out_dir": layout.written(out_dir)}, marker)
-    return StageResult(name, round, key, str(out_dir), False, stats).as_dict()
+    return StageResult(name, round, key, layout.written(out_dir), False, stats).as_dict()
 
 
 def _stats_of(path: Path) -> dict[str, Any]:
