@@ -9,7 +9,6 @@ command exactly as the README writes it, in a fresh work dir on the tiny synthet
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
