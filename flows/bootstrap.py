@@ -203,8 +203,8 @@ def _capfilt_fanout(params: Params, layout: T.Layout, step: R.Step, upstream: li
                                          layout.manifest("human"), layout.stage(round, "capfilt"), root=layout.root)
     from prefect.utilities.annotations import unmapped
 
-    futures = T.capfilt_shard_task.map(
-        params, layout, round, shards, str(layout.model(round, "finetune_captioner")),
+    futures = T.capfilt_shard_task.map(  # the settings are a pydantic model, iterable: unmapped, not mapped
+        unmapped(params), layout, round, shards, str(layout.model(round, "finetune_captioner")),
         str(layout.model(round, "finetune_filter")), unmapped(calibration))
     return [f.result() for f in futures]
 

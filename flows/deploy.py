@@ -2,7 +2,7 @@
 
 The deployment runs ``flows/cycles.py:nightly_flow`` (incremental ingest of the growing web
 URL list, then CapFilt of the new shards) from this checkout on a *process* work pool.  It
-needs a Prefect API that outlives the command: start one with ``infra/prefect_stack.py`` (or
+needs a Prefect API that outlives the command: start one with ``infra/start.sh`` (or
 ``prefect server start``) and set ``PREFECT_API_URL``; then a worker
 (``prefect worker start --pool vlp-process``) picks the scheduled runs up.
 """
@@ -50,8 +50,8 @@ def persistent_api_url() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise DeployError("vlp deploy needs a Prefect server that outlives it: start one (python infra/prefect_stack.py "
-                          "start, or prefect server start) and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+        raise DeployError("vlp deploy needs a Prefect server that outlives it: start one (infra/start.sh, "
+                          "or prefect server start) and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     return str(url)
 
 

@@ -158,3 +158,48 @@ def test_capfilt_precision_is_a_checked_choice(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_params(f)
     assert "capfilt.precision" in str(e.value) and str(f) in str(e.value) and "bf16" in str(e.value)
+
+
+def test_a_section_given_in_part_keeps_its_own_defaults(tmp_path):
+    """``finetune.filter`` given only ``steps`` keeps the filter's lr and loss weights (not
+    TrainParams' class defaults); an empty section is all defaults."""
+    f = tmp_path / "p.yaml"
+    f.write_text("finetune:\n  filter:\n    steps: 7\ncapfilt:\n")
+    p = load_params(f)
+    d = Params()
+    assert p.finetune.filter.steps == 7 and p.finetune.filter.lr == d.finetune.filter.lr == 5e-4
+    assert p.finetune.filter.lm_weight == 0.0 and p.finetune.captioner == d.finetune.captioner
+    assert p.capfilt == d.capfilt
+
+
+def test_every_refusal_is_one_line_in_the_projects_words(tmp_path):
+    """pydantic's ValidationError never reaches the user: one ConfigError line, file and key first."""
+    cases = {"synthetic.holdout_frac=1": "synthetic.holdout_frac: must be in [0, 1), got 1",
+             "capfilt.top_p=0": "capfilt.top_p: must be in (0, 1], got 0",
+             "finetune.filter.min_lr=0.5": "finetune.filter.min_lr: must not exceed finetune.filter.lr (0.0005), got 0.5",
+             "ingest.thread_cont=3": "ingest.thread_cont: unknown key (known: allowed_hosts, caption_col,",
+             "pretrain=5": "pretrain: expected a mapping, got int",
+             "model.arch=3": "model.arch: expected a string, got 3",
+             "finetune.filter.steps=true": "finetune.filter.steps: expected an integer, got True",
+             "gate.no_parent=maybe": "gate.no_parent: must be one of 'promote' or 'reject', got 'maybe'",
+             "ingest.retry_failed=true": None}
+    for override, expected in cases.items():
+        extra = ["ingest.incremental=false"] if override.startswith("ingest.retry_failed") else []
+        with pytest.raises(ConfigError) as e:
+            load_params("params.yaml", [override, *extra])
+        msg = str(e.value)
+        assert "\n" not in msg and "pydantic" not in msg and msg.startswith(f"params.yaml (-S {override}): ")
+        assert expected is None or expected in msg, msg
+    with pytest.raises(ConfigError, match=r"^params\.yaml \(-S ingest\.retry_failed=true\): ingest\.retry_failed: "
+                                          r"needs ingest\.incremental=true"):
+        load_params("params.yaml", ["ingest.retry_failed=true", "ingest.incremental=false"])
+
+
+def test_params_travel_to_workers_and_compare_by_value():
+    """Dask pickles the settings; the stage keys hash their plain form (lists, not tuples)."""
+    import pickle
+
+    p = load_params("params.yaml", ["ingest.allowed_hosts=[127.0.0.1:80]"])
+    assert pickle.loads(pickle.dumps(p)) == p and hash(p) == hash(pickle.loads(pickle.dumps(p)))
+    assert p.to_dict()["ingest"]["allowed_hosts"] == ["127.0.0.1:80"]
+    assert isinstance(p.to_dict()["capfilt"]["calibrate_percentile"], float)  # 10 in a file is 10.0, as before

@@ -187,3 +187,25 @@ def test_exp_run_records_under_the_experiment_name(tmp_path, monkeypatch):
     assert names == ["round0+sweep-07"]
     assert json.loads((root / "record.json").read_text())["name"] == "round0+sweep-07"
     assert "sweep-07" in V.dvc(["exp", "show", "--json"], root).stdout
+
+
+def test_the_readme_dvc_examples_run_as_written(two_versions):
+    """README.md's "DVC across versions" commands, exactly as written, in the tagged repo."""
+    import subprocess
+
+    from readme_blocks import readme_command
+
+    root = two_versions[0]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def run(cmd: list[str]) -> str:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{cmd}: {proc.stderr[-2000:]}"
+        return proc.stdout
+
+    shown = run(readme_command("dvc metrics diff round-0 round-1"))
+    assert "data/round1/evaluate/metrics.json" in shown and "retrieval.r1_mean" in shown
+    run(readme_command("dvc plots diff round-0 round-1"))
+    assert "round1/retrain/loss.csv" in (root / "dvc_plots" / "index.html").read_text()
+    table = run(readme_command("dvc exp show --drop"))
+    assert "retrieval.r1_mean" in table and "Experiment" in table

@@ -1,11 +1,13 @@
-"""A real Prefect server (SQLite) and a process worker on 127.0.0.1 (infra/prefect_stack.py):
-`vlp deploy` creates the scheduled nightly deployment, a run is triggered through the
-server, the worker runs it (a real incremental ingest of the served synthetic web) and the
-run reaches Completed."""
+"""A real Prefect server (SQLite) and a process worker on 127.0.0.1, started by infra/start.sh (Prefect's
+own `prefect server start`, `prefect server status --wait` and `prefect worker start`): `vlp deploy` creates the scheduled
+nightly deployment, a run is triggered through the server, the worker runs it (a real incremental
+ingest of the served synthetic web) and the run reaches Completed; SIGTERM stops the worker and the
+server."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,13 +40,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_stack(port: int, home: Path, pool: str, log: Path) -> subprocess.Popen:
+    """``infra/start.sh PORT`` in its own process group (so one signal reaches the worker and the server)."""
+    env = {**os.environ, "PY": sys.executable, "VLP_PREFECT_HOME": str(home), "VLP_WORK_POOL": pool,
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    with open(log, "wb") as out:
+        return subprocess.Popen([str(REPO / "infra" / "start.sh"), str(port)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "ready" in log.read_text(errors="replace").splitlines():
+            return
+        assert proc.poll() is None, f"infra/start.sh exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"infra/start.sh not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _healthy(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:  # noqa: S310 - loopback
+            return r.status == 200
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 def test_deployment_run_completes_on_real_server_and_worker(tmp_path, tiny_world, world_server):
-    sys.path.insert(0, str(REPO / "infra"))
-    try:
-        import prefect_stack as stack
-    finally:
-        sys.path.pop(0)
     from fixtures_world import TINY_INGEST, TINY_SIZES
     from vlp_core.synthetic.server import write_url_list
 
@@ -58,14 +84,11 @@ def test_deployment_run_completes_on_real_server_and_worker(tmp_path, tiny_world
     (work / "params.yaml").write_text(yaml.safe_dump(data))
     write_url_list(tiny_world, "web", world_server.base_url, work / "data" / "urls" / "web.parquet")
 
-    port, home = _free_port(), tmp_path / "prefect-home"
-    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
-    server = worker = None
+    port, home, log = _free_port(), tmp_path / "prefect-home", tmp_path / "stack.log"
+    stack = start_stack(port, home, "vlp-test-pool", log)
     try:
-        server = stack.start_server(home, port, tmp_path / "server.log")
-        stack.wait_healthy(port, 120, server)
-        worker = stack.start_worker(home, port, "vlp-test-pool", tmp_path / "worker.log")
-        env = stack.stack_env(home, port)
+        wait_ready(stack, log)
+        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
         dep = subprocess.run(
             [sys.executable, "-m", "flows.cli", "deploy", "--workdir", str(work), "--name", "smoke",
              "--pool", "vlp-test-pool", "--cron", "30 3 * * *", "-S", "ingest.timeout=7"],
@@ -78,7 +101,7 @@ def test_deployment_run_completes_on_real_server_and_worker(tmp_path, tiny_world
                               capture_output=True, text=True, timeout=200)
         assert trig.returncode == 0, trig.stderr[-2000:]
         out = json.loads(trig.stdout.strip().splitlines()[-1])
-        logs = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+        logs = log.read_text(errors="replace")[-3000:]
         assert out["state"] == "COMPLETED", f"{out} after {time.monotonic() - t0:.0f} s\n{logs}"
         assert out["cron"] == ["30 3 * * *"]
         assert out["parameters"]["overrides"] == ["ingest.timeout=7"]  # -S reaches every scheduled run
@@ -87,8 +110,11 @@ def test_deployment_run_completes_on_real_server_and_worker(tmp_path, tiny_world
         assert stats["rows_in"] == stats["rows_out"] == 300
         assert (work / "data" / ".flow" / "ingest_web.json").exists()
     finally:
-        stack.stop(worker)
-        stack.stop(server)
+        if stack.poll() is None:
+            os.killpg(stack.pid, signal.SIGTERM)  # as Ctrl-C would: the worker stops, then `prefect server stop`
+            stack.wait(90)
+    assert not _healthy(port), "the server outlived infra/start.sh"
+    assert f"http://127.0.0.1:{port}" in (home / "server.log").read_text()  # the server's own log, kept
 
 
 def test_deploy_without_a_persistent_api_is_refused_in_one_line(tmp_path):

@@ -13,7 +13,6 @@ gives the same bytes.  The pipeline never reads ``ground_truth.parquet``; evalua
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -143,7 +142,7 @@ def run_synthetic_make(params: Params, out_dir: str | Path, force: bool = False)
     """
     out_dir = Path(out_dir)
     sp = params.synthetic
-    settings = dataclasses.asdict(sp)
+    settings = sp.model_dump()
     meta_path = out_dir / "world.json"
     if not force and meta_path.exists() and (out_dir / "ground_truth.parquet").exists() \
             and read_json(meta_path).get("settings") == settings and (out_dir / "stats.json").exists():

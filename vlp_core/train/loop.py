@@ -32,7 +32,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
-import dataclasses
 import hashlib
 import json
 import logging
@@ -247,9 +246,9 @@ def train_fingerprint(stage: str, section: str, tp: TrainParams, sources: Sequen
     work dir ``root``) and a sha256 of every Parquet file they read, and the model inputs (arch
     and tokenizer, or the init model)."""
     fp: dict[str, Any] = {"stage": stage}
-    for f in dataclasses.fields(tp):
-        if f.name not in FINGERPRINT_IGNORES:
-            fp[f"{section}.{f.name}"] = getattr(tp, f.name)
+    for name in type(tp).model_fields:
+        if name not in FINGERPRINT_IGNORES:
+            fp[f"{section}.{name}"] = getattr(tp, name)
     fp["sources"] = [f"{os.path.normpath(as_written(p, root))}:{n}" for p, n in sources]
     for p, _ in sources:
         for file in source_files(p):
@@ -582,7 +581,7 @@ def retrain_settings(params: Params) -> TrainParams:
     if r.init == "scratch":
         return tp
     changes = {k: v for k, v in (("steps", r.steps), ("lr", r.lr), ("warmup_steps", r.warmup_steps)) if v is not None}
-    return dataclasses.replace(tp, **changes)
+    return tp.model_copy(update=changes)
 
 
 def run_retrain(params: Params, sources: Sequence[Source], base_model: Optional[str | Path], out_dir: str | Path,
