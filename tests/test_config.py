@@ -158,3 +158,17 @@ def test_capfilt_precision_is_a_checked_choice(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_params(f)
     assert "capfilt.precision" in str(e.value) and str(f) in str(e.value) and "bf16" in str(e.value)
+
+
+def test_ema_settings_are_bounded_per_training_section():
+    """ema_decay in [0, 1) in each training section (0 = off, the default); ema_warmup a boolean."""
+    p = load_params("params.yaml")
+    assert p.pretrain.ema_decay == p.finetune.captioner.ema_decay == p.finetune.filter.ema_decay == 0.0
+    for section in ("pretrain", "finetune.captioner", "finetune.filter"):
+        for bad in ("1", "1.5", "-0.1", ".nan"):
+            with pytest.raises(ConfigError, match=rf"{section}\.ema_decay: must"):
+                load_params("params.yaml", [f"{section}.ema_decay={bad}"])
+        with pytest.raises(ConfigError, match=rf"{section}\.ema_warmup: expected true or false"):
+            load_params("params.yaml", [f"{section}.ema_warmup=0.5"])
+    p = load_params("params.yaml", ["finetune.filter.ema_decay=0.999", "pretrain.ema_warmup=false"])
+    assert p.finetune.filter.ema_decay == 0.999 and p.pretrain.ema_warmup is False and p.pretrain.ema_decay == 0.0

@@ -116,6 +116,8 @@ class TrainParams:
     # the caption with two content words swapped or one replaced by a word that keeps the same
     # company in the corpus; 0 = BLIP's ITM (negatives mined from the batch only)
     hard_negatives: float = 0.0
+    ema_decay: float = 0.0  # EMA of the weights for the final model/ (train/ema.py); 0 = off, the live weights
+    ema_warmup: bool = True  # timm's decay warm-up: min(ema_decay, 1 - t ** -0.75) at step t
     checkpoint_every: int = 200
     log_every: int = 10
     num_workers: int = 0
@@ -351,7 +353,7 @@ _BOUNDS: dict[str, dict[str, str]] = {
     "ModelParams": {"vocab_size": ">= 8", "max_text_len": ">= 4"},
     "TrainParams": {"steps": ">= 1", "batch_size": ">= 2", "lr": "> 0", "min_lr": ">= 0", "weight_decay": ">= 0",
                     "warmup_steps": ">= 0", "seed": ">= 0", "alpha": "[0, 1]", "itc_weight": ">= 0",
-                    "itm_weight": ">= 0", "lm_weight": ">= 0", "hard_negatives": "[0, 1]", "checkpoint_every": ">= 1", "log_every": ">= 1",
+                    "itm_weight": ">= 0", "lm_weight": ">= 0", "hard_negatives": "[0, 1]", "ema_decay": "[0, 1)", "checkpoint_every": ">= 1", "log_every": ">= 1",
                     "num_workers": ">= 0"},
     "RetrainParams": {"steps": ">= 1", "lr": "> 0", "warmup_steps": ">= 0"},
     "CapfiltParams": {"num_captions": ">= 0", "top_p": "(0, 1]", "num_beams": ">= 1", "max_length": ">= 1",
