@@ -15,8 +15,9 @@ human-only and oracle; every model is evaluated on the test split.
 The seed changes every training and sampling seed (``pretrain``, both fine-tunes,
 ``capfilt``); the world stays the same.
 
-It prints each seed's table, the mean +- sd over seeds, and the three outcomes of issue 7,
-each marked met or not:
+It prints each seed's table, the mean +- sd over seeds, the three outcomes of issue 7 and the
+targets of issue 16, each marked MET or NOT MET from the seeds' own numbers.  The outcomes of
+issue 7:
 
 1. round 0 beats the pretrained model on R@1 (mean of TR and IR) by more than the seed spread
    (met when the mean gain exceeds both the sd over seeds of the gain and of each model);
@@ -24,6 +25,24 @@ each marked met or not:
 3. round 0 beats filter-only (the synthetic captions add something): met when the mean
    difference is positive, as the issue asks; the line also says in how many seeds round 0 was
    ahead and whether the mean lies inside one sd of the per-seed differences (not robust).
+
+The targets of issue 16 (its "round 0 / round 1" are today's "pretrained / round 0"):
+
+a. the filter's ROC-AUC at telling wrong from right synthetic captions (round 0's CapFilt
+   corpus, judged by the ground truth; the score is -ITM) >= 0.85, in every seed, and on the
+   mean (two lines);
+b. ITM accuracy against one-attribute swaps (``itm_acc_swap``, the test split) >= 90 % for
+   round 0's filter, on the mean over seeds; round 0's retrained model's is printed beside it;
+c. the oracle's R@1 sd across seeds <= 3 points;
+d. round 0 ahead of filter-only in every seed, and the paired mean difference larger than the
+   paired sd;
+e. round 0 beats the pretrained model by more than the seed spread and closes >= 50 % of the
+   pretrained -> oracle gap (outcomes 1 and 2 together).
+
+The levers of issue 16 are flags: ``--ema-decay`` (the EMA of the weights, every training
+section), ``--hard-negatives`` (pretraining's share of compositional hard negatives; the
+retrains and controls follow pretraining) and ``--filter-hard-negatives`` (the filter
+fine-tune's).  Unset, they keep ``--params``' values (params.yaml: all 0).
 
 These defaults (now also ``params.yaml``'s, the platform's real-use settings) differ from the
 earlier demo-sized ones where measurements here said so:
@@ -38,7 +57,8 @@ earlier demo-sized ones where measurements here said so:
   captions were 66 % fully right against nucleus' 48 %; the lever is named in issue 7.
 
 Every stage skips finished work, so a rerun with the same arguments resumes.  The folders under
-``--out`` are named by the world's sizes and the training budgets, so other arguments never
+``--out`` are named by the world's sizes, the training budgets and the levers above (an EMA or
+hard negatives add ``_ema<decay>``, ``_hn<share>``, ``_fhn<share>``), so other arguments never
 reuse stale worlds or models (``-S`` overrides are not in the names: give those their own
 ``--out``).  Not a test.
 """
@@ -46,10 +66,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -80,6 +102,14 @@ def _args() -> argparse.Namespace:
     p.add_argument("--decode", default="greedy", choices=["nucleus", "greedy", "beam"],
                    help="how the captioner writes synthetic captions (BLIP samples with nucleus; here "
                         "greedy captions were 66%% fully right against nucleus' 48%%, seed 0's first CapFilt round)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="ema_decay of every training section (pretrain, both fine-tunes; the retrains follow "
+                        "pretrain): the final model is the EMA of the weights; 0 = off (default: --params')")
+    p.add_argument("--hard-negatives", type=float, default=None,
+                   help="pretrain.hard_negatives: the share of pairs given a compositional hard negative "
+                        "(default: --params')")
+    p.add_argument("--filter-hard-negatives", type=float, default=None,
+                   help="finetune.filter.hard_negatives (default: --params')")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
     return p.parse_args()
 
@@ -153,6 +183,131 @@ def _robustness(diffs: list[float]) -> str:
     return f"; ahead in {wins} of {len(diffs)} seeds{note}"
 
 
+def _fmt(values: list[Optional[float]], fmt: str) -> str:
+    return ", ".join("-" if v is None else fmt.format(v) for v in values)
+
+
+def _known(values: list[Optional[float]]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+AUC_TARGET, SWAP_TARGET, ORACLE_SD_TARGET = 0.85, 0.90, 3.0
+
+
+def targets(per_seed: dict[int, dict[str, float]],
+            quality: dict[int, dict[str, Optional[float]]]) -> list[tuple[str, bool, str]]:
+    """Issue 16's targets, each ``(text, met, detail)``, from ``{seed: {model name: r1_mean}}``
+    and ``{seed: {"filter_auc", "filter_swap", "round0_swap"}}`` (None where a number is missing:
+    such a target is not met).  A target on a spread needs at least two seeds."""
+    seeds = sorted(per_seed)
+    n = len(seeds)
+    col = lambda name: [per_seed[s][name] for s in seeds]  # noqa: E731
+    q = lambda key: [quality.get(s, {}).get(key) for s in seeds]  # noqa: E731
+    out = []
+
+    auc = q("filter_auc")
+    known = _known(auc)
+    every = len(known) == n and all(v >= AUC_TARGET for v in known)
+    out.append((f"(a) filter ROC-AUC, wrong vs right synthetic captions, >= {AUC_TARGET} in every seed", every,
+                f"per seed {_fmt(auc, '{:.3f}')}"))
+    mean_auc = statistics.fmean(known) if len(known) == n and n else None
+    out.append((f"(a) filter ROC-AUC, wrong vs right synthetic captions, >= {AUC_TARGET} on the mean",
+                mean_auc is not None and mean_auc >= AUC_TARGET,
+                f"mean {'-' if mean_auc is None else f'{mean_auc:.3f}'} over {n} seeds"))
+
+    fs, rs = q("filter_swap"), q("round0_swap")
+    fk, rk = _known(fs), _known(rs)
+    f_mean = statistics.fmean(fk) if len(fk) == n and n else None
+    r_mean = f"{100 * statistics.fmean(rk):.1f}%" if rk else "-"
+    pct = [None if v is None else 100 * v for v in fs]
+    out.append((f"(b) the filter's ITM accuracy against one-attribute swaps >= {100 * SWAP_TARGET:.0f}% (mean)",
+                f_mean is not None and f_mean >= SWAP_TARGET,
+                f"filter {'-' if f_mean is None else f'{100 * f_mean:.1f}%'} (per seed {_fmt(pct, '{:.1f}')}; "
+                f">= target in {sum(v >= SWAP_TARGET for v in fk)} of {n}); round 0's retrained model {r_mean} "
+                f"(per seed {_fmt([None if v is None else 100 * v for v in rs], '{:.1f}')})"))
+
+    orc = col("oracle")
+    orc_sd = _mean_sd(orc)[1]
+    out.append((f"(c) the oracle's R@1 sd across seeds <= {ORACLE_SD_TARGET:g} points",
+                n >= 2 and orc_sd <= ORACLE_SD_TARGET,
+                f"sd {orc_sd:.2f} (per seed {_fmt(orc, '{:.1f}')})" + ("" if n >= 2 else "; needs >= 2 seeds")))
+
+    diffs = [b - a for a, b in zip(col("filter-only"), col("round 0"))]
+    d, d_sd = _mean_sd(diffs)
+    wins = sum(x > 0 for x in diffs)
+    out.append(("(d) round 0 ahead of filter-only in every seed, paired mean difference > paired sd",
+                n >= 2 and wins == n and d > d_sd,
+                f"round 0 - filter-only {d:+.2f} +- {d_sd:.2f}, ahead in {wins} of {n} seeds "
+                f"(per seed {_fmt(diffs, '{:+.1f}')})" + ("" if n >= 2 else "; needs >= 2 seeds")))
+
+    (_, beat, beat_detail), (_, closed, closed_detail), _ = outcomes(per_seed)
+    out.append(("(e) round 0 beats pretrained by more than the seed spread and closes >= 50% of the gap to the oracle",
+                n >= 2 and beat and closed,
+                f"{beat_detail}; {closed_detail}" + ("" if n >= 2 else "; needs >= 2 seeds")))
+    return out
+
+
+def lever_settings(a: argparse.Namespace) -> dict[str, float]:
+    """The ``-S``-style overrides of the lever flags that were given (unset ones keep ``--params``')."""
+    out: dict[str, float] = {}
+    if a.ema_decay is not None:
+        out.update({f"{sec}.ema_decay": a.ema_decay for sec in ("pretrain", "finetune.captioner", "finetune.filter")})
+    if a.hard_negatives is not None:
+        out["pretrain.hard_negatives"] = a.hard_negatives
+    if a.filter_hard_negatives is not None:
+        out["finetune.filter.hard_negatives"] = a.filter_hard_negatives
+    return out
+
+
+def lever_suffix(params) -> str:
+    """The levers in a run folder's name, from the settings in effect: nothing when they are off
+    (so folders made before the levers existed keep their names)."""
+    sections = (params.pretrain, params.finetune.captioner, params.finetune.filter)
+    decays = [t.ema_decay for t in sections]
+    name = ""
+    if any(decays):
+        name += "_ema" + ("{:g}".format(decays[0]) if len(set(decays)) == 1 else "-".join(f"{x:g}" for x in decays))
+        if not all(t.ema_warmup for t in sections if t.ema_decay > 0):
+            name += "nowarm"
+    if params.pretrain.hard_negatives > 0:
+        name += f"_hn{params.pretrain.hard_negatives:g}"
+    if params.finetune.filter.hard_negatives > 0:
+        name += f"_fhn{params.finetune.filter.hard_negatives:g}"
+    return name
+
+
+def filter_swap_accuracy(params, layout, out_file: Path) -> Optional[float]:
+    """Round 0's filter's ``itm_acc_swap`` on the test split (:func:`vlp_core.train.evaluate.run_swap_accuracy`),
+    stored in ``out_file`` with the filter's weights digest and reused while both match."""
+    from vlp_core.comparison import inputs_of
+    from vlp_core.stagecache import digest_path
+    from vlp_core.train.evaluate import run_swap_accuracy
+
+    model = layout.model(0, "finetune_filter")
+    if not model.is_dir():
+        return None
+    key = {"model": digest_path(model / "model.safetensors"), "swap_seed": params.pretrain.seed}
+    if out_file.exists():
+        stored = json.loads(out_file.read_text())
+        if stored.get("key") == key:
+            return stored.get("itm_acc_swap")
+    inputs = inputs_of(layout)
+    res = run_swap_accuracy(params, model, (inputs.test, "human"), inputs.ground_truth)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps({"key": key, **res}, indent=1))
+    return res["itm_acc_swap"]
+
+
+def seed_quality(params, layout, results) -> dict[str, Optional[float]]:
+    """The per-seed numbers of targets (a) and (b): round 0's filter's ROC-AUC on wrong vs right
+    synthetic captions (its corpus' audit), the filter's and round 0's model's swap accuracy."""
+    r0 = next((r for r in results if r.name == "round 0"), None)
+    auc = ((r0.audit.get("synthetic_detection") or {}).get("roc_auc")) if r0 else None
+    return {"filter_auc": auc,
+            "filter_swap": filter_swap_accuracy(params, layout, layout.root / "filter_eval" / "round0.json"),
+            "round0_swap": r0.metrics.get("itm_acc_swap") if r0 else None}
+
+
 def main() -> int:
     apply_offline_env()
     a = _args()
@@ -166,12 +321,13 @@ def main() -> int:
                            "finetune.filter.steps": a.finetune_steps, "pretrain.batch_size": a.batch,
                            "finetune.captioner.batch_size": a.batch, "finetune.filter.batch_size": a.batch,
                            "pretrain.warmup_steps": a.warmup, "evaluate.k_test": a.k_test,
-                           "capfilt.decode": a.decode})
+                           "capfilt.decode": a.decode, **lever_settings(a)})
     # every stage skips finished work, so the folders are named by what shaped them: a rerun with
     # other sizes or budgets never picks up stale worlds or models
     out = Path(a.out) / f"web{a.n_web}_human{a.n_human}_test{a.n_test}"
     runs = out / (f"steps{a.steps}_b{a.batch}_cap{a.captioner_steps}_filt{a.finetune_steps}_r{a.rounds}"
-                  + ("" if a.warmup == 20 else f"_w{a.warmup}") + ("" if a.decode == "nucleus" else f"_{a.decode}"))
+                  + ("" if a.warmup == 20 else f"_w{a.warmup}") + ("" if a.decode == "nucleus" else f"_{a.decode}")
+                  + lever_suffix(base))
     # (warm-up 20 and nucleus, the settings before these options existed, add nothing to the name, so
     # folders made before keep theirs; the evaluation settings are not in the name: a stored
     # metrics.json is re-computed when the settings it was computed with differ, see
@@ -186,14 +342,17 @@ def main() -> int:
 
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     per_seed: dict[int, dict[str, float]] = {}
+    quality: dict[int, dict[str, Optional[float]]] = {}
     tables: dict[int, list] = {}
     for seed in seeds:
         t = time.perf_counter()
         p = base.replace(**{"pretrain.seed": seed, "finetune.captioner.seed": seed, "finetune.filter.seed": seed,
                             "capfilt.seed": seed})
-        res = run_comparison(p, seed_layout(runs / f"seed{seed}", out), rounds=a.rounds, controls=True)
+        layout = seed_layout(runs / f"seed{seed}", out)
+        res = run_comparison(p, layout, rounds=a.rounds, controls=True)
         tables[seed] = res
         per_seed[seed] = {r.name: float(r.metrics["r1_mean"]) for r in res}
+        quality[seed] = seed_quality(p, layout, res)
         (runs / f"seed{seed}" / "results.json").write_text(json.dumps(results_to_json(res), indent=1, default=str))
         print(f"\n=== seed {seed} ({time.perf_counter() - t:.0f} s) ===\n{comparison_table(res)}", flush=True)
 
@@ -212,9 +371,15 @@ def main() -> int:
     results = outcomes(per_seed)
     for text, met, detail in results:
         print(f"[{'MET' if met else 'NOT MET'}] {text}: {detail}")
+    print("\n=== targets of issue 16 ===")
+    goals = targets(per_seed, quality)
+    for text, met, detail in goals:
+        print(f"[{'MET' if met else 'NOT MET'}] {text}: {detail}")
     (runs / "outcomes.json").write_text(json.dumps(
         {"seeds": seeds, "r1_mean": {str(k): v for k, v in per_seed.items()},
-         "outcomes": [{"outcome": t, "met": m, "detail": d} for t, m, d in results]}, indent=1))
+         "quality": {str(k): v for k, v in quality.items()},
+         "outcomes": [{"outcome": t, "met": m, "detail": d} for t, m, d in results],
+         "targets": [{"target": t, "met": m, "detail": d} for t, m, d in goals]}, indent=1))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; results under {runs}")
     return 0
 

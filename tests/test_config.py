@@ -203,3 +203,17 @@ def test_params_travel_to_workers_and_compare_by_value():
     assert pickle.loads(pickle.dumps(p)) == p and hash(p) == hash(pickle.loads(pickle.dumps(p)))
     assert p.to_dict()["ingest"]["allowed_hosts"] == ["127.0.0.1:80"]
     assert isinstance(p.to_dict()["capfilt"]["calibrate_percentile"], float)  # 10 in a file is 10.0, as before
+
+
+def test_ema_settings_are_bounded_per_training_section():
+    """ema_decay in [0, 1) in each training section (0 = off, the default); ema_warmup a boolean."""
+    p = load_params("params.yaml")
+    assert p.pretrain.ema_decay == p.finetune.captioner.ema_decay == p.finetune.filter.ema_decay == 0.0
+    for section in ("pretrain", "finetune.captioner", "finetune.filter"):
+        for bad in ("1", "1.5", "-0.1", ".nan"):
+            with pytest.raises(ConfigError, match=rf"{section}\.ema_decay: must"):
+                load_params("params.yaml", [f"{section}.ema_decay={bad}"])
+        with pytest.raises(ConfigError, match=rf"{section}\.ema_warmup: expected true or false"):
+            load_params("params.yaml", [f"{section}.ema_warmup=0.5"])
+    p = load_params("params.yaml", ["finetune.filter.ema_decay=0.999", "pretrain.ema_warmup=false"])
+    assert p.finetune.filter.ema_decay == 0.999 and p.pretrain.ema_warmup is False and p.pretrain.ema_decay == 0.0

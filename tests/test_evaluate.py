@@ -9,7 +9,7 @@ import pytest
 import torch
 from fixtures_world import tiny_params
 
-from vlp_core.train.evaluate import rerank_scores, run_evaluate
+from vlp_core.train.evaluate import rerank_scores, run_evaluate, run_swap_accuracy
 from vlp_core.train.loop import run_pretrain
 
 KEYS = {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r1_mean", "bleu4", "cider", "itm_acc",
@@ -45,6 +45,10 @@ def test_evaluate_end_to_end_with_ground_truth(tiny_model_dir, tiny_world, tmp_p
     # without ground truth: no caption accuracy (the pipeline never reads ground truth)
     m2 = run_evaluate(params, tiny_model_dir, (tiny_world / "test.parquet", "human"), tmp_path / "b")
     assert "caption_acc" not in m2 and m2["tr_r1"] == m["tr_r1"]
+    # the swap accuracy alone (bench/cycle.py: the filter's), as the full evaluation has it
+    s = run_swap_accuracy(params, tiny_model_dir, f"{tiny_world / 'test.parquet'}:human",
+                          tiny_world / "ground_truth.parquet")
+    assert s["n_ground_truth"] == 100 and s["itm_acc_swap"] == m["itm_acc_swap"]
 
 
 class _FixedItm:

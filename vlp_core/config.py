@@ -165,6 +165,11 @@ class ModelParams(Settings):
     precision: Precision = "auto"
 
 
+# TrainParams fields that count in a stage key or training fingerprint only while the EMA is on
+# (ema_decay > 0): keys and fingerprints recorded before the setting existed stay valid.
+EMA_KEYS = ("ema_decay", "ema_warmup")
+
+
 class TrainParams(Settings):
     """One training run (pretrain, or a fine-tune target)."""
 
@@ -183,6 +188,8 @@ class TrainParams(Settings):
     # the caption with two content words swapped or one replaced by a word that keeps the same
     # company in the corpus; 0 = BLIP's ITM (negatives mined from the batch only)
     hard_negatives: Number = Field(0.0, ge=0, le=1)
+    ema_decay: Number = Field(0.0, ge=0, lt=1)  # EMA of the weights for the final model/ (train/ema.py); 0 = off, the live weights
+    ema_warmup: bool = True  # timm's decay warm-up: min(ema_decay, 1 - t ** -0.75) at step t
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -480,6 +487,7 @@ def section_dict(params: Params, section: str) -> dict[str, Any]:
 
 __all__ = [
     "ConfigError",
+    "EMA_KEYS",
     "Params",
     "Settings",
     "load_params",

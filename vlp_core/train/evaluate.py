@@ -138,6 +138,46 @@ def _swapped_negatives(scenes: Sequence[str], seed: int) -> list[str]:
     return out
 
 
+def swap_accuracy(model, image_embeds: torch.Tensor, scenes: Sequence[str], true_captions: Sequence[str], seed: int,
+                  batch_size: int, device: torch.device) -> float:
+    """``itm_acc_swap``: ITM accuracy of each image's true caption against a caption of the same
+    scene with one attribute swapped (:func:`_swapped_negatives`, seeded with ``seed``)."""
+    swapped = _swapped_negatives(scenes, seed)
+    _, sp = itm_scores(model, image_embeds, true_captions, batch_size, device)
+    _, sn = itm_scores(model, image_embeds, swapped, batch_size, device)
+    return M.binary_accuracy(sp, sn)
+
+
+def run_swap_accuracy(params: Params, model_dir: str | Path, test_source: Source | str,
+                      ground_truth: str | Path) -> dict[str, Any]:
+    """Only the ground-truth ITM accuracy of :func:`run_evaluate` (``itm_acc_swap``,
+    ``n_ground_truth``), for a model that is not evaluated in full -- a round's filter, whose
+    ITM head CapFilt uses (the same test rows, negatives and threshold as ``run_evaluate``)."""
+    from vlp_core.models import BlipMED
+    from vlp_core.synthetic.truth import url_path
+
+    set_entry_threads()
+    ep = params.evaluate
+    if not Path(model_dir).exists():
+        raise TrainError(f"{model_dir}: model folder not found")
+    source = parse_source(test_source) if isinstance(test_source, (str, Path)) else test_source
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = BlipMED.from_pretrained(model_dir).to(device).eval()
+    data = decode_pairs(load_pairs([source]), int(model.config.image_size))
+    urls = data.image_urls()
+    truth = _truth_by_url(ground_truth)
+    rows = [i for i, u in enumerate(urls) if u is not None and url_path(u) in truth]
+    out: dict[str, Any] = {"n_ground_truth": len(rows), "itm_acc_swap": None,
+                           "settings": {"swap_seed": params.pretrain.seed}}
+    if rows:
+        img_embeds, _ = encode_images(model, data.images[rows], ep.batch_size, device)
+        scenes = [truth[url_path(urls[i])][C.SCENE] for i in rows]
+        pos_texts = [truth[url_path(urls[i])][C.TRUE_CAPTION] for i in rows]
+        out["itm_acc_swap"] = swap_accuracy(model, img_embeds, scenes, pos_texts, params.pretrain.seed,
+                                            ep.batch_size, device)
+    return out
+
+
 def evaluation_settings(params: Params) -> dict[str, Any]:
     """Every setting that changes the numbers :func:`run_evaluate` writes (``batch_size`` does
     not).  ``metrics.json`` stores it under ``settings``; a stored file is reused only when it
@@ -222,12 +262,10 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
         if rows:
             scenes = [truth[url_path(urls[i])][C.SCENE] for i in rows]
             metrics.update(M.caption_accuracy([generated[i] for i in rows], scenes))
-            swapped = _swapped_negatives(scenes, params.pretrain.seed)
             pos_texts = [truth[url_path(urls[i])][C.TRUE_CAPTION] for i in rows]
             idx = torch.tensor(rows, dtype=torch.long)
-            _, sp = itm_scores(model, img_embeds[idx], pos_texts, ep.batch_size, device)
-            _, sn = itm_scores(model, img_embeds[idx], swapped, ep.batch_size, device)
-            metrics["itm_acc_swap"] = M.binary_accuracy(sp, sn)
+            metrics["itm_acc_swap"] = swap_accuracy(model, img_embeds[idx], scenes, pos_texts, params.pretrain.seed,
+                                                    ep.batch_size, device)
 
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     write_parquet(pa.table({C.URL: pa.array(urls, pa.string()),

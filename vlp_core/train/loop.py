@@ -10,8 +10,10 @@ Outputs under ``out_dir``::
 
     checkpoint/model/            save_pretrained (safetensors + config + tokenizer), every
     checkpoint/trainer_state.pt  ``checkpoint_every`` steps: full model state (momentum
-                                 encoders and queues too), optimizer, scheduler, RNG, step
-    model/                       the final model (save_pretrained)
+                                 encoders and queues too), optimizer, scheduler, RNG, step,
+                                 and the EMA's state when ``ema_decay > 0``
+    model/                       the final model (save_pretrained): the live weights, or their
+                                 EMA (:mod:`vlp_core.train.ema`) when ``ema_decay > 0``
     loss.csv                     step, loss, itc, itm, lm, lr (mean over each log window)
     stats.json                   StageStats
 
@@ -51,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 from vlp_core import models
-from vlp_core.config import Params, TrainParams
+from vlp_core.config import EMA_KEYS, Params, TrainParams
 from vlp_core.env import keep_freed_memory
 from vlp_core.errors import VlpError
 from vlp_core.io import StageStats, atomic_path
@@ -60,6 +62,7 @@ from vlp_core.models.hf import import_hf, is_hf_blip_dir
 from vlp_core.precision import use_bf16
 from vlp_core.train.data import (PairDataset, Source, decode_pairs, epoch_batches, get_batch, load_pairs,
                                  source_files)
+from vlp_core.train.ema import WeightEma
 from vlp_core.train.hardneg import HardNegatives
 from vlp_core.train.schedule import make_scheduler
 
@@ -185,7 +188,8 @@ def _sync_buffers(model: torch.nn.Module) -> None:
 
 
 def _save_checkpoint(out_dir: Path, model, optimizer, scheduler, step: int, extra: dict[str, Any]) -> None:
-    """Write ``checkpoint/`` atomically: build it beside, then swap it in."""
+    """Write ``checkpoint/`` atomically: build it beside, then swap it in.  ``checkpoint/model/``
+    holds the live weights (what a resume continues); an EMA's state travels in ``extra``."""
     final = out_dir / CHECKPOINT_DIR
     tmp = out_dir / f".{CHECKPOINT_DIR}.tmp"
     old = out_dir / f".{CHECKPOINT_DIR}.old"
@@ -228,6 +232,9 @@ def _clear_outputs(out_dir: Path) -> None:
 # --------------------------------------------------------------------------- fingerprint
 # TrainParams fields that do not change the trained weights
 FINGERPRINT_IGNORES = ("checkpoint_every", "log_every", "num_workers")
+# TrainParams fields that count only while the EMA is on (ema_decay > 0): runs recorded before the
+# EMA existed, and runs with it off, keep their fingerprints
+FINGERPRINT_EMA = EMA_KEYS
 STATS_JSON = "stats.json"
 
 
@@ -242,12 +249,12 @@ def _file_sha256(path: Path) -> str:
 def train_fingerprint(stage: str, section: str, tp: TrainParams, sources: Sequence[Source],
                       model_inputs: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
     """What a run's weights depend on, as a flat dict: the stage, the settings of ``section``
-    (all but :data:`FINGERPRINT_IGNORES`), the sources (path:label, as written: relative to the
-    work dir ``root``) and a sha256 of every Parquet file they read, and the model inputs (arch
-    and tokenizer, or the init model)."""
+    (all but :data:`FINGERPRINT_IGNORES`; :data:`FINGERPRINT_EMA` only when ``ema_decay > 0``),
+    the sources (path:label, as written: relative to the work dir ``root``) and a sha256 of every
+    Parquet file they read, and the model inputs (arch and tokenizer, or the init model)."""
     fp: dict[str, Any] = {"stage": stage}
     for name in type(tp).model_fields:
-        if name not in FINGERPRINT_IGNORES:
+        if name not in FINGERPRINT_IGNORES and (name not in FINGERPRINT_EMA or tp.ema_decay > 0):
             fp[f"{section}.{name}"] = getattr(tp, name)
     fp["sources"] = [f"{os.path.normpath(as_written(p, root))}:{n}" for p, n in sources]
     for p, _ in sources:
@@ -411,12 +418,19 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr)
     scheduler = make_scheduler(optimizer, tp.steps, tp.warmup_steps, tp.lr, tp.min_lr)
+    # the EMA of the weights (train/ema.py): it touches no RNG, so the live run is the same with it on
+    ema = WeightEma(model, tp.ema_decay, tp.ema_warmup) if tp.ema_decay > 0 else None
     start = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start = int(state["step"])
+        if ema is not None:
+            if "ema" not in state:  # cannot happen with a matching fingerprint; refuse rather than guess
+                raise TrainError(f"{out_dir}: the checkpoint has no EMA state although ema_decay is "
+                                 f"{tp.ema_decay}; rerun with a fresh out dir or --fresh")
+            ema.load_state_dict(state["ema"])
         del state
 
     weights = {"itc": tp.itc_weight, "itm": tp.itm_weight, "lm": tp.lm_weight}
@@ -449,6 +463,8 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(model, step + 1)
         samples += len(texts) * dist.world_size
         log.add({"loss": float(loss.detach()), **{k: float(out[k].detach()) for k in ("itc", "itm", "lm") if k in out}})
         done = step + 1
@@ -464,7 +480,8 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
                 _sync_buffers(model)
             if dist.is_main:
                 _save_checkpoint(out_dir, model, optimizer, scheduler, done,
-                                 {"stage": stage, "fingerprint": fingerprint})
+                                 {"stage": stage, "fingerprint": fingerprint,
+                                  **({"ema": ema.state_dict()} if ema is not None else {})})
             if dist.enabled:
                 torch.distributed.barrier()
         bar.update(1)
@@ -492,10 +509,13 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         hashes = [None] * dist.world_size
         torch.distributed.all_gather_object(hashes, state_sha256(model))
     stats.extra["rank_param_sha256"] = param_hashes
-    stats.extra["rank_state_sha256"] = hashes
+    stats.extra["rank_state_sha256"] = hashes  # the live model's, EMA or not
+    if ema is not None:
+        stats.extra["ema_decay"] = tp.ema_decay
+        stats.extra["ema_state_sha256"] = state_sha256(ema.module)  # rank 0's: the weights model/ holds
     if dist.is_main:
         if step_done >= tp.steps:
-            _save_final(out_dir, model)
+            _save_final(out_dir, ema.module if ema is not None else model)
         stats.seconds = round(time.perf_counter() - t0, 3)
         stats.check().write(out_dir)
     if dist.enabled:
