@@ -41,7 +41,7 @@ def fingerprints(p: Params) -> dict[str, str]:
                               ("finetune_filter", "finetune.filter", p.finetune.filter),
                               ("retrain", "retrain", retrain_settings(p))):
         out[f"train {name}"] = fingerprint_sha256(train_fingerprint(name, section, tp, [], {}))
-    out["catalog params"] = _sha(p.to_dict())  # what `vlp record` stores with a version
+    out["catalog params"] = _sha(p.to_dict())  # what `vlp record` stores (a record, not a key: ema_* too)
     for s in ("synthetic", "capfilt", "features"):  # world.json's settings; the capfilt/features fingerprints
         out[f"section {s}"] = _sha(section_dict(p, s))
     return out
@@ -66,7 +66,7 @@ PINNED = {
         "train finetune_captioner": "51b66b84bd6c7de39ae5dd5aae9ab14dd749bc3ead53cbcb7b6864453840905b",
         "train finetune_filter": "ab336d9a002ef824573d40c0f125047871b2c6273fc0c4321c1535c70aac2023",
         "train retrain": "91b31996eb5b416058d91ee0c16be57a5edbf11734f01531cabbd3d41cc2f3b2",
-        "catalog params": "6c36ff579f00f7edf46c0f0352f77f617e5821f0967ae3dd71466c5b5acaa86c",
+        "catalog params": "26e63cf9441696b2b7ee909185d178d0a708b6c241bf316f1c5a80c139a8792e",
         "section synthetic": "29506c574de59baacc47716a0283022bc7b0c1770d92c0a6e9af1ac6a3865110",
         "section capfilt": "f3998a75f2873c1f1e73d44ed6db83258f86823e1fa2d46627a5fc97fcc5c662",
         "section features": "ebad7352c8db9484dcc8b8790d038aceef12a6ec345f91120aaea49791b2c7bd",
@@ -89,7 +89,7 @@ PINNED = {
         "train finetune_captioner": "51b66b84bd6c7de39ae5dd5aae9ab14dd749bc3ead53cbcb7b6864453840905b",
         "train finetune_filter": "433cb38675e16da3178f803c45acad8b0c425cd8c748418d06f59762edb66e76",
         "train retrain": "c0a46e76304acc5950c34ea9e8727adf5d5e5e11acd5ccec2c0cff4b873900f3",
-        "catalog params": "f26e526d8ebe6c9528442711c734de6edab2ee199bc7bad7ffc1746129f340d7",
+        "catalog params": "efb7223a2907871cdb91cfe4317625641827287805929d36bf6a80feb797b861",
         "section synthetic": "29506c574de59baacc47716a0283022bc7b0c1770d92c0a6e9af1ac6a3865110",
         "section capfilt": "8288e37fa9865b1e921812e8cc6b1a68abbec1118edc34d30520b00b82aa0b9d",
         "section features": "ebad7352c8db9484dcc8b8790d038aceef12a6ec345f91120aaea49791b2c7bd",
@@ -106,3 +106,16 @@ def test_settings_give_the_keys_of_before(case):
 if __name__ == "__main__":  # print the pins (only when a new setting changes them on purpose)
     print(json.dumps({"defaults": fingerprints(Params()),
                       "coerced": fingerprints(params_from_dict(COERCED, "<test>"))}, indent=4))
+
+
+def test_ema_settings_move_a_stage_key_only_while_the_ema_is_on():
+    """ema_decay = 0 (off) keeps the keys of before whatever ema_warmup says; turning it on moves
+    the key of that section's stage and of nothing upstream."""
+    base = fingerprints(Params())
+    warm_off = fingerprints(params_from_dict({"pretrain": {"ema_warmup": False}}, "<test>"))
+    on = fingerprints(params_from_dict({"finetune": {"filter": {"ema_decay": 0.999}}}, "<test>"))
+    assert {k: v for k, v in warm_off.items() if k != "catalog params"} == \
+        {k: v for k, v in base.items() if k != "catalog params"}
+    assert on["key finetune.filter"] != base["key finetune.filter"]
+    assert on["train finetune_filter"] != base["train finetune_filter"]
+    assert on["key pretrain"] == base["key pretrain"] and on["key finetune.captioner"] == base["key finetune.captioner"]

@@ -135,10 +135,8 @@ def test_finetune_sections_have_their_own_ema(with_ema, tiny_world, tmp_path):
 def test_fingerprint_has_ema_keys_only_when_on():
     base = tiny_params().pretrain
     off = train_fingerprint("pretrain", "pretrain", base, [], {})
-    import dataclasses
-
-    warm_off = train_fingerprint("pretrain", "pretrain", dataclasses.replace(base, ema_warmup=False), [], {})
-    on = train_fingerprint("pretrain", "pretrain", dataclasses.replace(base, ema_decay=0.999), [], {})
+    warm_off = train_fingerprint("pretrain", "pretrain", base.model_copy(update=dict(ema_warmup=False)), [], {})
+    on = train_fingerprint("pretrain", "pretrain", base.model_copy(update=dict(ema_decay=0.999)), [], {})
     assert off == warm_off and not any("ema" in k for k in off)
     assert on["pretrain.ema_decay"] == 0.999 and on["pretrain.ema_warmup"] is True
     assert {k: v for k, v in on.items() if "ema" not in k} == off

@@ -153,9 +153,6 @@ def run_swap_accuracy(params: Params, model_dir: str | Path, test_source: Source
     """Only the ground-truth ITM accuracy of :func:`run_evaluate` (``itm_acc_swap``,
     ``n_ground_truth``), for a model that is not evaluated in full -- a round's filter, whose
     ITM head CapFilt uses (the same test rows, negatives and threshold as ``run_evaluate``)."""
-    from vlp_core.models import BlipMED
-    from vlp_core.synthetic.truth import url_path
-
     set_entry_threads()
     ep = params.evaluate
     if not Path(model_dir).exists():
