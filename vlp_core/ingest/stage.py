@@ -6,7 +6,8 @@ Layout under ``out_dir``::
     _work/retry.parquet      the rows the last retry pass downloaded again (ingest.retry_failed)
     _work/fingerprint.json   what those rows and the download settings were (resume guard)
     shards/00000.tar         img2dataset webdataset shard (+ 00000.parquet, 00000_stats.json)
-    manifest.parquet         MANIFEST_SCHEMA, exactly one row per input row, in input order
+    manifest.parquet         MANIFEST_SCHEMA, exactly one row per input row, in input order (plus the
+                             URL list's ``regions``, its box annotations, when it has them)
     stats.json               StageStats (rows per status)
 
 img2dataset's ``<shard>_stats.json`` files are the done markers: with ``ingest.incremental``
@@ -39,7 +40,7 @@ from vlp_core.io import StageStats, Timer, read_json, write_json, write_parquet
 from vlp_core.ingest.reader import read_url_list
 from vlp_core.ingest.retry import NO_RESULT, transient_rows
 from vlp_core.ingest.validate import Verdicts, allowed_hosts, validate_rows
-from vlp_core.schema import INGEST_STATUSES, MANIFEST_SCHEMA, C
+from vlp_core.schema import INGEST_STATUSES, MANIFEST_SCHEMA, C, manifest_schema
 
 SHARDS_DIR = "shards"
 WORK_DIR = "_work"
@@ -158,8 +159,10 @@ def _collect(shards: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
     return found, failed
 
 
-def _manifest(verdicts: Verdicts, found: dict[int, dict[str, Any]], out_dir: Path, ip: IngestParams) -> pa.Table:
-    """One row per input row, in input order: the validation verdict, else the shard result."""
+def _manifest(verdicts: Verdicts, found: dict[int, dict[str, Any]], out_dir: Path, ip: IngestParams,
+              regions: Optional[pa.ChunkedArray] = None) -> pa.Table:
+    """One row per input row, in input order: the validation verdict, else the shard result
+    (and the row's ``regions`` as given, when the URL list has them)."""
     cols: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
     for i in range(len(verdicts.urls)):
         status, reason = verdicts.status[i], verdicts.reason[i]
@@ -188,7 +191,9 @@ def _manifest(verdicts: Verdicts, found: dict[int, dict[str, Any]], out_dir: Pat
         cols[C.WIDTH].append(width)
         cols[C.HEIGHT].append(height)
         cols[C.SHA256].append(sha)
-    return pa.table(cols, schema=MANIFEST_SCHEMA)
+    if regions is None:
+        return pa.table(cols, schema=MANIFEST_SCHEMA)
+    return pa.table({**cols, C.REGIONS: regions}, schema=manifest_schema(regions=True))
 
 
 def _retry_pass(manifest: pa.Table, shards: Path, work: Path, ip: IngestParams,
@@ -244,12 +249,13 @@ def run_ingest(params: Params, urls: str | Path, out_dir: str | Path) -> StageSt
             _run_img2dataset(dl_path, shards, ip)
         unfinished = [s for s in base if not _done(shards, s)]
         found, failed = _collect(shards)
-        manifest = _manifest(verdicts, found, out_dir, ip)
+        regions = table.column(C.REGIONS) if C.REGIONS in table.column_names else None
+        manifest = _manifest(verdicts, found, out_dir, ip, regions)
         if ip.retry_failed:
             retry, retried = _retry_pass(manifest, shards, work, ip, unfinished)
             if retried:
                 found, failed = _collect(shards)
-                manifest = _manifest(verdicts, found, out_dir, ip)
+                manifest = _manifest(verdicts, found, out_dir, ip, regions)
             ok = manifest.column(C.STATUS).to_pylist()
             retry["recovered"] = sum(ok[i] == "success" for i in retried)
             retry["still_failed"] = retry["retried"] - retry["recovered"]
