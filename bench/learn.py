@@ -16,6 +16,11 @@ world's ground truth.  It prints, side by side with their chance levels:
 * retrieval R@1 (ITC top-k re-ranked by ITM; semantic recall) against chance;
 * caption accuracy (greedy; every stated attribute right), per attribute, BLEU-4, CIDEr.
 
+``--family blip,xvlm`` (issue 21) trains each family in turn on the same world, steps and seed
+-- web *and* human pairs, since X-VLM's box annotations come with the human split only
+(``--n-human``; its region losses apply to those rows) -- and ends with a side-by-side table:
+relation-direction and shape accuracy of the captions, ITM against one-attribute swaps.
+
 Targets (issue 4): ITM loss well below 0.6, ITM accuracy > 80 %, caption accuracy >= 50 %
 within about 10 minutes on 2 cores.  The ITM numbers are the pretrained model's (the filter
 starts from it); caption accuracy is the captioner's; the time is both trainings together.
@@ -67,6 +72,12 @@ def _args() -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--noise", type=float, default=0.0, help="synthetic.noise_rate of the web split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", default="blip",
+                   help="model family, or a comma list run side by side at equal steps (e.g. blip,xvlm)")
+    p.add_argument("--n-human", type=int, default=None,
+                   help="human pairs (with box annotations) trained beside the web pairs; by default 200 of them, "
+                        "trained only when --family names more than blip (blip alone: the web split, as before). "
+                        "Give it to train them with --family blip too (one family per process, same world)")
     p.add_argument("--params", default=None, help="a params.yaml to start from (default: built-in defaults)")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
     return p.parse_args()
@@ -122,13 +133,19 @@ def _report(tag: str, m: dict, itm_loss: float | None, train_s: float, sps: floa
 def main() -> int:
     apply_offline_env()
     a = _args()
+    from vlp_core.models.families import FAMILIES
     from vlp_core.synthetic.make import run_synthetic_make
-    from vlp_core.train.evaluate import run_evaluate
-    from vlp_core.train.loop import run_finetune, run_pretrain
 
+    fams = [f.strip() for f in a.family.split(",") if f.strip()]
+    unknown = [f for f in fams if f not in FAMILIES]
+    if unknown or not fams:
+        raise SystemExit(f"--family: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(FAMILIES)})")
+    # X-VLM's boxes come with the human split; every family measured beside it trains on it too
+    with_human = a.n_human is not None or fams != ["blip"]
+    a.n_human = 200 if a.n_human is None else a.n_human
     base = load_params(a.params, a.overrides) if a.params else load_params(None, a.overrides)
     out = Path(a.out)
-    world_params = base.replace(**{"synthetic.n_web": a.n_train, "synthetic.n_human": 200, "synthetic.n_test": a.n_test,
+    world_params = base.replace(**{"synthetic.n_web": a.n_train, "synthetic.n_human": a.n_human, "synthetic.n_test": a.n_test,
                                    "synthetic.noise_rate": a.noise, "synthetic.fail_rate": 0.0,
                                    "synthetic.seed": a.seed})
     world = out / f"world_{a.n_train}_{a.n_test}_{a.noise}_{a.seed}"
@@ -137,12 +154,27 @@ def main() -> int:
     print(f"world: {world} ({time.perf_counter() - t:.1f} s)")
     train = dict(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup, lm_weight=a.lm_weight,
                  itm_weight=a.itm_weight, itc_weight=a.itc_weight, seed=a.seed, checkpoint_every=a.steps, log_every=20)
-    params: Params = world_params.replace(**{f"pretrain.{k}": v for k, v in train.items()})
-    tag = f"s{a.steps}_b{a.batch}_lr{a.lr:g}_w{a.warmup}_lm{a.lm_weight:g}_itm{a.itm_weight:g}_seed{a.seed}"
+    sources = [(world / "web.parquet", "web")] + ([(world / "human.parquet", "human")] if with_human else [])
+    rows = {}
+    for family in fams:
+        params: Params = world_params.replace(**{f"pretrain.{k}": v for k, v in train.items()}, **{"model.family": family})
+        rows[family] = _run_family(a, params, world, out, sources, family)
+    if len(fams) > 1:
+        _side_by_side(rows, a)
+    return 0
+
+
+def _run_family(a, params: Params, world: Path, out: Path, sources: list, family: str) -> dict:
+    """Pretrain (and fine-tune the captioner of) one family; its numbers for the side-by-side table."""
+    from vlp_core.train.evaluate import run_evaluate
+    from vlp_core.train.loop import run_finetune, run_pretrain
+
+    tag = (f"s{a.steps}_b{a.batch}_lr{a.lr:g}_w{a.warmup}_lm{a.lm_weight:g}_itm{a.itm_weight:g}_seed{a.seed}"
+           + ("" if family == "blip" else f"_{family}") + ("_h" if len(sources) > 1 else ""))
     run = out / f"pretrain_{tag}"
     shutil.rmtree(run, ignore_errors=True)
     print(f"pretrain: {tag}")
-    stats = run_pretrain(params, [(world / "web.parquet", "web")], run)
+    stats = run_pretrain(params, sources, run)
     test = (world / "test.parquet", "human")
     gt = world / "ground_truth.parquet"
     m = run_evaluate(params, run / "model", test, run / "eval", ground_truth=gt)
@@ -155,14 +187,35 @@ def main() -> int:
                                "finetune.captioner.checkpoint_every": a.captioner_steps})
         cap = out / f"captioner_{tag}_c{a.captioner_steps}"
         shutil.rmtree(cap, ignore_errors=True)
-        st = run_finetune(ft, "captioner", [(world / "web.parquet", "web")], run / "model", cap)
+        st = run_finetune(ft, "captioner", sources, run / "model", cap)
         mc = run_evaluate(ft, cap / "model", test, cap / "eval", ground_truth=gt)
         _report(f"+ captioner fine-tune {a.captioner_steps} steps ({st.extra['train_seconds']:.0f} s)"
                 " -- its ITM head is not trained here; read ITM from the pretrained model", mc, None, 0, None,
                 _seen_split_accuracy(world, cap / "eval"))
         train_s, caption_m = train_s + float(st.extra["train_seconds"]), mc
     _targets(itm_loss, m, caption_m, train_s, a.budget_s)
-    return 0
+    return {"pre": m, "cap": caption_m, "itm_loss": itm_loss, "train_s": train_s}
+
+
+def _side_by_side(rows: dict, a) -> None:
+    """The families at equal steps: what issue 21 asks X-VLM to move."""
+    pct = lambda v: f"{100 * v:6.1f}%"  # noqa: E731
+    fams = list(rows)
+    cap_note = f"captioner ({a.captioner_steps} steps)" if a.captioner_steps else "pretrained model"
+    print(f"\nSIDE BY SIDE ({a.steps} pretraining steps, {a.captioner_steps} captioner steps, batch {a.batch}, "
+          f"seed {a.seed}, {a.n_train} web + {a.n_human} human pairs)")
+    print(f"{'':34s}" + "".join(f"{f:>10s}" for f in fams))
+    lines = [
+        (f"relation-direction acc ({cap_note})", lambda r: pct(r["cap"].get("caption_acc_relation", float("nan")))),
+        (f"shape acc ({cap_note})", lambda r: pct(r["cap"].get("caption_acc_shape", float("nan")))),
+        (f"caption acc, all right", lambda r: pct(r["cap"].get("caption_acc", float("nan")))),
+        ("ITM acc vs 1-attr swap (pretrained)", lambda r: pct(r["pre"].get("itm_acc_swap", float("nan")))),
+        ("ITM acc vs ITC-hard neg (pretrained)", lambda r: pct(r["pre"]["itm_acc"])),
+        ("R@1 mean (pretrained)", lambda r: f"{r['pre']['r1_mean']:6.1f}%"),
+        ("train time", lambda r: f"{r['train_s']:6.0f} s"),
+    ]
+    for name, fmt in lines:
+        print(f"{name:34s}" + "".join(f"{fmt(rows[f]):>10s}" for f in fams))
 
 
 def _targets(itm_loss: float, pre: dict, cap: dict, train_s: float, budget_s: float) -> None:

@@ -23,7 +23,7 @@ def test_parse_source():
 
 def test_world_list_counts_failures_and_empty_texts(tiny_world):
     table = load_pairs([(tiny_world / "web.parquet", "web"), (tiny_world / "human.parquet", "human")])
-    assert table.column_names == ["key", "shard", "text", "source", "url"]
+    assert table.column_names == ["key", "shard", "text", "source", "url", "regions"]
     assert table.num_rows == 400
     assert table["source"].to_pylist().count("human") == 100
     data = decode_pairs(table, 48)

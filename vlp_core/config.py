@@ -156,6 +156,11 @@ class ModelParams(Settings):
     (see :class:`vlp_core.models.med.MedConfig`; default ``enc``, BLIP's, when absent)."""
 
     arch: str = "tiny"
+    # the model family a fresh model is built as (vlp_core/models/families.py): blip (BLIP's MED),
+    # xvlm (the MED + X-VLM's region-text ITC/ITM and box prediction, trained on the rows with box
+    # annotations), vilbert (two streams with co-attention; filter only, it does not caption).
+    # A loaded model (init_from, fine-tunes, continue-retrains) keeps the family it was saved with
+    family: Literal["blip", "xvlm", "vilbert"] = "blip"
     init_from: Optional[str] = None  # a vlp checkpoint dir or a local HF BLIP dir
     tokenizer: Optional[str] = None  # a local HF tokenizer dir; None = train WordPiece offline
     vocab_size: int = Field(512, ge=8)

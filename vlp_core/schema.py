@@ -53,6 +53,9 @@ class C:
     FAIL_KIND = "fail_kind"
     TRUE_CAPTION = "true_caption"
     SCENE = "scene"  # JSON: objects (colour, shape, size, bbox) and the relation
+    # region annotations (X-VLM's boxes with their phrases): an optional column of a URL list, carried
+    # into its manifest and the training pairs; REGIONS_TYPE below
+    REGIONS = "regions"
 
 
 # Manifest statuses (ingest): every input row ends with exactly one of these.
@@ -82,6 +85,43 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field(C.SHA256, pa.string()),
     ]
 )
+
+# A row's region annotations, as COCO / Visual Genome give X-VLM: a list of {phrase, box}, the box
+# [x0, y0, x1, y1] normalised to [0, 1] of the image (x right, y down); null = none (a web row).
+REGION_FIELDS = ("phrase", "box")
+REGIONS_TYPE = pa.list_(pa.struct([pa.field("phrase", pa.string()), pa.field("box", pa.list_(pa.float32()))]))
+
+
+def manifest_schema(regions: bool = False) -> pa.Schema:
+    """:data:`MANIFEST_SCHEMA`, plus the ``regions`` column when the URL list had one."""
+    return MANIFEST_SCHEMA.append(pa.field(C.REGIONS, REGIONS_TYPE)) if regions else MANIFEST_SCHEMA
+
+
+def normalise_regions(value) -> "list[dict] | None":
+    """One row's region annotations checked and normalised: None (no annotations) or a list of
+    ``{"phrase": str, "box": [x0, y0, x1, y1]}`` with ``0 <= x0 < x1 <= 1``, same for y, and a
+    non-empty phrase.  Raises ``ValueError`` saying what is wrong (the caller names file and row)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"regions must be a list of {{phrase, box}}, got {type(value).__name__}")
+    out = []
+    for j, r in enumerate(value):
+        if not isinstance(r, dict) or set(r) - set(REGION_FIELDS) or "phrase" not in r or "box" not in r:
+            raise ValueError(f"region {j}: expected {{phrase, box}}, got {r!r}")
+        phrase, box = r["phrase"], r["box"]
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise ValueError(f"region {j}: phrase must be a non-empty string, got {phrase!r}")
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box)
+        except (TypeError, ValueError):
+            raise ValueError(f"region {j}: box must be 4 numbers [x0, y0, x1, y1], got {box!r}") from None
+        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+            raise ValueError(f"region {j}: box {[x0, y0, x1, y1]} is not inside [0, 1] with x0 < x1 and y0 < y1 "
+                             "(boxes are normalised [x0, y0, x1, y1])")
+        out.append({"phrase": phrase.strip(), "box": [x0, y0, x1, y1]})
+    return out
+
 
 CORPUS_SCHEMA = pa.schema(
     [

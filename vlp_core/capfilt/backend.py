@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from vlp_core.capfilt.fastmed import FastText
 from vlp_core.errors import VlpError
 from vlp_core.images import ImageSpec, autocast, embed_images, hf_image_spec
-from vlp_core.models import BlipMED
+from vlp_core.models import BlipMED, ModelError
+from vlp_core.models.families import generates
 from vlp_core.models.hf import hf_itm_first_token
 
 Role = Literal["captioner", "filter"]
@@ -213,7 +214,11 @@ class VlpBackend(Backend):
     def __init__(self, model_dir: Path, role: Role, device: torch.device, model_id: Optional[str] = None):
         self.role, self.model_dir, self.device = role, model_dir, device
         self.model_id = model_id or dir_content_hash(model_dir)
-        self.model = BlipMED.from_pretrained(model_dir).to(device).eval()
+        self.model = BlipMED.from_pretrained(model_dir).to(device).eval()  # any family (config.json's)
+        family = getattr(self.model, "family", "blip")
+        if role == "captioner" and not generates(family):
+            raise ModelError(f"{model_dir}: a {family!r} model does not generate captions, so it cannot be "
+                             "CapFilt's captioner (vlp_core/models/families.py: blip and xvlm do)")
         cfg = self.model.config
         self.spec = self.model.image_spec
         self.vision_key = "vlp:" + state_hash(self.model.visual_encoder, [self.spec, cfg.vision, cfg.vision_kwargs])

@@ -1,7 +1,10 @@
 """Read a URL list (Parquet, CSV, TSV, JSONL or plain text) into a two-column table.
 
 Whatever the input, the result is ``url`` and ``caption`` string columns, one row per input
-row and in input order (so the row number is the manifest's ``row_index``).  Bad files are
+row and in input order (so the row number is the manifest's ``row_index``).  A Parquet or
+JSONL list may also carry ``regions`` (box annotations with their phrases,
+:data:`vlp_core.schema.REGIONS_TYPE`, e.g. COCO's or Visual Genome's for X-VLM); it is checked
+(:func:`vlp_core.schema.normalise_regions`) and kept as a third column.  Bad files are
 refused with one :class:`InputFileError` that names the file and the column or row.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ import pyarrow.parquet as pq
 
 from vlp_core.config import IngestParams
 from vlp_core.errors import VlpError
-from vlp_core.schema import C
+from vlp_core.schema import REGIONS_TYPE, C, normalise_regions
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 _EXT = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
@@ -103,8 +106,21 @@ def _as_strings(values: list) -> pa.Array:
     return pa.array([None if v is None else (v if isinstance(v, str) else str(v)) for v in values], pa.string())
 
 
+def _regions(path: Path, values: list, first_line: int) -> pa.Array:
+    """The ``regions`` column checked row by row (an error names the file and the row)."""
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(normalise_regions(v))
+        except ValueError as exc:
+            where = f"line {first_line + i}" if first_line else f"row {i}"
+            raise InputFileError(f"{path}: {where}: column {C.REGIONS!r}: {exc}") from None
+    return pa.array(out, REGIONS_TYPE)
+
+
 def read_url_list(path: str | Path, params: IngestParams) -> pa.Table:
-    """The URL list at ``path`` as a table with string columns ``url`` and ``caption``."""
+    """The URL list at ``path`` as a table with string columns ``url`` and ``caption`` (and
+    ``regions`` when a Parquet or JSONL list has them)."""
     path = Path(path)
     if not path.exists():
         raise InputFileError(f"{path}: file not found")
@@ -114,6 +130,7 @@ def read_url_list(path: str | Path, params: IngestParams) -> pa.Table:
         raise InputFileError(f"{path}: empty file (no header and no rows)")
     fmt = detect_format(path, params.input_format)
     url_col, caption_col = params.url_col, params.caption_col
+    regions = None
     if fmt != "parquet":
         with open(path, "rb") as f:
             _check_text(path, f.read(65536))
@@ -126,11 +143,14 @@ def read_url_list(path: str | Path, params: IngestParams) -> pa.Table:
         if url_col not in names:
             raise InputFileError(f"{path}: no url column {url_col!r} (columns: {', '.join(names)}); "
                                  f"set -S ingest.url_col=NAME")
-        cols = [url_col] + ([caption_col] if caption_col in names else [])
+        cols = [url_col] + ([caption_col] if caption_col in names else []) + \
+            ([C.REGIONS] if C.REGIONS in names else [])
         table = pf.read(columns=cols)
         urls = _as_strings(table.column(url_col).to_pylist())
         caps = (_as_strings(table.column(caption_col).to_pylist()) if caption_col in names
                 else pa.nulls(table.num_rows, pa.string()))
+        if C.REGIONS in names:
+            regions = _regions(path, table.column(C.REGIONS).to_pylist(), 0)
     elif fmt in ("csv", "tsv"):
         table = _read_delimited(path, "," if fmt == "csv" else "\t", url_col, caption_col)
         urls = _as_strings(table.column(url_col).to_pylist())
@@ -143,6 +163,8 @@ def read_url_list(path: str | Path, params: IngestParams) -> pa.Table:
                                  f"(keys of line 1: {', '.join(rows[0]) or 'none'})")
         urls = _as_strings([r.get(url_col) for r in rows])
         caps = _as_strings([r.get(caption_col) for r in rows])
+        if any(C.REGIONS in r for r in rows):
+            regions = _regions(path, [r.get(C.REGIONS) for r in rows], 1)
     elif fmt == "txt":
         lines = path.read_text(encoding="utf-8").splitlines()
         while lines and not lines[-1].strip():
@@ -153,4 +175,6 @@ def read_url_list(path: str | Path, params: IngestParams) -> pa.Table:
         raise InputFileError(f"{path}: unknown input format {fmt!r} (one of {', '.join(FORMATS)})")
     if len(urls) == 0:
         raise InputFileError(f"{path}: no rows (the file has a header or schema but no data)")
+    if regions is not None:
+        return pa.table({C.URL: urls, C.CAPTION: caps, C.REGIONS: regions})
     return pa.table({C.URL: urls, C.CAPTION: caps})

@@ -6,7 +6,8 @@ Layout under ``out_dir``::
     _work/retry.parquet      the rows the last retry pass downloaded again (ingest.retry_failed)
     _work/fingerprint.json   what those rows and the download settings were (resume guard)
     shards/00000.tar         img2dataset webdataset shard (+ 00000.parquet, 00000_stats.json)
-    manifest.parquet         MANIFEST_SCHEMA, exactly one row per input row, in input order
+    manifest.parquet         MANIFEST_SCHEMA, exactly one row per input row, in input order (plus the
+                             URL list's ``regions``, its box annotations, when it has them)
     stats.json               StageStats (rows per status)
 
 img2dataset's ``<shard>_stats.json`` files are the done markers: with ``ingest.incremental``
@@ -42,7 +43,7 @@ from vlp_core.ingest.retry import NO_RESULT, transient_rows
 from vlp_core.ingest.validate import Verdicts, allowed_hosts, validate_rows
 from vlp_core.ingest.workers import guarded_download
 from vlp_core.layout import SHARDS_DIR, as_written
-from vlp_core.schema import INGEST_STATUSES, MANIFEST_SCHEMA, C
+from vlp_core.schema import INGEST_STATUSES, MANIFEST_SCHEMA, C, manifest_schema
 
 WORK_DIR = "_work"
 
@@ -157,9 +158,10 @@ def _collect(shards: Path) -> tuple[dict[int, dict[str, Any]], list[str]]:
 
 
 def _manifest(verdicts: Verdicts, found: dict[int, dict[str, Any]], out_dir: Path, ip: IngestParams,
-              root: str | Path) -> pa.Table:
+              root: str | Path, regions: Optional[pa.ChunkedArray] = None) -> pa.Table:
     """One row per input row, in input order: the validation verdict, else the shard result
-    (its shard reference relative to the work dir ``root``, :func:`vlp_core.layout.as_written`)."""
+    (its shard reference relative to the work dir ``root``, :func:`vlp_core.layout.as_written`),
+    and the row's ``regions`` as given, when the URL list has them."""
     shards_as_written = Path(as_written(out_dir / SHARDS_DIR, root))
     cols: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
     for i in range(len(verdicts.urls)):
@@ -189,7 +191,9 @@ def _manifest(verdicts: Verdicts, found: dict[int, dict[str, Any]], out_dir: Pat
         cols[C.WIDTH].append(width)
         cols[C.HEIGHT].append(height)
         cols[C.SHA256].append(sha)
-    return pa.table(cols, schema=MANIFEST_SCHEMA)
+    if regions is None:
+        return pa.table(cols, schema=MANIFEST_SCHEMA)
+    return pa.table({**cols, C.REGIONS: regions}, schema=manifest_schema(regions=True))
 
 
 def _retry_pass(manifest: pa.Table, shards: Path, work: Path, ip: IngestParams,
@@ -247,12 +251,13 @@ def run_ingest(params: Params, urls: str | Path, out_dir: str | Path, root: str 
             _run_img2dataset(dl_path, shards, ip)
         unfinished = [s for s in base if not _done(shards, s)]
         found, failed = _collect(shards)
-        manifest = _manifest(verdicts, found, out_dir, ip, root)
+        regions = table.column(C.REGIONS) if C.REGIONS in table.column_names else None
+        manifest = _manifest(verdicts, found, out_dir, ip, root, regions)
         if ip.retry_failed:
             retry, retried = _retry_pass(manifest, shards, work, ip, unfinished)
             if retried:
                 found, failed = _collect(shards)
-                manifest = _manifest(verdicts, found, out_dir, ip, root)
+                manifest = _manifest(verdicts, found, out_dir, ip, root, regions)
             ok = manifest.column(C.STATUS).to_pylist()
             retry["recovered"] = sum(ok[i] == "success" for i in retried)
             retry["still_failed"] = retry["retried"] - retry["recovered"]

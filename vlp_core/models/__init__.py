@@ -1,7 +1,9 @@
-"""The BLIP MED model, its tokenizer and architectures (importable without the trainer).
+"""The model families, their tokenizer and architectures (importable without the trainer).
 
-``create_model(arch, tokenizer)`` builds a model from an architecture JSON file chosen by
-name (``vlp_core/models/architectures/<name>.json``) or by path, as open_clip does.
+``create_model(arch, tokenizer, family=...)`` builds a model from an architecture JSON file
+chosen by name (``vlp_core/models/architectures/<name>.json``) or by path, as open_clip does,
+with the class of its family (:mod:`vlp_core.models.families`: blip, xvlm, vilbert);
+``load_model(dir)`` loads a saved one by the family its ``config.json`` names.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch and transformers load on first use, not when `vlp --help` imports this package
+    from vlp_core.models.families import load_model
     from vlp_core.models.med import BlipMED, MedConfig, ModelError
     from vlp_core.models.tokenizer import load_tokenizer, train_tokenizer
 
 _LAZY = {"BlipMED": "med", "MedConfig": "med", "ModelError": "med", "load_tokenizer": "tokenizer",
-         "train_tokenizer": "tokenizer"}
+         "train_tokenizer": "tokenizer", "load_model": "families"}
 
 
 def __getattr__(name: str) -> Any:
@@ -44,21 +47,35 @@ def load_architecture(arch: str | Path) -> dict[str, Any]:
     return d
 
 
-def create_model(arch: str | Path = "tiny", tokenizer=None, **overrides: Any) -> "BlipMED":
-    """A freshly initialised :class:`BlipMED` of architecture ``arch``; token ids and vocab
-    size come from ``tokenizer``; ``overrides`` replace architecture fields."""
-    from vlp_core.models.med import BlipMED, MedConfig
+def create_model(arch: str | Path = "tiny", tokenizer=None, family: str | None = None, **overrides: Any) -> "BlipMED":
+    """A freshly initialised model of architecture ``arch`` and family ``family`` (``model.family``:
+    blip, xvlm, vilbert; None = the architecture's ``family`` key, else blip); token ids and vocab
+    size come from ``tokenizer``; ``overrides`` replace architecture fields.  An architecture JSON
+    that names a ``family`` is for that family only; one that names none (tiny, tiny-vit,
+    blip-base: sizes) serves every family, whose own fields (e.g. X-VLM's region-loss weights)
+    then take their defaults."""
+    from vlp_core.models import families
+    from vlp_core.models.med import ModelError
 
     d = {**load_architecture(arch), **overrides}
+    arch_family = d.pop("family", None)
+    if family is not None and arch_family is not None and family != arch_family:
+        raise ModelError(f"architecture {arch!r} is for model family {arch_family!r}, not {family!r} "
+                         f"(set model.family={arch_family}, or pick an architecture without a family key)")
+    name = family or arch_family or families.DEFAULT_FAMILY
+    cls = families.model_class(name)
+    config_class = getattr(cls, "config_class", None)
+    if config_class is None:
+        raise ModelError(f"model family {name!r}: {cls.__name__} has no config_class (see vlp_core.models.families)")
     if tokenizer is not None:
         d.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
                  sep_token_id=tokenizer.sep_token_id, enc_token_id=tokenizer.convert_tokens_to_ids("[ENC]"),
                  dec_token_id=tokenizer.convert_tokens_to_ids("[DEC]"))
-    cfg = MedConfig.from_dict(d)
-    model = BlipMED(cfg, tokenizer=tokenizer)
-    model.copy_params()
+    model = cls(config_class.from_dict(d), tokenizer=tokenizer)
+    if hasattr(model, "copy_params"):
+        model.copy_params()
     return model
 
 
 __all__ = ["BlipMED", "MedConfig", "ModelError", "create_model", "list_architectures", "load_architecture",
-           "load_tokenizer", "train_tokenizer"]
+           "load_model", "load_tokenizer", "train_tokenizer"]

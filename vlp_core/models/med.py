@@ -38,6 +38,7 @@ from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, Bli
 
 from vlp_core.errors import VlpError
 from vlp_core.images import ImageSpec
+from vlp_core.models import families
 from vlp_core.models.tokenizer import load_tokenizer
 from vlp_core.models.vision import create_vision
 
@@ -151,7 +152,15 @@ def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
 
 
 class BlipMED(nn.Module):
-    """The BLIP pretraining model.  See the module docstring."""
+    """The BLIP pretraining model.  See the module docstring.
+
+    The ``blip`` family of :mod:`vlp_core.models.families`; subclasses (X-VLM) set ``family``
+    and ``config_class``.  ``uses_regions``: whether ``forward`` takes ``regions`` (box
+    annotations) -- the training loop passes them only then."""
+
+    family = "blip"
+    config_class = MedConfig
+    uses_regions = False
 
     def __init__(self, config: MedConfig, tokenizer=None):
         super().__init__()
@@ -320,11 +329,17 @@ class BlipMED(nn.Module):
         image only.  Returns ``{loss, itc, itm, lm}``
         (a loss whose weight is 0 is skipped)."""
         w = {"itc": 1.0, "itm": 1.0, "lm": 1.0, **(weights or {})}
+        image_embeds = self.encode_image(pixel_values)  # (B, 1+N, Dv)
+        return self._med_losses(pixel_values, image_embeds, texts, image_idx, alpha, w, hard_texts)
+
+    def _med_losses(self, pixel_values: torch.Tensor, image_embeds: torch.Tensor, texts: Sequence[str],
+                    image_idx: Optional[torch.Tensor], alpha: float, w: dict[str, float],
+                    hard_texts: Optional[Sequence[Optional[str]]]) -> dict[str, torch.Tensor]:
+        """:meth:`forward`'s losses on already encoded images (a subclass adds its own to them)."""
         bs = pixel_values.shape[0]
         if image_idx is None:
             image_idx = torch.arange(bs, device=pixel_values.device)
         idx = image_idx.view(-1, 1).to(pixel_values.device)
-        image_embeds = self.encode_image(pixel_values)  # (B, 1+N, Dv)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         out: dict[str, torch.Tensor] = {}
         zero = image_embeds.sum() * 0.0
@@ -481,7 +496,7 @@ class BlipMED(nn.Module):
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        cfg = {"model_type": MODEL_TYPE, **asdict(self.config)}
+        cfg = {"model_type": MODEL_TYPE, "family": self.family, **asdict(self.config)}
         (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         # as safetensors' save_model, minus its per-dropped-name metadata: that map is written in
         # hash order, so the same weights would give different bytes from run to run
@@ -496,17 +511,28 @@ class BlipMED(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "BlipMED":
+        """The model saved in ``directory``.  Dispatches on the ``family`` its ``config.json``
+        names (absent: ``blip``, a folder saved before families existed): ``BlipMED.from_pretrained``
+        -- what evaluation, CapFilt and training call -- returns that family's model
+        (:mod:`vlp_core.models.families`); a subclass's loads only its own family or a subclass's."""
         from safetensors.torch import load_model
 
         d = Path(directory)
         if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
             raise ModelError(f"{d}: not a vlp model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        name = families.saved_family(d)
+        if name != cls.family:
+            target = families.model_class(name)
+            if cls is BlipMED or (isinstance(target, type) and issubclass(target, cls)):
+                return target.from_pretrained(d, map_location=map_location)
+            raise ModelError(f"{d}/{CONFIG_FILE}: a {name!r} model, which {cls.__name__} cannot load "
+                             "(load it with vlp_core.models.load_model)")
         raw = json.loads((d / CONFIG_FILE).read_text())
         if raw.get("model_type") != MODEL_TYPE:
             raise ModelError(f"{d}/{CONFIG_FILE}: model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r} "
                              "(for a Hugging Face BLIP folder: `vlp import`, or vlp_core.models.hf.import_hf)")
         try:
-            config = MedConfig.from_dict(raw)
+            config = cls.config_class.from_dict(raw)
         except ModelError as exc:
             raise ModelError(f"{d}/{CONFIG_FILE}: {exc}") from None
         model = cls(config, tokenizer=load_tokenizer(d / TOKENIZER_DIR))

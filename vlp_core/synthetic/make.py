@@ -3,7 +3,9 @@
 Layout of a world ``W``::
 
     W/www/<split>/<id>.jpg     what the server serves (failure URLs: missing, not an image, truncated)
-    W/<split>.parquet          URL list: url_path, caption (what a crawl would publish)
+    W/<split>.parquet          URL list: url_path, caption (what a crawl would publish); the human
+                               split also has ``regions``: each object's box with its phrase
+                               (REGIONS_TYPE), as COCO / Visual Genome give X-VLM
     W/ground_truth.parquet     GROUND_TRUTH_SCHEMA keyed by url = URL path ("/web/000123.jpg")
     W/world.json               the settings, holdout pairs and vocabulary
     W/stats.json               StageStats
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from vlp_core.config import Params
 from vlp_core.io import StageStats, Timer, read_json, write_json, write_parquet
-from vlp_core.schema import GROUND_TRUTH_SCHEMA, C
+from vlp_core.schema import GROUND_TRUTH_SCHEMA, REGIONS_TYPE, C
 from vlp_core.synthetic import world as w
 
 SPLITS = ("web", "human", "test")
@@ -38,6 +40,9 @@ def noise_kinds(objects: int) -> tuple[str, ...]:
     return SINGLE_NOISE_KINDS if objects == 1 else NOISE_KINDS
 FAIL_KINDS = ("404", "not_image", "truncated")
 URL_LIST_COLUMNS = ("url_path", C.CAPTION)
+REGION_SPLITS = ("human",)  # the splits given box annotations (the clean, human-annotated set)
+# the world's file format: a world of another format is made again (2: the human split's regions)
+WORLD_FORMAT = 2
 
 NOT_IMAGE_BYTES = b"<!DOCTYPE html><html><head><title>Not found</title></head><body>moved</body></html>\n"
 
@@ -100,7 +105,7 @@ def _make_split(split: str, n: int, params: Params, out_dir: Path, holdout: froz
     split_rng = np.random.default_rng([sp.seed, _SPLIT_CODE[split], 10**9])
     noise = _assign(n, sp.noise_rate, noise_kinds(sp.objects), split_rng) if split == "web" else [None] * n
     fails = _assign(n, sp.fail_rate, FAIL_KINDS, split_rng) if split == "web" else [None] * n
-    urls, published = [], []
+    urls, published, boxes = [], [], []
     for i in range(n):
         rng = np.random.default_rng([sp.seed, _SPLIT_CODE[split], i, 1])
         text = captions[i] if noise[i] is None else _noisy_caption(noise[i], i, scenes[i], rng, captions, exclude)
@@ -117,6 +122,8 @@ def _make_split(split: str, n: int, params: Params, out_dir: Path, holdout: froz
         url = url_path_of(split, i)
         urls.append(url)
         published.append(text)
+        if split in REGION_SPLITS:  # its own stream: the captions and images stay as they were
+            boxes.append(w.regions(scenes[i], np.random.default_rng([sp.seed, _SPLIT_CODE[split], i, 2]), size))
         gt[C.URL].append(url)
         gt[C.SPLIT].append(split)
         gt[C.CAPTION].append(text)
@@ -130,7 +137,10 @@ def _make_split(split: str, n: int, params: Params, out_dir: Path, holdout: froz
             stats.add(f"{split}.noise.{noise[i]}")
         if fails[i]:
             stats.add(f"{split}.fail.{fails[i]}")
-    table = pa.table({"url_path": pa.array(urls, pa.string()), C.CAPTION: pa.array(published, pa.string())})
+    cols = {"url_path": pa.array(urls, pa.string()), C.CAPTION: pa.array(published, pa.string())}
+    if split in REGION_SPLITS:
+        cols[C.REGIONS] = pa.array(boxes, REGIONS_TYPE)
+    table = pa.table(cols)
     write_parquet(table, out_dir / f"{split}.parquet")
 
 
@@ -145,7 +155,8 @@ def run_synthetic_make(params: Params, out_dir: str | Path, force: bool = False)
     settings = sp.model_dump()
     meta_path = out_dir / "world.json"
     if not force and meta_path.exists() and (out_dir / "ground_truth.parquet").exists() \
-            and read_json(meta_path).get("settings") == settings and (out_dir / "stats.json").exists():
+            and read_json(meta_path).get("settings") == settings and (out_dir / "stats.json").exists() \
+            and read_json(meta_path).get("format", 1) == WORLD_FORMAT:
         old = read_json(out_dir / "stats.json")
         stats = StageStats(stage="synthetic", rows_in=old["rows_in"], rows_out=old["rows_out"],
                            counts=old["counts"], shards_skipped=1)
@@ -161,7 +172,7 @@ def run_synthetic_make(params: Params, out_dir: str | Path, force: bool = False)
     stats.rows_in = stats.rows_out = len(gt[C.URL])
     stats.seconds = round(t.seconds, 3)
     stats.extra = {"holdout_pairs": sorted(list(p) for p in holdout)}
-    write_json({"settings": settings, "holdout_pairs": sorted(list(p) for p in holdout),
+    write_json({"format": WORLD_FORMAT, "settings": settings, "holdout_pairs": sorted(list(p) for p in holdout),
                 "vocabulary": w.vocabulary(), "splits": list(SPLITS)}, meta_path)
     stats.check().write(out_dir)
     return stats

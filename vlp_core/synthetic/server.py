@@ -114,8 +114,9 @@ def serve_world(world_dir: str | Path, port: int = 0, delay: float = 0.0) -> Wor
 
 
 def write_url_list(world_dir: str | Path, split: str, base_url: str, out: str | Path | None = None) -> Path:
-    """Write ``W/<split>.parquet`` with absolute URLs (columns ``url``, ``caption``) to ``out``
-    (default ``W/urls/<split>.parquet``) and return its path."""
+    """Write ``W/<split>.parquet`` with absolute URLs (columns ``url``, ``caption``, and
+    ``regions`` where the split has box annotations) to ``out`` (default
+    ``W/urls/<split>.parquet``) and return its path."""
     src = Path(world_dir) / f"{split}.parquet"
     if not src.exists():
         raise VlpError(f"{src}: no such URL list (splits: web, human, test)")
@@ -123,7 +124,10 @@ def write_url_list(world_dir: str | Path, split: str, base_url: str, out: str | 
     base = base_url.rstrip("/")
     urls = [base + p for p in table.column("url_path").to_pylist()]
     out = Path(out) if out is not None else Path(world_dir) / "urls" / f"{split}.parquet"
-    write_parquet(pa.table({C.URL: pa.array(urls, pa.string()), C.CAPTION: table.column(C.CAPTION)}), out)
+    cols = {C.URL: pa.array(urls, pa.string()), C.CAPTION: table.column(C.CAPTION)}
+    if C.REGIONS in table.column_names:
+        cols[C.REGIONS] = table.column(C.REGIONS)
+    write_parquet(pa.table(cols), out)
     return out
 
 

@@ -302,6 +302,16 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return _fix_articles(text)
 
 
+def regions(scene: Scene, rng: np.random.Generator, image_size: int) -> list[dict]:
+    """Each object's box with a phrase naming it, as COCO / Visual Genome give X-VLM: e.g.
+    ``{"phrase": "a big red disc", "box": [x0, y0, x1, y1]}``, the box normalised to [0, 1] of the
+    image (:data:`vlp_core.schema.REGIONS_TYPE`).  The phrase draws its words like a caption
+    does (synonyms); with two objects it names exactly one of them (they never share colour and shape)."""
+    return [{"phrase": _fix_articles(f"a {object_phrase(o, rng)}"),
+             "box": [o.bbox[0] / image_size, o.bbox[1] / image_size, o.bbox[2] / image_size, o.bbox[3] / image_size]}
+            for o in scene.objects]
+
+
 def partial_caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption that describes only one of the two objects (one object: not where it is)."""
     obj = scene.objects[int(rng.integers(len(scene.objects)))]

@@ -1,9 +1,12 @@
 """Image-text pairs for training and evaluation.
 
-:func:`load_pairs` reads pair *sources* into one table (``key, shard, text, source, url``):
+:func:`load_pairs` reads pair *sources* into one table (``key, shard, text, source, url,
+regions``; ``regions``: the row's box annotations with their phrases, X-VLM's region data, null
+where the source has none -- web rows, CapFilt corpora):
 
 * an ingest **manifest** (``manifest.parquet``, or the ingest folder holding it): rows with
-  ``status == "success"``; ``caption`` becomes ``text``; ``source`` is the name given;
+  ``status == "success"``; ``caption`` becomes ``text``; ``source`` is the name given; its
+  ``regions`` when it has them (the synthetic world's human split, via the ingest);
 * a CapFilt **corpus** (a ``CORPUS_SCHEMA`` Parquet file, a folder of them, or a stage folder
   holding ``corpus/``): rows with ``kept == true``; each row keeps its own ``source``;
 * a synthetic world **URL list** (``W/<split>.parquet`` with ``url_path, caption``): the image
@@ -31,11 +34,11 @@ from vlp_core.corpus import resolve_ref
 from vlp_core.errors import VlpError
 from vlp_core.io import read_parquet, read_parquet_schema
 from vlp_core.layout import CORPUS_DIR, MANIFEST_FILE
-from vlp_core.schema import SOURCES, SUCCESS, C, require_columns
+from vlp_core.schema import REGIONS_TYPE, SOURCES, SUCCESS, C, require_columns
 from vlp_core.shards import load_images
 
-PAIR_COLUMNS = (C.KEY, C.SHARD, C.TEXT, C.SOURCE, C.URL)
-PAIR_SCHEMA = pa.schema([pa.field(c, pa.string()) for c in PAIR_COLUMNS])
+PAIR_COLUMNS = (C.KEY, C.SHARD, C.TEXT, C.SOURCE, C.URL, C.REGIONS)
+PAIR_SCHEMA = pa.schema([pa.field(c, pa.string()) for c in PAIR_COLUMNS[:-1]] + [pa.field(C.REGIONS, REGIONS_TYPE)])
 WORLD_URL_COL = "url_path"
 
 
@@ -68,10 +71,22 @@ def _resolve_shards(shards: Sequence[Optional[str]], root: str | Path, base: Pat
     return out
 
 
-def _pairs_table(key, shard, text, source, url) -> pa.Table:
+def _pairs_table(key, shard, text, source, url, regions=None) -> pa.Table:
+    regions = pa.nulls(len(key), REGIONS_TYPE) if regions is None else regions
     return pa.table({C.KEY: pa.array(key, pa.string()), C.SHARD: pa.array(shard, pa.string()),
                      C.TEXT: pa.array(text, pa.string()), C.SOURCE: pa.array(source, pa.string()),
-                     C.URL: pa.array(url, pa.string())}, schema=PAIR_SCHEMA)
+                     C.URL: pa.array(url, pa.string()), C.REGIONS: regions}, schema=PAIR_SCHEMA)
+
+
+def _regions_of(table: pa.Table, path: Path):
+    """``table``'s regions column (cast to :data:`REGIONS_TYPE`), or None when it has none."""
+    if C.REGIONS not in table.column_names:
+        return None
+    try:
+        return table[C.REGIONS].cast(REGIONS_TYPE)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"{path}: column {C.REGIONS!r} is {table.schema.field(C.REGIONS).type}, "
+                        f"expected {REGIONS_TYPE} ({exc})") from None
 
 
 def _read_manifest(path: Path, name: str, root: str | Path) -> pa.Table:
@@ -80,7 +95,7 @@ def _read_manifest(path: Path, name: str, root: str | Path) -> pa.Table:
     table = table.filter(pc.equal(table[C.STATUS], SUCCESS))
     shards = _resolve_shards(table[C.SHARD].to_pylist(), root, path.parent)
     return _pairs_table(table[C.KEY].to_pylist(), shards, table[C.CAPTION].to_pylist(),
-                        [name] * table.num_rows, table[C.URL].to_pylist())
+                        [name] * table.num_rows, table[C.URL].to_pylist(), _regions_of(table, path))
 
 
 def _read_corpus_file(path: Path, root: str | Path) -> pa.Table:
@@ -100,7 +115,8 @@ def _read_world_list(path: Path, name: str) -> pa.Table:
     url_paths = table[WORLD_URL_COL].to_pylist()
     shards = [str(www / u.lstrip("/")) for u in url_paths]
     keys = [Path(u).stem for u in url_paths]
-    return _pairs_table(keys, shards, table[C.CAPTION].to_pylist(), [name] * table.num_rows, url_paths)
+    return _pairs_table(keys, shards, table[C.CAPTION].to_pylist(), [name] * table.num_rows, url_paths,
+                        _regions_of(table, path))
 
 
 def _read_parquet(path: Path, name: str, root: str | Path) -> pa.Table:
@@ -173,6 +189,7 @@ class PairData:
     table: pa.Table  # the used pairs (same order as texts)
     rows_in: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    _regions: Optional[list] = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -180,6 +197,18 @@ class PairData:
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    @property
+    def regions(self) -> list[Optional[list[dict]]]:
+        """Each pair's region annotations (``[{phrase, box}, ...]``) or None, cached."""
+        if self._regions is None:
+            self._regions = self.table[C.REGIONS].to_pylist()
+        return self._regions
+
+    @property
+    def n_with_regions(self) -> int:
+        """Pairs that have at least one region annotation."""
+        return sum(1 for r in self.regions if r)
 
     def image_urls(self) -> list[Optional[str]]:
         """The URL of each decoded image (the first pair that used it)."""
@@ -260,6 +289,13 @@ def get_batch(dataset: PairDataset, indices: Sequence[int]):
     return pixels, [dataset.data.texts[i] for i in idx.tolist()], torch.from_numpy(img)
 
 
+def batch_regions(dataset: PairDataset, indices: Sequence[int]) -> list[Optional[list[dict]]]:
+    """The region annotations of the pairs at ``indices`` (same order as :func:`get_batch`'s
+    texts): a list of ``{phrase, box}`` per pair, or None where it has none."""
+    regions = dataset.data.regions
+    return [regions[i] for i in np.asarray(indices, dtype=np.int64).tolist()]
+
+
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
     """This rank's batches for ``epoch``: a ``DistributedSampler`` shuffle keyed by
     (seed, epoch), split over ranks, full batches only.  ``batch_size`` is per rank."""
@@ -275,5 +311,5 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
     return [order[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
 
 
-__all__ = ["PAIR_COLUMNS", "DataError", "PairData", "PairDataset", "collate_pairs", "decode_pairs",
+__all__ = ["PAIR_COLUMNS", "DataError", "PairData", "PairDataset", "batch_regions", "collate_pairs", "decode_pairs",
            "epoch_batches", "get_batch", "load_pairs", "parse_source", "read_source", "source_files"]

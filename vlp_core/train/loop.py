@@ -4,7 +4,9 @@ One loop serves both.  It reads pairs (:mod:`vlp_core.train.data`), builds or lo
 :class:`vlp_core.models.BlipMED`, and runs a fixed number of AdamW steps with linear warmup
 then cosine decay (:mod:`vlp_core.train.schedule`).  The loss is
 ``itc_weight * ITC + itm_weight * ITM + lm_weight * LM`` from the section's
-:class:`~vlp_core.config.TrainParams`.
+:class:`~vlp_core.config.TrainParams`; a model whose family trains on box annotations (X-VLM,
+``uses_regions``) also gets each pair's ``regions`` and adds its region losses
+(:mod:`vlp_core.models.xvlm`).
 
 Outputs under ``out_dir``::
 
@@ -60,8 +62,8 @@ from vlp_core.io import StageStats, atomic_path
 from vlp_core.layout import as_written, resolve
 from vlp_core.models.hf import import_hf, is_hf_blip_dir
 from vlp_core.precision import use_bf16
-from vlp_core.train.data import (PairDataset, Source, decode_pairs, epoch_batches, get_batch, load_pairs,
-                                 source_files)
+from vlp_core.train.data import (PairDataset, Source, batch_regions, decode_pairs, epoch_batches, get_batch,
+                                 load_pairs, source_files)
 from vlp_core.train.ema import WeightEma
 from vlp_core.train.hardneg import HardNegatives
 from vlp_core.train.schedule import make_scheduler
@@ -158,7 +160,7 @@ def _load_model(path: str | Path):
         raise TrainError(f"{path}: model folder not found")
     if is_hf_blip_dir(path):  # a Hugging Face BLIP folder (e.g. an official checkpoint)
         return import_hf(path)
-    return models.BlipMED.from_pretrained(path)
+    return models.load_model(path)  # the family its config.json names
 
 
 def _new_model(params: Params, captions: Sequence[str], root: str | Path = "."):
@@ -173,7 +175,7 @@ def _new_model(params: Params, captions: Sequence[str], root: str | Path = "."):
             box = [tokenizer]
             torch.distributed.broadcast_object_list(box, src=0)
             tokenizer = box[0]
-    return models.create_model(mp.arch, tokenizer=tokenizer, max_text_len=mp.max_text_len)
+    return models.create_model(mp.arch, tokenizer=tokenizer, family=mp.family, max_text_len=mp.max_text_len)
 
 
 def _image_size(model) -> int:
@@ -435,11 +437,15 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
 
     weights = {"itc": tp.itc_weight, "itm": tp.itm_weight, "lm": tp.lm_weight}
     hard = HardNegatives(data.texts) if tp.hard_negatives > 0 and tp.itm_weight > 0 else None
+    regions = getattr(model, "uses_regions", False)  # X-VLM: the pairs' box annotations go in too
+    if regions and dist.is_main and not data.n_with_regions:
+        logger.warning("%s: a %s model, but no training pair has box annotations (regions): it trains the "
+                       "image-level losses only", stage, getattr(model, "family", "?"))
     net = model
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-            broadcast_buffers=True, find_unused_parameters=any(w == 0 for w in weights.values()))
+            broadcast_buffers=True, find_unused_parameters=regions or any(w == 0 for w in weights.values()))
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
     log = LossLog(out_dir / LOSS_CSV, start, dist.is_main)
     last = stop_after_step if stop_after_step is not None else tp.steps
@@ -456,8 +462,10 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         # BLIP ramps momentum distillation in over the first epoch
         alpha = tp.alpha * min(1.0, step / max(1, steps_per_epoch))
         hard_texts = hard.batch(texts, tp.hard_negatives, tp.seed, step * dist.world_size + dist.rank) if hard else None
+        extra = {"regions": batch_regions(dataset, batches[b])} if regions else {}
         with autocast:
-            out = net(pixel_values, texts, image_idx=image_idx, alpha=alpha, weights=weights, hard_texts=hard_texts)
+            out = net(pixel_values, texts, image_idx=image_idx, alpha=alpha, weights=weights, hard_texts=hard_texts,
+                      **extra)
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -466,7 +474,7 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         if ema is not None:
             ema.update(model, step + 1)
         samples += len(texts) * dist.world_size
-        log.add({"loss": float(loss.detach()), **{k: float(out[k].detach()) for k in ("itc", "itm", "lm") if k in out}})
+        log.add({"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in out.items() if k != "loss"}})
         done = step + 1
         if done % tp.log_every == 0 or done == last:
             means = log.flush(done, scheduler.get_last_lr()[0]) or means
@@ -541,6 +549,8 @@ def run_pretrain(params: Params, sources: Sequence[Source], out_dir: str | Path,
     mp = params.model
     model_inputs: dict[str, Any] = ({"model.init_from": os.path.normpath(as_written(init, root))} if init else
                                     {"model.arch": mp.arch, "model.max_text_len": mp.max_text_len})
+    if not init and mp.family != "blip":  # (absent for blip: earlier runs' fingerprints stay valid)
+        model_inputs["model.family"] = mp.family
     if not init:  # vocab_size only matters for a tokenizer trained here
         model_inputs.update({"model.tokenizer": mp.tokenizer} if mp.tokenizer else {"model.vocab_size": mp.vocab_size})
 
