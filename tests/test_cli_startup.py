@@ -36,7 +36,8 @@ def vlp_in_fresh_interpreter(args: list[str], cwd: Path) -> tuple[int, str, list
 def test_help_imports_nothing_heavy(tmp_path):
     rc, out, loaded = vlp_in_fresh_interpreter(["--help"], tmp_path)
     assert rc == 0 and out.startswith("usage: vlp")
-    assert loaded == [], f"vlp --help imported {loaded}"
+    # pydantic (the settings models, about 0.15 s) may load; nothing of HEAVY and no catalog may
+    assert not set(loaded) - {"pydantic"}, f"vlp --help imported {loaded}"
 
 
 @pytest.fixture()

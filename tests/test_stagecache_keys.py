@@ -41,7 +41,7 @@ def fingerprints(p: Params) -> dict[str, str]:
                               ("finetune_filter", "finetune.filter", p.finetune.filter),
                               ("retrain", "retrain", retrain_settings(p))):
         out[f"train {name}"] = fingerprint_sha256(train_fingerprint(name, section, tp, [], {}))
-    out["catalog params"] = _sha(p.to_dict())  # what `vlp record` stores (a record, not a key: ema_* too)
+    out["catalog params"] = _sha(p.to_dict())  # what `vlp record` stores (a record, not a key: ema_*, family too)
     for s in ("synthetic", "capfilt", "features"):  # world.json's settings; the capfilt/features fingerprints
         out[f"section {s}"] = _sha(section_dict(p, s))
     return out
@@ -66,7 +66,7 @@ PINNED = {
         "train finetune_captioner": "51b66b84bd6c7de39ae5dd5aae9ab14dd749bc3ead53cbcb7b6864453840905b",
         "train finetune_filter": "ab336d9a002ef824573d40c0f125047871b2c6273fc0c4321c1535c70aac2023",
         "train retrain": "91b31996eb5b416058d91ee0c16be57a5edbf11734f01531cabbd3d41cc2f3b2",
-        "catalog params": "26e63cf9441696b2b7ee909185d178d0a708b6c241bf316f1c5a80c139a8792e",
+        "catalog params": "6919b2208995bff124d51d5357e026471ad6746178e5bc6ec2c8fefa2498cc25",
         "section synthetic": "29506c574de59baacc47716a0283022bc7b0c1770d92c0a6e9af1ac6a3865110",
         "section capfilt": "f3998a75f2873c1f1e73d44ed6db83258f86823e1fa2d46627a5fc97fcc5c662",
         "section features": "ebad7352c8db9484dcc8b8790d038aceef12a6ec345f91120aaea49791b2c7bd",
@@ -89,7 +89,7 @@ PINNED = {
         "train finetune_captioner": "51b66b84bd6c7de39ae5dd5aae9ab14dd749bc3ead53cbcb7b6864453840905b",
         "train finetune_filter": "433cb38675e16da3178f803c45acad8b0c425cd8c748418d06f59762edb66e76",
         "train retrain": "c0a46e76304acc5950c34ea9e8727adf5d5e5e11acd5ccec2c0cff4b873900f3",
-        "catalog params": "efb7223a2907871cdb91cfe4317625641827287805929d36bf6a80feb797b861",
+        "catalog params": "87378b5289aab785473d952d15a585e7bc85d6fc715b2edb31cb06be995f7a93",
         "section synthetic": "29506c574de59baacc47716a0283022bc7b0c1770d92c0a6e9af1ac6a3865110",
         "section capfilt": "8288e37fa9865b1e921812e8cc6b1a68abbec1118edc34d30520b00b82aa0b9d",
         "section features": "ebad7352c8db9484dcc8b8790d038aceef12a6ec345f91120aaea49791b2c7bd",

@@ -92,6 +92,8 @@ def params_subset(params: Params, sections: Sequence[str]) -> dict[str, Any]:
         if isinstance(cur, dict):
             cur = {k: v for k, v in cur.items() if f"{dotted}.{k}" not in UNTRACKED_KEYS}
             cur = _without_ema_when_off(cur)
+            if dotted == "model" and cur.get("family") == "blip":
+                cur = {k: v for k, v in cur.items() if k != "family"}  # as before families existed
         out[dotted] = cur
     return out
 

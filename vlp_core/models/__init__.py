@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlp_core.models import families  # the registry (stdlib only; a family's class loads on first use)
+
 if TYPE_CHECKING:  # torch and transformers load on first use, not when `vlp --help` imports this package
     from vlp_core.models.families import load_model
     from vlp_core.models.med import BlipMED, MedConfig, ModelError
@@ -54,7 +56,6 @@ def create_model(arch: str | Path = "tiny", tokenizer=None, family: str | None =
     that names a ``family`` is for that family only; one that names none (tiny, tiny-vit,
     blip-base: sizes) serves every family, whose own fields (e.g. X-VLM's region-loss weights)
     then take their defaults."""
-    from vlp_core.models import families
     from vlp_core.models.med import ModelError
 
     d = {**load_architecture(arch), **overrides}
