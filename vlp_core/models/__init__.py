@@ -45,11 +45,17 @@ def load_architecture(arch: str | Path) -> dict[str, Any]:
 
 
 def create_model(arch: str | Path = "tiny", tokenizer=None, **overrides: Any) -> "BlipMED":
-    """A freshly initialised :class:`BlipMED` of architecture ``arch``; token ids and vocab
-    size come from ``tokenizer``; ``overrides`` replace architecture fields."""
+    """A freshly initialised :class:`BlipMED` of architecture ``arch`` (a
+    :class:`~vlp_core.models.vilbert.ViLBERT` when the architecture's ``family`` is
+    ``vilbert``); token ids and vocab size come from ``tokenizer``; ``overrides`` replace
+    architecture fields."""
     from vlp_core.models.med import BlipMED, MedConfig
 
     d = {**load_architecture(arch), **overrides}
+    if d.get("family", "blip") == "vilbert":  # the family registry replaces this dispatch
+        from vlp_core.models.vilbert import create_vilbert
+
+        return create_vilbert(arch, tokenizer, **overrides)
     if tokenizer is not None:
         d.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
                  sep_token_id=tokenizer.sep_token_id, enc_token_id=tokenizer.convert_tokens_to_ids("[ENC]"),
@@ -60,5 +66,15 @@ def create_model(arch: str | Path = "tiny", tokenizer=None, **overrides: Any) ->
     return model
 
 
+def load_pretrained(directory: str | Path):
+    """The saved model in ``directory``: a :class:`~vlp_core.models.vilbert.ViLBERT` when its
+    ``config.json`` says ``model_type: vlp-vilbert``, else a :class:`BlipMED` (which names what
+    is wrong with any other folder).  The family registry replaces this dispatch."""
+    from vlp_core.models.med import BlipMED
+    from vlp_core.models.vilbert import ViLBERT, is_vilbert_dir
+
+    return (ViLBERT if is_vilbert_dir(directory) else BlipMED).from_pretrained(directory)
+
+
 __all__ = ["BlipMED", "MedConfig", "ModelError", "create_model", "list_architectures", "load_architecture",
-           "load_tokenizer", "train_tokenizer"]
+           "load_pretrained", "load_tokenizer", "train_tokenizer"]

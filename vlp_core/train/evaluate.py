@@ -14,7 +14,9 @@
   highest ITC similarity among the image's wrong texts; the ITM head must give the positive
   p(match) > 0.5 and the negative <= 0.5.
 * **Captioning**: greedy (or beam) captions with ``capfilt.prompt``, scored with BLEU-4 and
-  CIDEr against the test captions (prompt removed).
+  CIDEr against the test captions (prompt removed).  A model that does not generate (ViLBERT:
+  ``generates = False``) gets ``captioning: none`` instead, and retrieval's ITC stage is its
+  dual-encoder head, its ITM its alignment head (:mod:`vlp_core.models.vilbert`).
 * **Ground truth** (synthetic world only; joined on the URL *path*): ``caption_acc`` (all
   stated attributes true) and per attribute, plus ``itm_acc_swap``: ITM accuracy against a
   negative caption of the same scene with one attribute swapped.
@@ -156,7 +158,7 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
                  ground_truth: Optional[str | Path] = None) -> dict[str, Any]:
     """Evaluate the model at ``model_dir`` on ``test_source`` (a manifest, corpus or world
     URL list, see :func:`vlp_core.train.data.load_pairs`); returns and writes the metrics."""
-    from vlp_core.models import BlipMED
+    from vlp_core.models import load_pretrained
 
     set_entry_threads()
     t0 = time.perf_counter()
@@ -166,7 +168,8 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
         raise TrainError(f"{model_dir}: model folder not found")
     source = parse_source(test_source) if isinstance(test_source, (str, Path)) else test_source
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = BlipMED.from_pretrained(model_dir).to(device).eval()
+    model = load_pretrained(model_dir).to(device).eval()
+    generates = getattr(model, "generates", True)  # ViLBERT has no decoder: no captioning metrics
     data = decode_pairs(load_pairs([source]), int(model.config.image_size))
     if len(data) < 2:
         raise TrainError(f"{source[0]}: fewer than 2 usable test pairs")
@@ -208,12 +211,16 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
     metrics["itm_pos_mean"] = float(np.mean(p_pos))
     metrics["itm_neg_mean"] = float(np.mean(p_neg)) if len(p_neg) else None
 
-    # ---- captioning
-    generated = generate_captions(model, data.images, params, device)
-    hyps = {str(i): strip_prompt(g, params.capfilt.prompt) for i, g in enumerate(generated)}
-    refs = {str(i): caps for i, caps in enumerate(image_caps)}
-    metrics["bleu4"] = M.bleu4(refs, hyps)
-    metrics["cider"] = M.cider(refs, hyps)
+    # ---- captioning (a family that generates; else `captioning: none` and no caption metrics)
+    generated: list[Optional[str]] = [None] * n_img
+    if generates:
+        generated = generate_captions(model, data.images, params, device)
+        hyps = {str(i): strip_prompt(g, params.capfilt.prompt) for i, g in enumerate(generated)}
+        refs = {str(i): caps for i, caps in enumerate(image_caps)}
+        metrics["bleu4"] = M.bleu4(refs, hyps)
+        metrics["cider"] = M.cider(refs, hyps)
+    else:
+        metrics["captioning"] = "none"
     urls = data.image_urls()
 
     # ---- ground truth (synthetic world only)
@@ -225,7 +232,8 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
         metrics["n_ground_truth"] = len(rows)
         if rows:
             scenes = [truth[url_path(urls[i])][C.SCENE] for i in rows]
-            metrics.update(M.caption_accuracy([generated[i] for i in rows], scenes))
+            if generates:
+                metrics.update(M.caption_accuracy([generated[i] for i in rows], scenes))
             swapped = _swapped_negatives(scenes, params.pretrain.seed)
             pos_texts = [truth[url_path(urls[i])][C.TRUE_CAPTION] for i in rows]
             idx = torch.tensor(rows, dtype=torch.long)

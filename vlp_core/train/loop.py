@@ -62,7 +62,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
 LOSS_CSV = "loss.csv"
-LOSS_FIELDS = ("step", "loss", "itc", "itm", "lm", "lr")
+DEFAULT_LOSS_NAMES = ("itc", "itm", "lm")  # BLIP's; a model class may name its own (``LOSS_NAMES``)
+LOSS_FIELDS = ("step", "loss", *DEFAULT_LOSS_NAMES, "lr")
 TRAINER_STATE = "trainer_state.pt"
 Target = Literal["captioner", "filter"]
 
@@ -158,7 +159,7 @@ def _load_model(path: str | Path):
 
     if is_hf_blip_dir(path):  # a Hugging Face BLIP folder (e.g. an official checkpoint)
         return import_hf(path)
-    return _models().BlipMED.from_pretrained(path)
+    return _models().load_pretrained(path)  # BlipMED, or ViLBERT by config.json's model_type
 
 
 def _new_model(params: Params, captions: Sequence[str]):
@@ -313,10 +314,14 @@ def _finished_fingerprint(out_dir: Path) -> tuple[bool, Optional[dict[str, Any]]
 # --------------------------------------------------------------------------- loss log
 class LossLog:
     """``loss.csv``: one row per log window (means over the window), appended as it goes.
-    On resume, rows after the checkpoint's step are dropped."""
+    On resume, rows after the checkpoint's step are dropped.  Columns: step, loss, the model's
+    loss names (BLIP: itc, itm, lm; ViLBERT: itc, mlm, mrm, align), lr."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
+    def __init__(self, path: Path, resume_step: int, enabled: bool,
+                 loss_names: Sequence[str] = DEFAULT_LOSS_NAMES):
         self.path, self.enabled = path, enabled
+        self.names = tuple(loss_names)
+        self.fields = ("step", "loss", *self.names, "lr")
         self.sums: dict[str, float] = {}
         self.n = 0
         if not enabled:
@@ -327,7 +332,7 @@ class LossLog:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         with atomic_path(path) as tmp:
             with tmp.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=LOSS_FIELDS)
+                w = csv.DictWriter(f, fieldnames=self.fields)
                 w.writeheader()
                 w.writerows(rows)
 
@@ -341,9 +346,9 @@ class LossLog:
         means = {k: v / max(1, self.n) for k, v in self.sums.items()}
         self.sums, self.n = {}, 0
         if self.enabled and means:
-            row = {"step": step, "lr": f"{lr:.6g}", **{k: f"{means.get(k, 0.0):.6f}" for k in ("loss", "itc", "itm", "lm")}}
+            row = {"step": step, "lr": f"{lr:.6g}", **{k: f"{means.get(k, 0.0):.6f}" for k in ("loss", *self.names)}}
             with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, fieldnames=LOSS_FIELDS).writerow(row)
+                csv.DictWriter(f, fieldnames=self.fields).writerow(row)
         return means
 
 
@@ -400,6 +405,8 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
             _check_fingerprint(out_dir, "model", old, fingerprint)
         model = build_model(table)
     data = decode_pairs(table, _image_size(model))
+    if state is None and hasattr(model, "prepare_training"):  # a family's one-off setup (ViLBERT: region codebook)
+        model.prepare_training(data.images)
     dataset = PairDataset(data)
     per_rank = tp.batch_size // dist.world_size
     if per_rank < 2:
@@ -432,7 +439,8 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             broadcast_buffers=True, find_unused_parameters=any(w == 0 for w in weights.values()))
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
-    log = LossLog(out_dir / LOSS_CSV, start, dist.is_main)
+    loss_names = tuple(getattr(model, "LOSS_NAMES", DEFAULT_LOSS_NAMES))
+    log = LossLog(out_dir / LOSS_CSV, start, dist.is_main, loss_names)
     last = stop_after_step if stop_after_step is not None else tp.steps
     last = min(last, tp.steps)
     bar = tqdm(total=tp.steps, initial=start, desc=stage, unit="step", disable=None if dist.is_main else True)
@@ -455,7 +463,7 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         optimizer.step()
         scheduler.step()
         samples += len(texts) * dist.world_size
-        log.add({"loss": float(loss.detach()), **{k: float(out[k].detach()) for k in ("itc", "itm", "lm") if k in out}})
+        log.add({"loss": float(loss.detach()), **{k: float(out[k].detach()) for k in loss_names if k in out}})
         done = step + 1
         if done % tp.log_every == 0 or done == last:
             means = log.flush(done, scheduler.get_last_lr()[0]) or means
