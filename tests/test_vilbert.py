@@ -218,3 +218,29 @@ def test_training_loop_trains_a_vilbert(tiny_world, tmp_path):
     assert float(rows[-1]["mlm"]) == 0.0 and float(rows[-1]["align"]) > 0
     tuned = ViLBERT.from_pretrained(tmp_path / "ft" / "model")
     assert torch.equal(tuned.region_codebook, model.region_codebook)
+
+
+def test_capfilt_filter_scores_with_the_alignment_head(model, tmp_path):
+    from vlp_core.capfilt.backend import CapfiltError, load_backend
+    from vlp_core.capfilt.captioner import Captioner
+    from vlp_core.capfilt.filter import ItmFilter
+
+    model.eval()
+    d = model.save_pretrained(tmp_path / "vilbert")
+    flt = ItmFilter(d, device="cpu", precision="fp32")
+    images = _images(3)
+    emb = flt.encode(images)
+    texts = TEXTS[:5]
+    image_index = [0, 0, 1, 2, 2]  # several candidate texts per image, as CapFilt scores them
+    itc, itm = flt.scores(emb, texts, image_index=image_index)
+    with torch.no_grad():
+        e = model.encode_image(model.preprocess(images))[image_index]
+        want_itm = model.itm_probs(e, texts).numpy()
+        want_itc = (model.image_feat(e) * model.text_feat(texts)).sum(-1).numpy()
+    np.testing.assert_allclose(itm, want_itm, atol=1e-5)
+    np.testing.assert_allclose(itc, want_itc, atol=1e-5)
+    assert ((itm >= 0) & (itm <= 1)).all()
+    with pytest.raises(CapfiltError, match="not the captioner"):
+        load_backend(d, "captioner", "cpu", cache=False)
+    with pytest.raises(CapfiltError, match="not the captioner"):
+        Captioner(d, device="cpu")
