@@ -189,7 +189,7 @@ def test_create_model_builds_the_family(tok):
 
 def test_training_loop_trains_a_vilbert(tiny_world, tmp_path):
     from vlp_core.train.evaluate import run_evaluate
-    from vlp_core.train.loop import run_finetune, run_pretrain
+    from vlp_core.train.loop import TrainError, run_finetune, run_pretrain
 
     arch = tmp_path / "vilbert-test.json"
     arch.write_text(json.dumps({"family": "vilbert", **TINY}))
@@ -218,6 +218,9 @@ def test_training_loop_trains_a_vilbert(tiny_world, tmp_path):
     assert float(rows[-1]["mlm"]) == 0.0 and float(rows[-1]["align"]) > 0
     tuned = ViLBERT.from_pretrained(tmp_path / "ft" / "model")
     assert torch.equal(tuned.region_codebook, model.region_codebook)
+    with pytest.raises(TrainError, match="cannot be fine-tuned into the captioner"):
+        run_finetune(params, "captioner", [(tiny_world / "human.parquet", "human")], tmp_path / "pre" / "model",
+                     tmp_path / "cap")
 
 
 def test_capfilt_filter_scores_with_the_alignment_head(model, tmp_path):

@@ -44,7 +44,8 @@ Pretraining objectives (``forward``):
   over every pair; scoring all pairs of a 1,000 x 1,000 test set through the co-attention
   layers is a million passes, far too slow on 2 cores, so this head gives the ITC stage the
   platform's evaluation (top-k, then re-rank by the alignment head), CapFilt's ``itc`` column
-  and the features stage expect.  Its weight is the section's ``itc_weight`` (0 switches it off).
+  and the features stage expect.  Its weight is the section's ``itc_weight`` (0 switches it off);
+  its negatives are the batch's own (per rank under DDP; no queue, no momentum encoder).
 
 The loop's loss weights map onto these objectives (:func:`objective_weights`): ``itm_weight``
 -> alignment prediction, ``lm_weight`` -> masked multimodal modelling (MLM, plus MRM at the

@@ -1,7 +1,8 @@
 """The training loop: ``run_pretrain`` and ``run_finetune`` (captioner or filter).
 
 One loop serves both.  It reads pairs (:mod:`vlp_core.train.data`), builds or loads a
-:class:`vlp_core.models.BlipMED`, and runs a fixed number of AdamW steps with linear warmup
+:class:`vlp_core.models.BlipMED` (or a :class:`vlp_core.models.vilbert.ViLBERT`, whose
+``prepare_training`` hook fits its region codebook before a fresh run's first step), and runs a fixed number of AdamW steps with linear warmup
 then cosine decay (:mod:`vlp_core.train.schedule`).  The loss is
 ``itc_weight * ITC + itm_weight * ITM + lm_weight * LM`` from the section's
 :class:`~vlp_core.config.TrainParams`.
@@ -404,6 +405,9 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         if finished and old is not None:  # model/ without checkpoint/: it must be this run's
             _check_fingerprint(out_dir, "model", old, fingerprint)
         model = build_model(table)
+    if stage == "finetune_captioner" and not getattr(model, "generates", True):
+        raise TrainError(f"{type(model).__name__} does not generate captions, so it cannot be fine-tuned into the "
+                         "captioner (use a blip model as the captioner)")
     data = decode_pairs(table, _image_size(model))
     if state is None and hasattr(model, "prepare_training"):  # a family's one-off setup (ViLBERT: region codebook)
         model.prepare_training(data.images)
