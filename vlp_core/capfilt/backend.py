@@ -5,7 +5,8 @@ A *model folder* is either
 
 * a vlp_core checkpoint (``config.json`` with ``model_type: vlp-blip-med`` +
   ``model.safetensors`` + ``tokenizer/``), loaded with ``BlipMED.from_pretrained``; a folder
-  holding such a checkpoint in ``model/`` (a training stage's output) works too; or
+  holding such a checkpoint in ``model/`` (a training stage's output) works too;
+* a vlp_core ViLBERT (``model_type: vlp-vilbert``), the filter only (:class:`VilbertBackend`); or
 * a local Hugging Face BLIP folder (``config.json`` with ``model_type: blip``; the official
   ``blip-image-captioning-*`` and ``blip-itm-*`` layouts: weights, tokenizer files and
   ``preprocessor_config.json`` or transformers 5's ``processor_config.json`` side by side),
@@ -48,6 +49,7 @@ from vlp_core.models.hf import hf_itm_first_token
 
 Role = Literal["captioner", "filter"]
 VLP_MODEL_TYPE = "vlp-blip-med"
+VILBERT_MODEL_TYPE = "vlp-vilbert"  # vlp_core.models.vilbert.MODEL_TYPE (not imported here: torch-free at import)
 HF_CLASSES = {"captioner": "BlipForConditionalGeneration", "filter": "BlipForImageTextRetrieval"}
 
 
@@ -140,10 +142,12 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, str]:
         raise CapfiltError(f"{cfg}: not valid JSON ({exc})") from None
     if model_type == VLP_MODEL_TYPE:
         return p, "vlp"
+    if model_type == VILBERT_MODEL_TYPE:
+        return p, "vilbert"
     if model_type == "blip":
         return p, "hf"
-    raise CapfiltError(f"{cfg}: model_type is {model_type!r}; expected {VLP_MODEL_TYPE!r} (a vlp checkpoint) "
-                       "or 'blip' (a Hugging Face BLIP folder)")
+    raise CapfiltError(f"{cfg}: model_type is {model_type!r}; expected {VLP_MODEL_TYPE!r} (a vlp checkpoint), "
+                       f"{VILBERT_MODEL_TYPE!r} (a vlp ViLBERT, filter only) or 'blip' (a Hugging Face BLIP folder)")
 
 
 def pick_device(device: Optional[str] = None) -> torch.device:
@@ -258,6 +262,58 @@ class VlpBackend(Backend):
                                    num_return_sequences=num_return_sequences, strip_prompt=True)
 
 
+class _ImageTokens:
+    """ViLBERT's stand-in for :class:`FastText`'s per-image cross-attention cache: its
+    co-attention layers read the image tokens themselves, so the "cache" is the tokens."""
+
+    @staticmethod
+    def cross_kv(image_embeds: torch.Tensor) -> torch.Tensor:
+        return image_embeds
+
+
+class VilbertBackend(Backend):
+    """A vlp_core :class:`~vlp_core.models.vilbert.ViLBERT` checkpoint, filter role only: ITM is
+    its alignment head (every candidate text through the co-attention layers with its image's
+    tokens), ITC its dual-encoder head.  It has no decoder, so the captioner role is refused."""
+
+    kind = "vilbert"
+
+    def __init__(self, model_dir: Path, role: Role, device: torch.device, model_id: Optional[str] = None):
+        from vlp_core.models.vilbert import ViLBERT
+
+        if role != "filter":
+            raise CapfiltError(f"{model_dir}: a ViLBERT model (family vilbert) does not generate captions; it can be "
+                               "the filter, not the captioner (use a blip model as the captioner)")
+        self.role, self.model_dir, self.device = role, model_dir, device
+        self.model_id = model_id or dir_content_hash(model_dir)
+        self.model = ViLBERT.from_pretrained(model_dir).to(device).eval()
+        cfg = self.model.config
+        self.spec = self.model.image_spec
+        self.vision_key = "vilbert:" + state_hash(self.model.visual_encoder, [self.spec, cfg.vision, cfg.vision_kwargs])
+        self.tokenizer = self.model.tokenizer
+        self.max_text_len = int(cfg.max_text_len)
+        self.fast_encoder = _ImageTokens()
+
+    def tokenize_pair(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, mask = self.model.tokenize(list(texts), "enc")  # [CLS] first for both heads
+        return ids, ids, mask
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+    def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.model.image_feat(image_embeds)
+
+    def text_feat(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.text_feat(list(texts))
+
+    def text_feat_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.text_feat_ids(ids, mask)
+
+    def itm_probs_ids(self, ids: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, cross) -> torch.Tensor:
+        return self.model.itm_logits_ids(cross[index], ids, mask).float().softmax(dim=-1)[:, 1]
+
+
 class HfBackend(Backend):
     """A local Hugging Face BLIP folder: ``BlipForConditionalGeneration`` for the captioner
     role, ``BlipForImageTextRetrieval`` for the filter role (mirrors their ``forward``)."""
@@ -362,10 +418,10 @@ def load_backend(model_dir: str | Path, role: Role, device: Optional[str | torch
     dev = device if isinstance(device, torch.device) else pick_device(device)
     model_id = dir_content_hash(d)
     # a vlp checkpoint serves both roles with one object (one set of weights in memory)
-    key = (model_id, role if kind == "hf" else "any", str(dev))
+    key = (model_id, "any" if kind == "vlp" else role, str(dev))
 
     def load() -> Backend:
-        return (VlpBackend if kind == "vlp" else HfBackend)(d, role, dev, model_id)
+        return {"vlp": VlpBackend, "vilbert": VilbertBackend, "hf": HfBackend}[kind](d, role, dev, model_id)
 
     return BACKENDS.get(key, load) if cache else load()
 

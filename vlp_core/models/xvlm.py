@@ -103,6 +103,7 @@ class XVLM(BlipMED):
     family = "xvlm"
     config_class = XvlmConfig
     uses_regions = True
+    LOSS_NAMES = ("itc", "itm", "lm", "region_itc", "region_itm", "bbox_l1", "bbox_giou")  # loss.csv columns
 
     def __init__(self, config: XvlmConfig, tokenizer=None):
         if not isinstance(config, XvlmConfig):

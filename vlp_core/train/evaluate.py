@@ -14,7 +14,9 @@
   highest ITC similarity among the image's wrong texts; the ITM head must give the positive
   p(match) > 0.5 and the negative <= 0.5.
 * **Captioning**: greedy (or beam) captions with ``capfilt.prompt``, scored with BLEU-4 and
-  CIDEr against the test captions (prompt removed).
+  CIDEr against the test captions (prompt removed).  A model that does not generate (ViLBERT:
+  ``generates = False``) gets ``captioning: none`` instead, and retrieval's ITC stage is its
+  dual-encoder head, its ITM its alignment head (:mod:`vlp_core.models.vilbert`).
 * **Ground truth** (synthetic world only; joined on the URL *path*): ``caption_acc`` (all
   stated attributes true) and per attribute, plus ``itm_acc_swap``: ITM accuracy against a
   negative caption of the same scene with one attribute swapped.
@@ -202,6 +204,7 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
     source = parse_source(test_source) if isinstance(test_source, (str, Path)) else test_source
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = BlipMED.from_pretrained(model_dir).to(device).eval()
+    generates = getattr(model, "generates", True)  # ViLBERT has no decoder: no captioning metrics
     data = decode_pairs(load_pairs([source], root), int(model.config.image_size))
     if len(data) < 2:
         raise TrainError(f"{source[0]}: fewer than 2 usable test pairs")
@@ -243,12 +246,16 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
     metrics["itm_pos_mean"] = float(np.mean(p_pos))
     metrics["itm_neg_mean"] = float(np.mean(p_neg)) if len(p_neg) else None
 
-    # ---- captioning
-    generated = generate_captions(model, data.images, params, device)
-    hyps = {str(i): strip_prompt(g, params.capfilt.prompt) for i, g in enumerate(generated)}
-    refs = {str(i): caps for i, caps in enumerate(image_caps)}
-    metrics["bleu4"] = M.bleu4(refs, hyps)
-    metrics["cider"] = M.cider(refs, hyps)
+    # ---- captioning (a family that generates; else `captioning: none` and no caption metrics)
+    generated: list[Optional[str]] = [None] * n_img
+    if generates:
+        generated = generate_captions(model, data.images, params, device)
+        hyps = {str(i): strip_prompt(g, params.capfilt.prompt) for i, g in enumerate(generated)}
+        refs = {str(i): caps for i, caps in enumerate(image_caps)}
+        metrics["bleu4"] = M.bleu4(refs, hyps)
+        metrics["cider"] = M.cider(refs, hyps)
+    else:
+        metrics["captioning"] = "none"
     urls = data.image_urls()
 
     # ---- ground truth (synthetic world only)
@@ -258,7 +265,8 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
         metrics["n_ground_truth"] = len(rows)
         if rows:
             scenes = [truth[url_path(urls[i])][C.SCENE] for i in rows]
-            metrics.update(M.caption_accuracy([generated[i] for i in rows], scenes))
+            if generates:
+                metrics.update(M.caption_accuracy([generated[i] for i in rows], scenes))
             pos_texts = [truth[url_path(urls[i])][C.TRUE_CAPTION] for i in rows]
             idx = torch.tensor(rows, dtype=torch.long)
             metrics["itm_acc_swap"] = swap_accuracy(model, img_embeds[idx], scenes, pos_texts, params.pretrain.seed,

@@ -1,8 +1,10 @@
 """The training loop: ``run_pretrain`` and ``run_finetune`` (captioner or filter).
 
 One loop serves both.  It reads pairs (:mod:`vlp_core.train.data`), builds or loads a
-:class:`vlp_core.models.BlipMED`, and runs a fixed number of AdamW steps with linear warmup
-then cosine decay (:mod:`vlp_core.train.schedule`).  The loss is
+:class:`vlp_core.models.BlipMED` or another family's model (a
+:class:`vlp_core.models.vilbert.ViLBERT`'s ``prepare_training`` hook fits its region codebook
+before a fresh run's first step), and runs a fixed number of AdamW steps with linear warmup then
+cosine decay (:mod:`vlp_core.train.schedule`).  The loss is
 ``itc_weight * ITC + itm_weight * ITM + lm_weight * LM`` from the section's
 :class:`~vlp_core.config.TrainParams`; a model whose family trains on box annotations (X-VLM,
 ``uses_regions``) also gets each pair's ``regions`` and adds its region losses
@@ -60,6 +62,7 @@ from vlp_core.env import keep_freed_memory
 from vlp_core.errors import VlpError
 from vlp_core.io import StageStats, atomic_path
 from vlp_core.layout import as_written, resolve
+from vlp_core.models import families
 from vlp_core.models.hf import import_hf, is_hf_blip_dir
 from vlp_core.precision import use_bf16
 from vlp_core.train.data import (PairDataset, Source, batch_regions, decode_pairs, epoch_batches, get_batch,
@@ -73,7 +76,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
 LOSS_CSV = "loss.csv"
-LOSS_FIELDS = ("step", "loss", "itc", "itm", "lm", "lr")
+DEFAULT_LOSS_NAMES = ("itc", "itm", "lm")  # BLIP's; a model class may name its own (``LOSS_NAMES``)
+LOSS_FIELDS = ("step", "loss", *DEFAULT_LOSS_NAMES, "lr")
 TRAINER_STATE = "trainer_state.pt"
 Target = Literal["captioner", "filter"]
 
@@ -175,7 +179,9 @@ def _new_model(params: Params, captions: Sequence[str], root: str | Path = "."):
             box = [tokenizer]
             torch.distributed.broadcast_object_list(box, src=0)
             tokenizer = box[0]
-    return models.create_model(mp.arch, tokenizer=tokenizer, family=mp.family, max_text_len=mp.max_text_len)
+    # model.family at its default (blip) lets an architecture that names its family (vilbert-tiny) build it
+    family = None if mp.family == families.DEFAULT_FAMILY else mp.family
+    return models.create_model(mp.arch, tokenizer=tokenizer, family=family, max_text_len=mp.max_text_len)
 
 
 def _image_size(model) -> int:
@@ -317,10 +323,14 @@ def _finished_fingerprint(out_dir: Path) -> tuple[bool, Optional[dict[str, Any]]
 # --------------------------------------------------------------------------- loss log
 class LossLog:
     """``loss.csv``: one row per log window (means over the window), appended as it goes.
-    On resume, rows after the checkpoint's step are dropped."""
+    On resume, rows after the checkpoint's step are dropped.  Columns: step, loss, the model's
+    loss names (BLIP: itc, itm, lm; ViLBERT: itc, mlm, mrm, align), lr."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
+    def __init__(self, path: Path, resume_step: int, enabled: bool,
+                 loss_names: Sequence[str] = DEFAULT_LOSS_NAMES):
         self.path, self.enabled = path, enabled
+        self.names = tuple(loss_names)
+        self.fields = ("step", "loss", *self.names, "lr")
         self.sums: dict[str, float] = {}
         self.n = 0
         if not enabled:
@@ -331,7 +341,7 @@ class LossLog:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         with atomic_path(path) as tmp:
             with tmp.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=LOSS_FIELDS)
+                w = csv.DictWriter(f, fieldnames=self.fields)
                 w.writeheader()
                 w.writerows(rows)
 
@@ -345,9 +355,9 @@ class LossLog:
         means = {k: v / max(1, self.n) for k, v in self.sums.items()}
         self.sums, self.n = {}, 0
         if self.enabled and means:
-            row = {"step": step, "lr": f"{lr:.6g}", **{k: f"{means.get(k, 0.0):.6f}" for k in ("loss", "itc", "itm", "lm")}}
+            row = {"step": step, "lr": f"{lr:.6g}", **{k: f"{means.get(k, 0.0):.6f}" for k in ("loss", *self.names)}}
             with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, fieldnames=LOSS_FIELDS).writerow(row)
+                csv.DictWriter(f, fieldnames=self.fields).writerow(row)
         return means
 
 
@@ -403,7 +413,12 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         if finished and old is not None:  # model/ without checkpoint/: it must be this run's
             _check_fingerprint(out_dir, "model", old, fingerprint)
         model = build_model(table)
+    if stage == "finetune_captioner" and not getattr(model, "generates", True):
+        raise TrainError(f"{type(model).__name__} does not generate captions, so it cannot be fine-tuned into the "
+                         "captioner (use a blip model as the captioner)")
     data = decode_pairs(table, _image_size(model))
+    if state is None and hasattr(model, "prepare_training"):  # a family's one-off setup (ViLBERT: region codebook)
+        model.prepare_training(data.images)
     dataset = PairDataset(data)
     per_rank = tp.batch_size // dist.world_size
     if per_rank < 2:
@@ -447,7 +462,8 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
             broadcast_buffers=True, find_unused_parameters=regions or any(w == 0 for w in weights.values()))
     autocast = (torch.autocast(dist.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
-    log = LossLog(out_dir / LOSS_CSV, start, dist.is_main)
+    loss_names = tuple(getattr(model, "LOSS_NAMES", DEFAULT_LOSS_NAMES))
+    log = LossLog(out_dir / LOSS_CSV, start, dist.is_main, loss_names)
     last = stop_after_step if stop_after_step is not None else tp.steps
     last = min(last, tp.steps)
     bar = tqdm(total=tp.steps, initial=start, desc=stage, unit="step", disable=None if dist.is_main else True)
@@ -474,7 +490,7 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         if ema is not None:
             ema.update(model, step + 1)
         samples += len(texts) * dist.world_size
-        log.add({"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in out.items() if k != "loss"}})
+        log.add({"loss": float(loss.detach()), **{k: float(out[k].detach()) for k in loss_names if k in out}})
         done = step + 1
         if done % tp.log_every == 0 or done == last:
             means = log.flush(done, scheduler.get_last_lr()[0]) or means
