@@ -44,7 +44,7 @@ from vlp_core.capfilt.fastmed import FastText
 from vlp_core.errors import VlpError
 from vlp_core.images import ImageSpec, autocast, embed_images, hf_image_spec
 from vlp_core.models import BlipMED, ModelError
-from vlp_core.models.families import generates
+from vlp_core.models.families import generates, load_model
 from vlp_core.models.hf import hf_itm_first_token
 
 Role = Literal["captioner", "filter"]
@@ -279,14 +279,12 @@ class VilbertBackend(Backend):
     kind = "vilbert"
 
     def __init__(self, model_dir: Path, role: Role, device: torch.device, model_id: Optional[str] = None):
-        from vlp_core.models.vilbert import ViLBERT
-
         if role != "filter":
             raise CapfiltError(f"{model_dir}: a ViLBERT model (family vilbert) does not generate captions; it can be "
                                "the filter, not the captioner (use a blip model as the captioner)")
         self.role, self.model_dir, self.device = role, model_dir, device
         self.model_id = model_id or dir_content_hash(model_dir)
-        self.model = ViLBERT.from_pretrained(model_dir).to(device).eval()
+        self.model = load_model(model_dir).to(device).eval()  # the registry's class for family vilbert
         cfg = self.model.config
         self.spec = self.model.image_spec
         self.vision_key = "vilbert:" + state_hash(self.model.visual_encoder, [self.spec, cfg.vision, cfg.vision_kwargs])

@@ -65,12 +65,12 @@ def create_model(arch: str | Path = "tiny", tokenizer=None, family: str | None =
                          f"(set model.family={arch_family}, or pick an architecture without a family key)")
     name = family or arch_family or families.DEFAULT_FAMILY
     cls = families.model_class(name)
-    config_class = getattr(cls, "config_class", None)
-    if config_class is None:
-        raise ModelError(f"model family {name!r}: {cls.__name__} has no config_class (see vlp_core.models.families)")
     create = getattr(cls, "create", None)
     if create is not None:  # a family that builds itself from the architecture dict (ViLBERT)
         return create(d, tokenizer)
+    config_class = getattr(cls, "config_class", None)
+    if config_class is None:
+        raise ModelError(f"model family {name!r}: {cls.__name__} has no config_class (see vlp_core.models.families)")
     if tokenizer is not None:
         d.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
                  sep_token_id=tokenizer.sep_token_id, enc_token_id=tokenizer.convert_tokens_to_ids("[ENC]"),
