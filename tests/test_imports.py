@@ -19,11 +19,6 @@ ALLOWED = {
     # the stage code (and its torch / transformers / img2dataset) that a command runs
     **{(str(p.relative_to(ROOT)), "*"): "lazy command loading" for pkg in PACKAGES
        for p in (ROOT / pkg).rglob("*commands.py")},
-    # `vlp --help` imports the vlp_core.models package (models/commands.py lives in it): its
-    # model code (torch, transformers, timm) loads when a model is made
-    ("vlp_core/models/__init__.py", "vlp_core.models.med"): "heavy: torch + transformers",
-    # the family registry names each family's module and loads it (and med's ModelError) on first use
-    ("vlp_core/models/families.py", "vlp_core.models.med"): "heavy: torch + transformers",
 }
 
 

@@ -13,14 +13,15 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlp_core.errors import ModelError
 from vlp_core.models import families  # the registry (stdlib only; a family's class loads on first use)
 
 if TYPE_CHECKING:  # torch and transformers load on first use, not when `vlp --help` imports this package
     from vlp_core.models.families import load_model
-    from vlp_core.models.med import BlipMED, MedConfig, ModelError
+    from vlp_core.models.med import BlipMED, MedConfig
     from vlp_core.models.tokenizer import load_tokenizer, train_tokenizer
 
-_LAZY = {"BlipMED": "med", "MedConfig": "med", "ModelError": "med", "load_tokenizer": "tokenizer",
+_LAZY = {"BlipMED": "med", "MedConfig": "med", "load_tokenizer": "tokenizer",
          "train_tokenizer": "tokenizer", "load_model": "families"}
 
 
@@ -40,8 +41,6 @@ def load_architecture(arch: str | Path) -> dict[str, Any]:
     if not path.suffix == ".json":
         path = Path(str(resources.files("vlp_core.models") / "architectures" / f"{arch}.json"))
     if not path.is_file():
-        from vlp_core.models.med import ModelError
-
         raise ModelError(f"unknown architecture {arch!r} (known: {', '.join(list_architectures())}, or a .json path)")
     d = json.loads(path.read_text())
     d.pop("_comment", None)
@@ -56,8 +55,6 @@ def create_model(arch: str | Path = "tiny", tokenizer=None, family: str | None =
     that names a ``family`` is for that family only; one that names none (tiny, tiny-vit,
     blip-base: sizes) serves every family, whose own fields (e.g. X-VLM's region-loss weights)
     then take their defaults."""
-    from vlp_core.models.med import ModelError
-
     d = {**load_architecture(arch), **overrides}
     arch_family = d.pop("family", None)
     if family is not None and arch_family is not None and family != arch_family:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlp_core.errors import ModelError
+
 DEFAULT_FAMILY = "blip"
 CONFIG_FILE = "config.json"
 
@@ -58,8 +60,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 
 
 def _error(message: str) -> Exception:
-    from vlp_core.models.med import ModelError
-
     return ModelError(message)
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from transformers import BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
-from vlp_core.errors import VlpError
+from vlp_core.errors import ModelError
 from vlp_core.images import ImageSpec
 from vlp_core.models import families
 from vlp_core.models.tokenizer import load_tokenizer
@@ -50,10 +50,6 @@ DEFAULT_ITM_FIRST_TOKEN = "enc"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 MODEL_TYPE = "vlp-blip-med"
-
-
-class ModelError(VlpError, ValueError):
-    pass
 
 
 @dataclass
