@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.utilities.annotations import unmapped
 
 from flows import tasks as T
 from vlp_core import rounds as R
@@ -201,8 +202,6 @@ def _capfilt_fanout(params: Params, layout: T.Layout, step: R.Step, upstream: li
     shards = list(cs.list_capfilt_shards(params, layout.manifest("web")))
     calibration = cs.calibrate_threshold(params, str(layout.model(round, "finetune_filter")),
                                          layout.manifest("human"), layout.stage(round, "capfilt"), root=layout.root)
-    from prefect.utilities.annotations import unmapped
-
     futures = T.capfilt_shard_task.map(  # the settings are a pydantic model, iterable: unmapped, not mapped
         unmapped(params), layout, round, shards, str(layout.model(round, "finetune_captioner")),
         str(layout.model(round, "finetune_filter")), unmapped(calibration))

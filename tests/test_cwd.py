@@ -89,7 +89,7 @@ def test_a_flow_on_the_thread_pool_writes_what_the_cli_writes_from_any_folder(
         T.unwrap(T.step_task(params, web)(params, layout, web, []))
         shards = cs.list_capfilt_shards(layout.manifest("web"))
         assert len(shards) >= 2  # the fan-out really runs side by side
-        futures = T.capfilt_shard_task.map(params, layout, 0, shards, model, model, unmapped(None))
+        futures = T.capfilt_shard_task.map(unmapped(params), layout, 0, shards, model, model, unmapped(None))
         return [f.result() for f in futures]
 
     shard_stats = small_round()
