@@ -55,9 +55,12 @@ def stop_or_kill(proc: subprocess.Popen, timeout: float = 180.0) -> None:
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
+        alive = subprocess.run(["ps", "-o", "pid,stat,etime,args", "-g", str(proc.pid)], capture_output=True,
+                               text=True).stdout
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-        raise AssertionError(f"infra/start.sh did not stop within {timeout:.0f} s of SIGTERM") from None
+        raise AssertionError(f"infra/start.sh did not stop within {timeout:.0f} s of SIGTERM; still running:\n"
+                             f"{alive}") from None
 
 
 def wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:

@@ -492,7 +492,10 @@ class BlipMED(nn.Module):
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        cfg = {"model_type": MODEL_TYPE, "family": self.family, **asdict(self.config)}
+        # blip is what a config.json without a family means: the key is written for other families
+        # only, so a BLIP folder's bytes (and its content id, which CapFilt's cache keys use) stay as before
+        family = {} if self.family == families.DEFAULT_FAMILY else {"family": self.family}
+        cfg = {"model_type": MODEL_TYPE, **family, **asdict(self.config)}
         (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         # as safetensors' save_model, minus its per-dropped-name metadata: that map is written in
         # hash order, so the same weights would give different bytes from run to run
