@@ -40,13 +40,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_signals() -> None:
+    """The stack starts as from a terminal: an ignored signal is inherited across exec, and a
+    non-interactive bash cannot trap one it inherited ignored -- earlier tests in this process
+    (DVC ignores SIGINT while a stage runs) must not leave Ctrl-C or SIGTERM ignored in the stack."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start_stack(port: int, home: Path, pool: str, log: Path) -> subprocess.Popen:
     """``infra/start.sh PORT`` in its own process group (so one signal reaches the worker and the server)."""
     env = {**os.environ, "PY": sys.executable, "VLP_PREFECT_HOME": str(home), "VLP_WORK_POOL": pool,
            "PREFECT_WORKER_QUERY_SECONDS": "2"}
     with open(log, "wb") as out:
         return subprocess.Popen([str(REPO / "infra" / "start.sh"), str(port)], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_signals)
 
 
 def stop_or_kill(proc: subprocess.Popen, timeout: float = 180.0) -> None:
@@ -55,7 +63,7 @@ def stop_or_kill(proc: subprocess.Popen, timeout: float = 180.0) -> None:
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        alive = subprocess.run(["ps", "-o", "pid,stat,etime,args", "-g", str(proc.pid)], capture_output=True,
+        alive = subprocess.run(["ps", "-o", "pid,stat,etime,ignored,caught,args", "-g", str(proc.pid)], capture_output=True,
                                text=True).stdout
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
