@@ -5,42 +5,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures_model import train_sources
 from fixtures_world import tiny_params
 
 from vlp_core.train.ema import WeightEma
 from vlp_core.train.loop import run_finetune, run_pretrain, state_sha256, train_fingerprint
-
-STEPS = 12
-FAST = {"pretrain.steps": STEPS, "pretrain.batch_size": 16, "pretrain.warmup_steps": 3, "pretrain.log_every": 2,
-        "pretrain.checkpoint_every": 4, "pretrain.lr": 5e-4}
-
-
-def _sources(world):
-    return [(world / "web.parquet", "web"), (world / "human.parquet", "human")]
-
-
-@pytest.fixture(scope="module")
-def fast(tiny_world, tmp_path_factory):
-    from vlp_core.models import train_tokenizer
-    from vlp_core.train.data import load_pairs
-
-    texts = [t for t in load_pairs(_sources(tiny_world))["text"].to_pylist() if t and t.strip()]
-    tok = tmp_path_factory.mktemp("tok")
-    train_tokenizer(texts, vocab_size=128).save_pretrained(str(tok))
-    return tiny_params(**FAST, **{"model.tokenizer": str(tok)})
 
 
 @pytest.fixture(scope="module")
 def plain(tiny_world, tmp_path_factory, fast):
     """The run with the EMA off (the default): today's training."""
     out = tmp_path_factory.mktemp("plain")
-    return out, run_pretrain(fast, _sources(tiny_world), out)
+    return out, run_pretrain(fast, train_sources(tiny_world), out)
 
 
 @pytest.fixture(scope="module")
 def with_ema(tiny_world, tmp_path_factory, fast):
     out = tmp_path_factory.mktemp("ema")
-    return out, run_pretrain(fast.replace(**{"pretrain.ema_decay": 0.99}), _sources(tiny_world), out)
+    return out, run_pretrain(fast.replace(**{"pretrain.ema_decay": 0.99}), train_sources(tiny_world), out)
 
 
 def _trainer_state(out):
@@ -94,7 +76,7 @@ def test_ema_is_the_hand_computed_average_of_three_steps(tiny_world, tmp_path, f
                              "pretrain.ema_decay": decay, "pretrain.ema_warmup": False})
     live = []
     for stop in (1, 2, 3):
-        run_pretrain(params, _sources(tiny_world), tmp_path, stop_after_step=stop)
+        run_pretrain(params, train_sources(tiny_world), tmp_path, stop_after_step=stop)
         state = _trainer_state(tmp_path)
         assert state["step"] == stop
         live.append(state["model"])
@@ -111,9 +93,9 @@ def test_ema_is_the_hand_computed_average_of_three_steps(tiny_world, tmp_path, f
 def test_resume_with_ema_is_bit_identical(with_ema, tiny_world, tmp_path, fast):
     full_out, full = with_ema
     params = fast.replace(**{"pretrain.ema_decay": 0.99})
-    part = run_pretrain(params, _sources(tiny_world), tmp_path, stop_after_step=6)
+    part = run_pretrain(params, train_sources(tiny_world), tmp_path, stop_after_step=6)
     assert "ema" in _trainer_state(tmp_path) and not (tmp_path / "model").exists()
-    resumed = run_pretrain(params, _sources(tiny_world), tmp_path)
+    resumed = run_pretrain(params, train_sources(tiny_world), tmp_path)
     assert part.extra["steps"] == 6 and resumed.extra["resumed_from_step"] == 6
     assert resumed.extra["rank_state_sha256"] == full.extra["rank_state_sha256"]
     assert resumed.extra["ema_state_sha256"] == full.extra["ema_state_sha256"]

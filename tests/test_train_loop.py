@@ -5,41 +5,17 @@ import csv
 import json
 
 import pytest
+from fixtures_model import FAST, STEPS, train_sources
 from fixtures_world import tiny_params
 
 from vlp_core.io import read_json
 from vlp_core.train.loop import TrainError, run_finetune, run_pretrain
 
-STEPS = 12
-FAST = {"pretrain.steps": STEPS, "pretrain.batch_size": 16, "pretrain.warmup_steps": 3, "pretrain.log_every": 2,
-        "pretrain.checkpoint_every": 4, "pretrain.lr": 5e-4}
-
-
-def _sources(world):
-    return [(world / "web.parquet", "web"), (world / "human.parquet", "human")]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tiny_world, tmp_path_factory):
-    """One saved tokenizer for every run here (saves building it in each run)."""
-    from vlp_core.models import train_tokenizer
-    from vlp_core.train.data import load_pairs
-
-    texts = [t for t in load_pairs(_sources(tiny_world))["text"].to_pylist() if t and t.strip()]
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(texts, vocab_size=128).save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def fast(tokenizer_dir):
-    return tiny_params(**FAST, **{"model.tokenizer": str(tokenizer_dir)})
-
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_world, tmp_path_factory, fast):
     out = tmp_path_factory.mktemp("pretrain_full")
-    stats = run_pretrain(fast, _sources(tiny_world), out)
+    stats = run_pretrain(fast, train_sources(tiny_world), out)
     return out, stats
 
 
@@ -62,9 +38,9 @@ def test_pretrain_writes_model_checkpoint_losses_and_stats(uninterrupted):
 def test_resume_after_interruption_gives_identical_weights(uninterrupted, tiny_world, tmp_path, fast):
     full_out, full = uninterrupted
     params = fast
-    part = run_pretrain(params, _sources(tiny_world), tmp_path, stop_after_step=6)  # "killed" after step 6
+    part = run_pretrain(params, train_sources(tiny_world), tmp_path, stop_after_step=6)  # "killed" after step 6
     assert part.extra["steps"] == 6 and not (tmp_path / "model").exists()
-    resumed = run_pretrain(params, _sources(tiny_world), tmp_path)
+    resumed = run_pretrain(params, train_sources(tiny_world), tmp_path)
     assert resumed.extra["resumed_from_step"] == 6
     assert resumed.extra["rank_state_sha256"] == full.extra["rank_state_sha256"]
     # the loss log has each step once, and matches the uninterrupted run
@@ -96,7 +72,7 @@ def test_tokenizer_vocab_is_a_function_of_the_captions(tiny_world):
     from vlp_core.models import train_tokenizer
     from vlp_core.train.data import load_pairs
 
-    texts = [t for t in load_pairs(_sources(tiny_world))["text"].to_pylist() if t and t.strip()]
+    texts = [t for t in load_pairs(train_sources(tiny_world))["text"].to_pylist() if t and t.strip()]
     vocabs = [train_tokenizer(texts, vocab_size=128).get_vocab() for _ in range(3)]
     assert vocabs[0] == vocabs[1] == vocabs[2]
     assert train_tokenizer(list(reversed(texts)), vocab_size=128).get_vocab() == vocabs[0]
@@ -111,7 +87,7 @@ def test_two_seeded_runs_from_scratch_are_bit_identical(tiny_world, tmp_path):
     """Tokenizer trained from the captions in each run: loss.csv and weights match byte for byte."""
     params = tiny_params(**{**FAST, "pretrain.steps": 6, "pretrain.checkpoint_every": 6, "model.vocab_size": 128})
     runs = [tmp_path / "a", tmp_path / "b"]
-    stats = [run_pretrain(params, _sources(tiny_world), out) for out in runs]
+    stats = [run_pretrain(params, train_sources(tiny_world), out) for out in runs]
     assert stats[0].extra["rank_state_sha256"] == stats[1].extra["rank_state_sha256"]
     assert (runs[0] / "loss.csv").read_bytes() == (runs[1] / "loss.csv").read_bytes()
     for name in ("model.safetensors", "tokenizer/tokenizer.json"):
@@ -174,11 +150,11 @@ def test_finished_run_is_returned_again_and_model_without_checkpoint_is_checked(
     full_out, full = uninterrupted
     out = tmp_path / "done"
     shutil.copytree(full_out, out)
-    again = run_pretrain(fast, _sources(tiny_world), out)
+    again = run_pretrain(fast, train_sources(tiny_world), out)
     assert again.extra["resumed_from_step"] == STEPS and again.extra["rank_state_sha256"] == full.extra["rank_state_sha256"]
     shutil.rmtree(out / "checkpoint")  # model/ and stats.json only: still checked
     with pytest.raises(TrainError, match=r"the model was trained with other settings \(pretrain\.seed 0 -> 1\)"):
-        run_pretrain(fast.replace(**{"pretrain.seed": 1}), _sources(tiny_world), out)
+        run_pretrain(fast.replace(**{"pretrain.seed": 1}), train_sources(tiny_world), out)
 
 
 def test_finetune_errors_are_clear(tiny_world, tmp_path):
