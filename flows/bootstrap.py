@@ -203,7 +203,7 @@ def _capfilt_fanout(params: Params, layout: T.Layout, step: R.Step, upstream: li
     calibration = cs.calibrate_threshold(params, str(layout.model(round, "finetune_filter")),
                                          layout.manifest("human"), layout.stage(round, "capfilt"), root=layout.root)
     futures = T.capfilt_shard_task.map(  # the settings are a pydantic model, iterable: unmapped, not mapped
-        unmapped(params), layout, round, shards, str(layout.model(round, "finetune_captioner")),
+        unmapped(params), layout, round, shards, step.meta.get("captioner"),
         str(layout.model(round, "finetune_filter")), unmapped(calibration))
     return [f.result() for f in futures]
 

@@ -89,9 +89,10 @@ def nightly_flow(params_path: str = "params.yaml", workdir: str = ".", overrides
     # the fine-tunes are not rerun: their stage cache keys stand for them
     known = {web.id: res["ingest_web"],
              "ingest_human": R.run_step(params, layout, R.given_ingest(layout, "human"), [])}
-    for t in ("captioner", "filter"):
-        sid = T.stage_id(f"finetune_{t}", k)
-        known[sid] = res[f"finetune_{t}"] = {"key": marker_key(layout, sid) or "none", "skipped": True, "stats": {}}
+    for sid in capfilt.needs:  # the round's fine-tunes: the filter, and the captioner when it has one
+        if sid not in known:
+            name = sid.split("-", 1)[1]
+            known[sid] = res[name] = {"key": marker_key(layout, sid) or "none", "skipped": True, "stats": {}}
     upstream = [known[n] for n in capfilt.needs]
     _capfilt_fanout(params, layout, capfilt, upstream)
     res["capfilt"] = T.unwrap(T.step_task(params, capfilt)(params, layout, capfilt, upstream))

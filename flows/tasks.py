@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
@@ -127,10 +127,11 @@ def step_task(params: Any, step: Step):
 
 
 @task(name="capfilt-shard", task_run_name="capfilt-round{round}-{shard.name}", cache_policy=NONE)
-def capfilt_shard_task(params: Any, layout: Layout, round: int, shard: Any, captioner: str,
+def capfilt_shard_task(params: Any, layout: Layout, round: int, shard: Any, captioner: Optional[str],
                        filter: str, calibration: Any) -> Any:
     """Caption and filter ONE ingest shard (the fan-out unit; skipped when the stage cache holds
-    its entry); its paths are the layout's, under its absolute root, whatever the worker's cwd."""
+    its entry); its paths are the layout's, under its absolute root, whatever the worker's cwd.
+    ``captioner`` None: no captioner, the filter judges the web texts only."""
     _threads()
     with run_logs():
         return run_capfilt_shard(params, shard, captioner, filter, layout.stage(round, "capfilt"),

@@ -16,6 +16,7 @@ import json
 
 import pytest
 
+from vlp_core.capfilt.stage import capfilt_settings
 from vlp_core.config import Params, params_from_dict, section_dict
 from vlp_core.stagecache import input_key
 from vlp_core.train.loop import fingerprint_sha256, retrain_settings, train_fingerprint
@@ -42,8 +43,9 @@ def fingerprints(p: Params) -> dict[str, str]:
                               ("retrain", "retrain", retrain_settings(p))):
         out[f"train {name}"] = fingerprint_sha256(train_fingerprint(name, section, tp, [], {}))
     out["catalog params"] = _sha(p.to_dict())  # what `vlp record` stores (a record, not a key: ema_*, family too)
-    for s in ("synthetic", "capfilt", "features"):  # world.json's settings; the capfilt/features fingerprints
+    for s in ("synthetic", "features"):  # world.json's settings; the features fingerprint
         out[f"section {s}"] = _sha(section_dict(p, s))
+    out["section capfilt"] = _sha(capfilt_settings(p))  # the capfilt shards' fingerprint
     return out
 
 
@@ -66,7 +68,7 @@ PINNED = {
         "train finetune_captioner": "51b66b84bd6c7de39ae5dd5aae9ab14dd749bc3ead53cbcb7b6864453840905b",
         "train finetune_filter": "ab336d9a002ef824573d40c0f125047871b2c6273fc0c4321c1535c70aac2023",
         "train retrain": "91b31996eb5b416058d91ee0c16be57a5edbf11734f01531cabbd3d41cc2f3b2",
-        "catalog params": "6919b2208995bff124d51d5357e026471ad6746178e5bc6ec2c8fefa2498cc25",
+        "catalog params": "781ff4df88b0ba0c9971a0812add98d8cfbb1f9c7db8d7f4c0222bdbd7996fe2",
         "section synthetic": "29506c574de59baacc47716a0283022bc7b0c1770d92c0a6e9af1ac6a3865110",
         "section capfilt": "f3998a75f2873c1f1e73d44ed6db83258f86823e1fa2d46627a5fc97fcc5c662",
         "section features": "ebad7352c8db9484dcc8b8790d038aceef12a6ec345f91120aaea49791b2c7bd",
@@ -89,7 +91,7 @@ PINNED = {
         "train finetune_captioner": "51b66b84bd6c7de39ae5dd5aae9ab14dd749bc3ead53cbcb7b6864453840905b",
         "train finetune_filter": "433cb38675e16da3178f803c45acad8b0c425cd8c748418d06f59762edb66e76",
         "train retrain": "c0a46e76304acc5950c34ea9e8727adf5d5e5e11acd5ccec2c0cff4b873900f3",
-        "catalog params": "87378b5289aab785473d952d15a585e7bc85d6fc715b2edb31cb06be995f7a93",
+        "catalog params": "ccf2c94f87ea1dddf5a1b3b6b1d499dde96a7c04ce97758fa9e7a64db97c7974",
         "section synthetic": "29506c574de59baacc47716a0283022bc7b0c1770d92c0a6e9af1ac6a3865110",
         "section capfilt": "8288e37fa9865b1e921812e8cc6b1a68abbec1118edc34d30520b00b82aa0b9d",
         "section features": "ebad7352c8db9484dcc8b8790d038aceef12a6ec345f91120aaea49791b2c7bd",
@@ -119,3 +121,13 @@ def test_ema_settings_move_a_stage_key_only_while_the_ema_is_on():
     assert on["key finetune.filter"] != base["key finetune.filter"]
     assert on["train finetune_filter"] != base["train finetune_filter"]
     assert on["key pretrain"] == base["key pretrain"] and on["key finetune.captioner"] == base["key finetune.captioner"]
+
+
+def test_capfilt_captioner_moves_the_capfilt_key_only_when_not_base():
+    """capfilt.captioner at ``base`` (BLIP's CapFilt, every run before the setting existed) keeps the
+    capfilt stage key and the shards' fingerprint; another value moves the stage key only."""
+    base = fingerprints(Params())
+    none = fingerprints(params_from_dict({"capfilt": {"captioner": "none"}}, "<test>"))
+    assert none["key capfilt"] != base["key capfilt"]
+    assert {k: v for k, v in none.items() if k not in ("key capfilt", "catalog params")} == \
+        {k: v for k, v in base.items() if k not in ("key capfilt", "catalog params")}

@@ -247,3 +247,103 @@ def test_capfilt_filter_scores_with_the_alignment_head(model, tmp_path):
         load_backend(d, "captioner", "cpu", cache=False)
     with pytest.raises(CapfiltError, match="not the captioner"):
         Captioner(d, device="cpu")
+
+
+# --------------------------------------------------------------------------- in the cycle
+_ROUND = {"model.vocab_size": 128, "retrain.init": "continue", "retrain.steps": 2,
+          "pretrain.steps": 4, "pretrain.batch_size": 16, "pretrain.warmup_steps": 1, "pretrain.checkpoint_every": 100,
+          "finetune.captioner.steps": 2, "finetune.captioner.batch_size": 16, "finetune.captioner.warmup_steps": 1,
+          "finetune.filter.steps": 2, "finetune.filter.batch_size": 16, "finetune.filter.warmup_steps": 1,
+          "capfilt.batch_size": 64, "capfilt.max_length": 8, "evaluate.batch_size": 64, "evaluate.k_test": 4,
+          "features.batch_size": 64}
+
+
+def _round_layout(tiny_ingest, root):
+    import shutil
+
+    from vlp_core.layout import Layout
+
+    layout = Layout.at(root)
+    for split in ("web", "human", "test"):
+        dst = layout.ingest(split)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(tiny_ingest[f"{split}_dir"], dst)
+    return layout
+
+
+def _corpus(layout):
+    import pyarrow.parquet as pq
+
+    files = sorted((layout.stage(0, "capfilt") / "corpus").glob("*.parquet"))
+    assert files
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def test_a_round_with_a_vilbert_base_runs_capfilt_with_the_filter_alone(tiny_ingest, tmp_path):
+    """Round 0 of the cycle with a ViLBERT model (``capfilt.captioner: base``, the default): no
+    captioner is fine-tuned, CapFilt judges each web text with ViLBERT's alignment head, and the
+    round retrains and evaluates; dvc.yaml's capfilt stage (it reads a captioner) stays out of dvc.lock."""
+    from vlp_core.layout import PRETRAIN, STATS_FILE
+    from vlp_core.models import families
+    from vlp_core.rounds import compose, run_steps
+
+    arch = tmp_path / "vilbert-test.json"
+    arch.write_text(json.dumps({"family": "vilbert", **TINY}))
+    layout = _round_layout(tiny_ingest, tmp_path / "w")
+    params = tiny_params(**{**_ROUND, "model.arch": str(arch)})
+    steps = compose(params, layout, 0, ingest=False, record=False)
+    names = [s.name for s in steps]
+    assert "finetune_captioner" not in names and "finetune_filter" in names
+    capfilt = next(s for s in steps if s.name == "capfilt")
+    assert capfilt.meta["captioner"] is None and "'vilbert' model" in capfilt.meta["why"]
+    assert not capfilt.in_dvc and capfilt.needs == ("round0-finetune_filter", "ingest_web", "ingest_human")
+    results = run_steps(params, layout, steps, log=lambda _: None)
+    assert {"round0-capfilt", "round0-features", "round0-retrain", "round0-evaluate"} <= set(results)
+    for which in (PRETRAIN, "finetune_filter", "retrain"):
+        assert families.saved_family(layout.model(0, which)) == "vilbert", which
+    rows = _corpus(layout)
+    stats = json.loads((layout.stage(0, "capfilt") / STATS_FILE).read_text())
+    assert stats["extra"]["captioner"] is None and stats["extra"]["candidates_per_image"] == 1
+    assert len(rows) == stats["extra"]["images"] == stats["rows_out"] > 0  # one candidate per image: its web text
+    assert {r["source"] for r in rows} == {"web"} and {r["captioner_id"] for r in rows} == {None}
+    assert all(r["itm"] is not None or r["reason"] for r in rows)
+    assert 0 < sum(r["kept"] for r in rows) < len(rows)
+    assert layout.rounds_done() == [0]  # the nightly can use it: it needs no captioner
+    metrics = json.loads((layout.stage(0, "evaluate") / "metrics.json").read_text())
+    assert metrics["captioning"] == "none" and 0.0 <= metrics["r1_mean"] <= 100.0
+
+
+def test_a_vilbert_filter_beside_a_captioner_from_a_blip_folder(tiny_ingest, tmp_path):
+    """``capfilt.captioner: <a BLIP model folder>``: the round fine-tunes its captioner from that
+    folder and its filter from the ViLBERT base, and CapFilt writes synthetic captions judged by
+    ViLBERT.  A folder of a family that does not generate, or a missing one, is one line."""
+    from vlp_core.models import families
+    from vlp_core.rounds import compose, run_steps
+    from vlp_core.stagecache import StageInputError
+    from vlp_core.train.loop import run_pretrain
+
+    arch = tmp_path / "vilbert-test.json"
+    arch.write_text(json.dumps({"family": "vilbert", **TINY}))
+    layout = _round_layout(tiny_ingest, tmp_path / "w")
+    blip = tiny_params(**_ROUND)
+    run_pretrain(blip, [(str(layout.ingest("human")), "human")], layout.root / "blip", root=layout.root)
+    params = tiny_params(**{**_ROUND, "model.arch": str(arch), "capfilt.captioner": "blip/model"})
+    steps = compose(params, layout, 0, ingest=False, record=False)
+    cap = next(s for s in steps if s.name == "finetune_captioner")
+    assert cap.needs == ("ingest_human",) and cap.files == (layout.root / "blip" / "model",) and not cap.in_dvc
+    capfilt = next(s for s in steps if s.name == "capfilt")
+    assert capfilt.in_dvc and capfilt.meta["captioner"] == str(layout.model(0, "finetune_captioner"))
+    upto_capfilt = compose(params, layout, 0, ingest=False, until="capfilt", record=False)
+    assert [s.name for s in upto_capfilt][-1] == "capfilt"
+    run_steps(params, layout, upto_capfilt, log=lambda _: None)
+    assert families.saved_family(layout.model(0, "finetune_captioner")) == "blip"
+    assert families.saved_family(layout.model(0, "finetune_filter")) == "vilbert"
+    rows = _corpus(layout)
+    synth = [r for r in rows if r["source"] == "synthetic"]
+    assert synth and all(r["captioner_id"] for r in rows) and any(r["text"] for r in synth)
+    # a ViLBERT folder cannot be the captioner; a missing folder is named
+    bad = params.replace(**{"capfilt.captioner": str(layout.model(0, "finetune_filter"))})
+    with pytest.raises(StageInputError, match="'vilbert' model, which does not generate"):
+        compose(bad, layout, 0, ingest=False, record=False)
+    with pytest.raises(StageInputError, match="nowhere: no such model folder"):
+        compose(params.replace(**{"capfilt.captioner": "nowhere"}), layout, 0, ingest=False, record=False)

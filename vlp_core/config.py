@@ -231,6 +231,13 @@ class RetrainParams(Settings):
 class CapfiltParams(Settings):
     """Captioning and filtering (``vlp capfilt``)."""
 
+    # where each round's captioner comes from: "base" = fine-tuned from the round's base model (BLIP's
+    # CapFilt; a base model whose family does not generate, ViLBERT, gives a round without one);
+    # "none" = no captioner, the filter judges the web texts only (BLIP's "F alone"); or a model
+    # folder of a family that generates (a vlp checkpoint or a local HF BLIP folder, relative to the
+    # work dir), fine-tuned into each round's captioner on the human pairs: e.g. a BLIP captioner
+    # beside a ViLBERT filter (vlp_core/rounds.py)
+    captioner: str = Field("base", min_length=1)
     num_captions: int = Field(1, ge=0)  # K synthetic captions per image
     decode: Literal["nucleus", "beam", "greedy"] = "nucleus"
     top_p: Number = Field(0.9, gt=0, le=1)

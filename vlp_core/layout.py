@@ -27,6 +27,7 @@ the model retrained on it is round k's model.  ``dvc.yaml`` writes the same path
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,13 +213,25 @@ class Layout:
         return [f for f in files if f.is_file()]
 
     def rounds_done(self) -> list[int]:
-        """Rounds whose captioner and filter are finished, in order (what the nightly can use)."""
+        """Rounds whose filter and captioner are finished, in order (what the nightly can use); a
+        round without a captioner (``capfilt.captioner``; a ViLBERT base) needs its filter only."""
         out = []
         for p in self.data.glob("round*"):
             k = p.name[len("round"):]
-            if k.isdigit() and all((p / f"finetune_{t}" / MODEL_DIR).exists() for t in ("captioner", "filter")):
+            if not k.isdigit() or not (p / "finetune_filter" / MODEL_DIR).exists():
+                continue
+            if (p / "finetune_captioner" / MODEL_DIR).exists() or self._captioner_none(int(k)):
                 out.append(int(k))
         return sorted(out)
+
+    def _captioner_none(self, round: int) -> bool:
+        """Whether round ``round``'s CapFilt ran without a captioner (its stats say so)."""
+        f = self.stage(round, "capfilt") / STATS_FILE
+        try:
+            extra = json.loads(f.read_text()).get("extra", {})
+        except (FileNotFoundError, ValueError):
+            return False
+        return "captioner" in extra and extra["captioner"] is None
 
 
 __all__ = ["CAPTIONS_FILE", "CHECKPOINT_DIR", "CORPUS_DIR", "EMBEDDINGS_DIR", "GATE_FILE", "LOSS_FILE", "Layout", "MANIFEST_FILE",

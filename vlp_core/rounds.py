@@ -24,7 +24,8 @@ from vlp_core.features import stage as features_stage
 from vlp_core.ingest import stage as ingest_stage
 from vlp_core.io import read_json, write_json
 from vlp_core.layout import (GATE_FILE, METRICS_FILE, PRETRAIN, RECORD_FILE, RECORDED_STATS, SPLITS, STATS_FILE,
-                             Layout, dvc_stage_name, stage_id)
+                             Layout, dvc_stage_name, resolve, stage_id)
+from vlp_core.models import families, fresh_family
 from vlp_core.stagecache import StageInputError, StageResult, cached_stage, input_key
 from vlp_core.train import evaluate as train_evaluate
 from vlp_core.train import loop as train_loop
@@ -126,34 +127,92 @@ def base_step(layout: Layout, round: int, model: Optional[str | Path] = None) ->
     return Step(PRETRAIN, round, prev.parent, (), (), None, files=(prev,), task="base", run_name=f"base-round{round}")
 
 
+@dataclass(frozen=True)
+class CaptionerSource:
+    """Where a round's captioner is fine-tuned from (``capfilt.captioner``): ``model`` (None: the
+    round has no captioner, its CapFilt judges the web texts only), whether that is the round's base
+    model, and why, in words."""
+
+    model: Optional[Path]
+    from_base: bool
+    why: str
+
+
+def captioner_source(params: Params, layout: Layout, base: Step) -> CaptionerSource:
+    """``capfilt.captioner`` resolved for a round whose base model is ``base``: ``base`` (BLIP's
+    CapFilt: the captioner is fine-tuned from the base model, unless the base model's family does
+    not generate -- ViLBERT -- and the round then has none), ``none``, or a model folder of a family
+    that generates (checked here: a missing folder or a non-generating family is one line)."""
+    choice = params.capfilt.captioner
+    base_model = base.files[0] if base.given else layout.model(0, PRETRAIN)
+    if choice == "none":
+        return CaptionerSource(None, False, "capfilt.captioner=none: the filter judges the web texts only")
+    if choice == "base":
+        if not base.given:
+            fam = fresh_family(params.model.arch, params.model.family)
+        elif (Path(base_model) / families.CONFIG_FILE).is_file():
+            fam = families.saved_family(base_model)
+        else:  # not a model (yet): the step that loads it says so, with its path
+            fam = families.DEFAULT_FAMILY
+        if families.generates(fam):
+            return CaptionerSource(Path(base_model), True, "fine-tuned from the round's base model")
+        return CaptionerSource(None, False, f"the base model is a {fam!r} model, which does not generate captions: "
+                                            "the filter judges the web texts only (set capfilt.captioner to a "
+                                            "BLIP model folder for synthetic captions)")
+    path = resolve(choice, layout.root)
+    if not path.is_dir():
+        raise StageInputError(f"capfilt.captioner: {path}: no such model folder (base, none, or a model folder)")
+    fam = families.saved_family(path)
+    if not families.generates(fam):
+        raise StageInputError(f"capfilt.captioner: {path} is a {fam!r} model, which does not generate captions "
+                              "(give a blip or xvlm model folder, or none)")
+    return CaptionerSource(path, False, f"fine-tuned from {choice}")
+
+
 def round_steps(params: Params, layout: Layout, round: int, base: Step, until: Optional[str] = None,
                 record: bool = True) -> list[Step]:
-    """Round ``round``'s steps after its base model ``base`` (see the module doc), up to ``until``."""
+    """Round ``round``'s steps after its base model ``base`` (see the module doc), up to ``until``.
+    The captioner comes from :func:`captioner_source`; a round without one has no
+    ``finetune_captioner`` step and its CapFilt judges the web texts only."""
     k = round
     base_model = base.files[0] if base.given else layout.model(0, PRETRAIN)
     human = _human(layout)
     steps: list[Step] = []
+    source = captioner_source(params, layout, base)
+    targets = ("filter",) if source.model is None else ("captioner", "filter")
 
     if not after("finetune", until):
-        for target in ("captioner", "filter"):
+        for target in targets:
             out = layout.stage(k, f"finetune_{target}")
+            init = base_model if target == "filter" or source.from_base else source.model
+            given_init = target == "captioner" and not source.from_base
 
-            def call(fresh: bool, target: str = target, out: Path = out) -> None:
-                train_loop.run_finetune(params, target, human, str(base_model), out, fresh=fresh, root=layout.root)
+            def call(fresh: bool, target: str = target, out: Path = out, init: Path = init) -> None:
+                train_loop.run_finetune(params, target, human, str(init), out, fresh=fresh, root=layout.root)
 
-            steps.append(Step(f"finetune_{target}", k, out, (f"finetune.{target}",), (base.id, "ingest_human"), call,
-                              trains=True, task="finetune", run_name=f"finetune-{target}-round{k}"))
-    captioner, filter_ = layout.model(k, "finetune_captioner"), layout.model(k, "finetune_filter")
+            # a captioner fine-tuned from another folder is not dvc.yaml's stage (its dependency is
+            # the base model): left out of dvc.lock rather than recorded with the wrong dependency
+            steps.append(Step(f"finetune_{target}", k, out, (f"finetune.{target}",),
+                              ("ingest_human",) if given_init else (base.id, "ingest_human"), call,
+                              files=(Path(init),) if given_init else (), trains=True, in_dvc=not given_init,
+                              task="finetune", run_name=f"finetune-{target}-round{k}",
+                              meta={"init": str(init)}))
+    captioner = None if source.model is None else layout.model(k, "finetune_captioner")
+    filter_ = layout.model(k, "finetune_filter")
     if not after("capfilt", until):
         out = layout.stage(k, "capfilt")
 
         def capfilt(out: Path = out) -> None:
-            capfilt_stage.run_capfilt(params, layout.manifest("web"), str(captioner), str(filter_), out, round=k,
-                                      calibration=layout.manifest("human"), root=layout.root)
+            capfilt_stage.run_capfilt(params, layout.manifest("web"), None if captioner is None else str(captioner),
+                                      str(filter_), out, round=k, calibration=layout.manifest("human"),
+                                      root=layout.root)
 
-        steps.append(Step("capfilt", k, out, ("capfilt",),
-                          (stage_id("finetune_captioner", k), stage_id("finetune_filter", k), "ingest_web",
-                           "ingest_human"), capfilt, task="capfilt", run_name=f"capfilt-round{k}"))
+        needs = tuple(stage_id(f"finetune_{t}", k) for t in targets) + ("ingest_web", "ingest_human")
+        # without a captioner, dvc.yaml's capfilt stage (which reads finetune_captioner/model) is
+        # not what ran: it stays out of dvc.lock
+        steps.append(Step("capfilt", k, out, ("capfilt",), needs, capfilt, in_dvc=captioner is not None,
+                          task="capfilt", run_name=f"capfilt-round{k}",
+                          meta={"captioner": None if captioner is None else str(captioner), "why": source.why}))
     if not after("features", until):
         out = layout.stage(k, "features")
 
@@ -276,5 +335,5 @@ def run_steps(params: Params, layout: Layout, steps: Sequence[Step], results: Op
     return results
 
 
-__all__ = ["STEPS", "Step", "after", "base_step", "compose", "evaluate_step", "gate_step", "given_ingest", "ingest_step",
+__all__ = ["STEPS", "CaptionerSource", "Step", "after", "captioner_source", "base_step", "compose", "evaluate_step", "gate_step", "given_ingest", "ingest_step",
            "pretrain_step", "record_step", "round_steps", "run_step", "run_steps"]

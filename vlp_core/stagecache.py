@@ -94,6 +94,8 @@ def params_subset(params: Params, sections: Sequence[str]) -> dict[str, Any]:
             cur = _without_ema_when_off(cur)
             if dotted == "model" and cur.get("family") == "blip":
                 cur = {k: v for k, v in cur.items() if k != "family"}  # as before families existed
+            if dotted == "capfilt" and cur.get("captioner") == "base":
+                cur = {k: v for k, v in cur.items() if k != "captioner"}  # as before the setting existed
         out[dotted] = cur
     return out
 

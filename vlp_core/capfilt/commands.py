@@ -1,10 +1,11 @@
 """`vlp` sub-commands of vlp_core.capfilt (registered by vlp_core.cli).
 
-    vlp capfilt --manifest M --captioner DIR --filter DIR --out DIR [--calibration M] [--round N]
+    vlp capfilt --manifest M --captioner DIR|none --filter DIR --out DIR [--calibration M] [--round N]
     vlp capfilt rethreshold --corpus DIR --out DIR [--itm-threshold T | --percentile P]
 
 ``M`` is an ingest manifest or the ingest folder holding ``manifest.parquet``; model folders
-are vlp_core checkpoints or local Hugging Face BLIP folders.  ``rethreshold`` without
+are vlp_core checkpoints or local Hugging Face BLIP folders; ``--captioner none`` runs the filter
+alone on the web texts (BLIP's "F alone"; the only CapFilt a ViLBERT model can do).  ``rethreshold`` without
 ``--itm-threshold``/``--percentile`` reads the keep rule from the params: ``-S
 capfilt.itm_threshold=T`` (implies the fixed rule) or ``capfilt.threshold_mode`` with
 ``capfilt.itm_threshold`` / ``capfilt.calibrate_percentile``.  Heavy imports stay inside the
@@ -51,7 +52,8 @@ def _cmd_capfilt(args: argparse.Namespace) -> int:
 
     params = load_params_from_args(args)
     _entry_threads()
-    stats = run_capfilt(params, args.manifest, args.captioner, args.filter, args.out, round=args.round,
+    captioner = None if args.captioner == "none" else args.captioner
+    stats = run_capfilt(params, args.manifest, captioner, args.filter, args.out, round=args.round,
                         calibration=args.calibration, device=args.device)
     print(_summary(stats))
     return 1 if stats.shards_failed else 0
@@ -84,7 +86,8 @@ def register(subparsers) -> None:
                               description="Caption every image of an ingest manifest and score/filter every "
                                           "candidate text (web alt-text + K synthetic captions).")
     p.add_argument("--manifest", help="ingest manifest.parquet or the ingest folder holding it")
-    p.add_argument("--captioner", help="captioner model folder (vlp checkpoint or HF BlipForConditionalGeneration)")
+    p.add_argument("--captioner", help="captioner model folder (vlp checkpoint or HF BlipForConditionalGeneration), "
+                                       "or 'none': no synthetic captions, the filter judges the web texts only")
     p.add_argument("--filter", help="filter model folder (vlp checkpoint or HF BlipForImageTextRetrieval)")
     p.add_argument("--out", help="output folder (corpus/, threshold.json, stats.json)")
     p.add_argument("--calibration", default=None, help="clean (human) manifest for threshold_mode=calibrated")

@@ -238,11 +238,22 @@ def _rows_digest(rows: pa.Table) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(params: Params, captioner_id: str, filter_id: str, threshold: float, round: int,
+def capfilt_settings(params: Params) -> dict[str, Any]:
+    """The ``capfilt`` settings a shard's rows depend on.  ``captioner`` (where the rounds get the
+    captioner from) is left out: the captioner's id stands for it, and shards fingerprinted before
+    the setting existed stay valid."""
+    return {k: v for k, v in section_dict(params, "capfilt").items() if k != "captioner"}
+
+
+def _fingerprint(params: Params, captioner_id: Optional[str], filter_id: str, threshold: float, round: int,
                  autocast: str) -> dict[str, Any]:
     """What a shard's rows depend on; ``autocast`` is what ``capfilt.precision`` resolved to on
-    this device (``auto`` means bf16 on one machine and fp32 on another)."""
-    return {"capfilt": section_dict(params, "capfilt"), "captioner_id": captioner_id, "filter_id": filter_id,
+    this device (``auto`` means bf16 on one machine and fp32 on another); ``captioner_id`` is None
+    for CapFilt without a captioner (its fingerprint then says ``num_captions`` 0)."""
+    settings = capfilt_settings(params)
+    if captioner_id is None:
+        settings["num_captions"] = 0
+    return {"capfilt": settings, "captioner_id": captioner_id, "filter_id": filter_id,
             "itm_threshold": round_float(threshold), "round": round, "autocast": autocast}
 
 
@@ -260,13 +271,15 @@ def _is_text(t: Any) -> bool:
     return isinstance(t, str) and bool(t.strip())
 
 
-def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path, filter: str | Path,
+def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: Optional[str | Path], filter: str | Path,
                       out_dir: str | Path, round: int = 0, calibration: Calibration = None,
                       device: Optional[str] = None, root: str | Path = ".") -> dict[str, Any]:
     """Caption and filter ONE shard into ``out_dir/corpus/<shard.name>.parquet`` (its image
     references relative to the work dir ``root``, :func:`vlp_core.corpus.resolve_ref`); returns the
     shard's stats (also its done marker).  Idempotent: a shard whose marker matches this
-    run's fingerprint is skipped.  Raises :class:`CapfiltShardError` for a damaged tar."""
+    run's fingerprint is skipped.  Raises :class:`CapfiltShardError` for a damaged tar.
+    ``captioner=None``: no captioner, the filter judges each image's web text only (one candidate
+    per image, whatever ``num_captions`` says; ``captioner_id`` is null in the rows)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -275,28 +288,29 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
     out_dir = Path(out_dir)
     corpus = out_dir / CORPUS_DIR
     threshold = calibrate_threshold(params, filter, calibration, out_dir, root)
-    cap = Captioner(captioner, cp, device=device)
-    flt = ItmFilter(filter, device=device, batch_size=max(cp.batch_size, 1) * (cp.num_captions + 1),
-                    precision=cp.precision)
+    cap = None if captioner is None else Captioner(captioner, cp, device=device)
+    k = 0 if cap is None else cp.num_captions
+    flt = ItmFilter(filter, device=device, batch_size=max(cp.batch_size, 1) * (k + 1), precision=cp.precision)
     arith = resolved(cp.precision, flt.backend.device)  # bf16 or fp32 on this device
     rows = _shard_rows(shard)
-    fp = _fingerprint(params, cap.model_id, flt.model_id, threshold, round, arith)
+    cap_id = None if cap is None else cap.model_id
+    fp = _fingerprint(params, cap_id, flt.model_id, threshold, round, arith)
     entry = Entry("capfilt", shard.name, corpus, {**fp, "rows": _rows_digest(rows)})
     out_path = corpus / f"{shard.name}.parquet"
     old = entry.cached(out_path)  # the stage cache decides: same inputs, output in place
     if old is not None:
         return {**old, "skipped": True}
     base = Path(shard.manifest).parent
-    k = cp.num_captions
     n_img = rows.num_rows
     stats: dict[str, Any] = {"shard": shard.name, "images": n_img, "rows_in": n_img * (1 + k), "rows_out": 0,
                              "counts": {}, "fingerprint": fp}
     counts: dict[str, int] = stats["counts"]
-    imgpass = ImagePass([cap.backend, flt.backend], cp.precision)
+    imgpass = ImagePass([flt.backend] if cap is None else [cap.backend, flt.backend], cp.precision)
     reader = ShardReader()
     # the shard's own random stream: its captions depend neither on shard order nor on other
     # shards running concurrently in threads (Prefect's default runner)
-    gen = torch.Generator(device=cap.backend.device).manual_seed(cp.seed + zlib.crc32(shard.name.encode()))
+    gen = torch.Generator(device=flt.backend.device if cap is None else cap.backend.device).manual_seed(
+        cp.seed + zlib.crc32(shard.name.encode()))
     keys, urls, refs, caps_web = (rows[c].to_pylist() for c in (C.KEY, C.URL, C.SHARD, C.CAPTION))
     bs = max(1, cp.batch_size)
     dsize = imgpass.decode_size
@@ -338,7 +352,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
             txt_ok = np.zeros(n, bool)
             if good:
                 emb = imgpass.encode(imgs[good])
-                if k > 0:
+                if cap is not None and k > 0:
                     for gi, caps in zip(good, cap.caption(emb[cap.vision_key], k, generator=gen)):
                         texts[gi][1:] = caps
                 flat_rows = [(gi, gpos, c) for gpos, gi in enumerate(good) for c in range(1 + k)
@@ -373,7 +387,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: str | Path
                 C.ITC: pa.array(itc, pa.float32(), mask=np.isnan(itc)),
                 C.ITM: pa.array(itm, pa.float32(), mask=np.isnan(itm)),
                 C.KEPT: pa.array(np.zeros(n, bool), pa.bool_()), C.REASON: pa.array(prior, pa.string()),
-                C.CAPTIONER_ID: [cap.model_id] * n, C.FILTER_ID: [flt.model_id] * n,
+                C.CAPTIONER_ID: pa.array([cap_id] * n, pa.string()), C.FILTER_ID: [flt.model_id] * n,
                 C.ROUND: pa.array([round] * n, pa.int32()),
                 C.ITM_THRESHOLD: pa.nulls(n, pa.float32())}, schema=CORPUS_SCHEMA), threshold, cp.keep_top)
             for tag, c in tally(table).items():
@@ -399,12 +413,14 @@ def _clean_stale_temps(*folders: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, filter: str | Path,
+def run_capfilt(params: Params, manifest: str | Path, captioner: Optional[str | Path], filter: str | Path,
                 out_dir: str | Path, round: int = 0, calibration: Calibration = None,
                 device: Optional[str] = None, root: str | Path = ".") -> StageStats:
     """CapFilt over every shard of ``manifest`` into ``out_dir`` (see the module docstring);
     ``root``: the work dir the manifest's shard references are relative to (the CLI's: where
     ``vlp`` runs; the flows': the layout's absolute root).
+
+    ``captioner=None``: CapFilt without a captioner (the filter judges the web texts only; K = 0).
 
     ``stats.rows_in`` counts candidates (successful images x (1 + K)) and equals
     ``stats.rows_out``, the corpus rows; ``stats.extra["manifest_rows"]`` equals
@@ -448,7 +464,8 @@ def run_capfilt(params: Params, manifest: str | Path, captioner: str | Path, fil
         stats.extra["vision_passes"] = stats.extra.get("vision_passes", 0) + int(res.get("vision_passes", 0))
     stats.seconds = time.perf_counter() - t0
     stats.extra.update({"manifest": as_written(manifest_path(manifest), root), "manifest_rows": table.num_rows, "images": images,
-                        "candidates_per_image": 1 + params.capfilt.num_captions, "itm_threshold": threshold,
+                        "candidates_per_image": 1 + (0 if captioner is None else params.capfilt.num_captions),
+                        "captioner": None if captioner is None else as_written(captioner, root), "itm_threshold": threshold,
                         "threshold_mode": params.capfilt.threshold_mode, "round": round, **ids})
     stats.check().write(out_dir)
     return stats

@@ -48,6 +48,16 @@ def load_architecture(arch: str | Path) -> dict[str, Any]:
     return d
 
 
+def fresh_family(arch: str | Path, family: str = families.DEFAULT_FAMILY) -> str:
+    """The family a fresh model of ``model.arch`` / ``model.family`` is, without building it:
+    ``model.family`` at its default (blip) lets an architecture that names its family (vilbert-tiny)
+    build it (what :func:`vlp_core.train.loop` does)."""
+    arch_family = load_architecture(arch).get("family")
+    if family != families.DEFAULT_FAMILY:
+        return family
+    return arch_family or families.DEFAULT_FAMILY
+
+
 def create_model(arch: str | Path = "tiny", tokenizer=None, family: str | None = None, **overrides: Any) -> "BlipMED":
     """A freshly initialised model of architecture ``arch`` and family ``family`` (``model.family``:
     blip, xvlm, vilbert; None = the architecture's ``family`` key, else blip); token ids and vocab
@@ -78,5 +88,5 @@ def create_model(arch: str | Path = "tiny", tokenizer=None, family: str | None =
     return model
 
 
-__all__ = ["BlipMED", "MedConfig", "ModelError", "create_model", "list_architectures", "load_architecture",
+__all__ = ["BlipMED", "MedConfig", "ModelError", "create_model", "fresh_family", "list_architectures", "load_architecture",
            "load_model", "load_tokenizer", "train_tokenizer"]
