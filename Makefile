@@ -41,7 +41,7 @@ demo: install
 	$(VLP) demo
 
 test: install
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 bench: install
 	$(PY) bench/ingest.py

@@ -279,27 +279,39 @@ def _corpus(layout):
     return [r for f in files for r in pq.read_table(f).to_pylist()]
 
 
-def test_a_round_with_a_vilbert_base_runs_capfilt_with_the_filter_alone(tiny_ingest, tmp_path):
-    """Round 0 of the cycle with a ViLBERT model (``capfilt.captioner: base``, the default): no
-    captioner is fine-tuned, CapFilt judges each web text with ViLBERT's alignment head, and the
-    round retrains and evaluates; dvc.yaml's capfilt stage (it reads a captioner) stays out of dvc.lock."""
-    from vlp_core.layout import PRETRAIN, STATS_FILE
-    from vlp_core.models import families
+@pytest.fixture(scope="module")
+def vilbert_round(tiny_ingest, tmp_path_factory):
+    """Round 0 of the cycle up to its features, with a ViLBERT base and ``capfilt.captioner: base``
+    (the default): ``(layout, params, the composed steps, their results)``."""
     from vlp_core.rounds import compose, run_steps
 
-    arch = tmp_path / "vilbert-test.json"
+    root = tmp_path_factory.mktemp("vilbert_round")
+    arch = root / "vilbert-test.json"
     arch.write_text(json.dumps({"family": "vilbert", **TINY}))
-    layout = _round_layout(tiny_ingest, tmp_path / "w")
+    layout = _round_layout(tiny_ingest, root / "w")
     params = tiny_params(**{**_ROUND, "model.arch": str(arch)})
-    steps = compose(params, layout, 0, ingest=False, record=False)
-    names = [s.name for s in steps]
-    assert "finetune_captioner" not in names and "finetune_filter" in names
+    whole = compose(params, layout, 0, ingest=False, record=False)
+    steps = compose(params, layout, 0, ingest=False, until="features", record=False)
+    return layout, params, whole, steps, run_steps(params, layout, steps, log=lambda _: None)
+
+
+def test_a_round_with_a_vilbert_base_runs_capfilt_with_the_filter_alone(vilbert_round):
+    """Round 0 of the cycle with a ViLBERT model (``capfilt.captioner: base``, the default): no
+    captioner is fine-tuned, CapFilt judges each web text with ViLBERT's alignment head, and the
+    features stage reads its corpus; dvc.yaml's capfilt stage (it reads a captioner) stays out of
+    dvc.lock.  (The retrain and evaluation of a ViLBERT are the loop's and evaluation's own, tested
+    above; the note of issue 21 has a whole `vlp demo` with vilbert-tiny, two rounds.)"""
+    from vlp_core.layout import PRETRAIN, STATS_FILE
+    from vlp_core.models import families
+
+    layout, _, whole, steps, results = vilbert_round
+    names = [s.name for s in whole]
+    assert "finetune_captioner" not in names and "finetune_filter" in names and "retrain" in names
     capfilt = next(s for s in steps if s.name == "capfilt")
     assert capfilt.meta["captioner"] is None and "'vilbert' model" in capfilt.meta["why"]
     assert not capfilt.in_dvc and capfilt.needs == ("round0-finetune_filter", "ingest_web", "ingest_human")
-    results = run_steps(params, layout, steps, log=lambda _: None)
-    assert {"round0-capfilt", "round0-features", "round0-retrain", "round0-evaluate"} <= set(results)
-    for which in (PRETRAIN, "finetune_filter", "retrain"):
+    assert {"round0-pretrain", "round0-finetune_filter", "round0-capfilt", "round0-features"} <= set(results)
+    for which in (PRETRAIN, "finetune_filter"):
         assert families.saved_family(layout.model(0, which)) == "vilbert", which
     rows = _corpus(layout)
     stats = json.loads((layout.stage(0, "capfilt") / STATS_FILE).read_text())
@@ -309,25 +321,29 @@ def test_a_round_with_a_vilbert_base_runs_capfilt_with_the_filter_alone(tiny_ing
     assert all(r["itm"] is not None or r["reason"] for r in rows)
     assert 0 < sum(r["kept"] for r in rows) < len(rows)
     assert layout.rounds_done() == [0]  # the nightly can use it: it needs no captioner
-    metrics = json.loads((layout.stage(0, "evaluate") / "metrics.json").read_text())
-    assert metrics["captioning"] == "none" and 0.0 <= metrics["r1_mean"] <= 100.0
+    feats = json.loads((layout.stage(0, "features") / STATS_FILE).read_text())
+    assert feats["rows_in"] == len(rows)
 
 
-def test_a_vilbert_filter_beside_a_captioner_from_a_blip_folder(tiny_ingest, tmp_path):
+def test_a_vilbert_filter_beside_a_captioner_from_a_blip_folder(vilbert_round, tmp_path):
     """``capfilt.captioner: <a BLIP model folder>``: the round fine-tunes its captioner from that
-    folder and its filter from the ViLBERT base, and CapFilt writes synthetic captions judged by
-    ViLBERT.  A folder of a family that does not generate, or a missing one, is one line."""
+    folder (its ViLBERT pretraining and filter are the fixture's, found again by the stage cache in a
+    copy of its work dir), and CapFilt writes synthetic captions judged by ViLBERT.  A folder of a
+    family that does not generate, or a missing one, is one line."""
+    import shutil
+
+    from vlp_core.layout import Layout
     from vlp_core.models import families
     from vlp_core.rounds import compose, run_steps
     from vlp_core.stagecache import StageInputError
     from vlp_core.train.loop import run_pretrain
 
-    arch = tmp_path / "vilbert-test.json"
-    arch.write_text(json.dumps({"family": "vilbert", **TINY}))
-    layout = _round_layout(tiny_ingest, tmp_path / "w")
+    src, vilbert, _, _, _ = vilbert_round
+    layout = Layout.at(tmp_path / "w")
+    shutil.copytree(src.root, layout.root, symlinks=True)
     blip = tiny_params(**_ROUND)
     run_pretrain(blip, [(str(layout.ingest("human")), "human")], layout.root / "blip", root=layout.root)
-    params = tiny_params(**{**_ROUND, "model.arch": str(arch), "capfilt.captioner": "blip/model"})
+    params = vilbert.replace(**{"capfilt.captioner": "blip/model"})
     steps = compose(params, layout, 0, ingest=False, record=False)
     cap = next(s for s in steps if s.name == "finetune_captioner")
     assert cap.needs == ("ingest_human",) and cap.files == (layout.root / "blip" / "model",) and not cap.in_dvc
@@ -335,7 +351,9 @@ def test_a_vilbert_filter_beside_a_captioner_from_a_blip_folder(tiny_ingest, tmp
     assert capfilt.in_dvc and capfilt.meta["captioner"] == str(layout.model(0, "finetune_captioner"))
     upto_capfilt = compose(params, layout, 0, ingest=False, until="capfilt", record=False)
     assert [s.name for s in upto_capfilt][-1] == "capfilt"
-    run_steps(params, layout, upto_capfilt, log=lambda _: None)
+    ran = run_steps(params, layout, upto_capfilt, log=lambda _: None)
+    assert ran["round0-pretrain"]["skipped"] and ran["round0-finetune_filter"]["skipped"]
+    assert not ran["round0-finetune_captioner"]["skipped"] and not ran["round0-capfilt"]["skipped"]
     assert families.saved_family(layout.model(0, "finetune_captioner")) == "blip"
     assert families.saved_family(layout.model(0, "finetune_filter")) == "vilbert"
     rows = _corpus(layout)
