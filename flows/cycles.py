@@ -73,15 +73,16 @@ def run_cycles(rounds: Optional[int] = None, params_path: str = "params.yaml", o
 @flow(name="vlp-nightly", log_prints=True)
 def nightly_flow(params_path: str = "params.yaml", workdir: str = ".", overrides: Sequence[str] = ()) -> dict:
     """Incremental ingest of ``data/urls/web.parquet``, then CapFilt of the new shards into
-    the latest promoted round's corpus (when a promoted round with a captioner and a filter exists).
+    the latest promoted round's corpus (when a promoted round with a filter -- and its captioner,
+    when the round has one (``capfilt.captioner``) -- exists).
     ``overrides`` are ``-S`` settings (``vlp deploy -S ...`` stores them in the deployment)."""
     layout, params = open_workdir(workdir, params_path, overrides)
     web = R.ingest_step(params, layout, "web")
     res: dict[str, Any] = {"ingest_web": T.unwrap(T.step_task(params, web)(params, layout, web, []))}
-    done = set(layout.rounds_done())  # rounds with a captioner and a filter
+    done = set(layout.rounds_done())  # rounds with a filter, and a captioner unless they run without one
     k = P.latest_promoted_round(layout, lambda j: j in done)
     if k is None or not layout.ingest("human").exists():
-        _logger().info("no promoted round with a captioner and a filter yet: ingest only (run `vlp cycles` first)")
+        _logger().info("no promoted round with a finished filter (and captioner) yet: ingest only (run `vlp cycles` first)")
         return res
     base = R.base_step(layout, k) if k else R.pretrain_step(params, layout)
     capfilt = next(s for s in R.round_steps(params, layout, k, base, until="capfilt", record=False)
