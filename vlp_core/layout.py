@@ -231,7 +231,7 @@ class Layout:
             extra = json.loads(f.read_text()).get("extra", {})
         except (FileNotFoundError, ValueError):
             return False
-        return "captioner" in extra and extra["captioner"] is None
+        return extra.get("captioner", "not recorded") is None  # stats from before the key existed: a captioner
 
 
 __all__ = ["CAPTIONS_FILE", "CHECKPOINT_DIR", "CORPUS_DIR", "EMBEDDINGS_DIR", "GATE_FILE", "LOSS_FILE", "Layout", "MANIFEST_FILE",

@@ -127,6 +127,11 @@ def base_step(layout: Layout, round: int, model: Optional[str | Path] = None) ->
     return Step(PRETRAIN, round, prev.parent, (), (), None, files=(prev,), task="base", run_name=f"base-round{round}")
 
 
+def _base_model(layout: Layout, base: Step) -> Path:
+    """The folder of a round's base model: the given one, or round 0's pretrained model."""
+    return Path(base.files[0]) if base.given else layout.model(0, PRETRAIN)
+
+
 @dataclass(frozen=True)
 class CaptionerSource:
     """Where a round's captioner is fine-tuned from (``capfilt.captioner``): ``model`` (None: the
@@ -144,18 +149,18 @@ def captioner_source(params: Params, layout: Layout, base: Step) -> CaptionerSou
     not generate -- ViLBERT -- and the round then has none), ``none``, or a model folder of a family
     that generates (checked here: a missing folder or a non-generating family is one line)."""
     choice = params.capfilt.captioner
-    base_model = base.files[0] if base.given else layout.model(0, PRETRAIN)
+    base_model = _base_model(layout, base)
     if choice == "none":
         return CaptionerSource(None, False, "capfilt.captioner=none: the filter judges the web texts only")
     if choice == "base":
         if not base.given:
             fam = fresh_family(params.model.arch, params.model.family)
-        elif (Path(base_model) / families.CONFIG_FILE).is_file():
+        elif (base_model / families.CONFIG_FILE).is_file():
             fam = families.saved_family(base_model)
         else:  # not a model (yet): the step that loads it says so, with its path
             fam = families.DEFAULT_FAMILY
         if families.generates(fam):
-            return CaptionerSource(Path(base_model), True, "fine-tuned from the round's base model")
+            return CaptionerSource(base_model, True, "fine-tuned from the round's base model")
         return CaptionerSource(None, False, f"the base model is a {fam!r} model, which does not generate captions: "
                                             "the filter judges the web texts only (set capfilt.captioner to a "
                                             "BLIP model folder for synthetic captions)")
@@ -175,7 +180,7 @@ def round_steps(params: Params, layout: Layout, round: int, base: Step, until: O
     The captioner comes from :func:`captioner_source`; a round without one has no
     ``finetune_captioner`` step and its CapFilt judges the web texts only."""
     k = round
-    base_model = base.files[0] if base.given else layout.model(0, PRETRAIN)
+    base_model = _base_model(layout, base)
     human = _human(layout)
     steps: list[Step] = []
     source = captioner_source(params, layout, base)
@@ -194,9 +199,8 @@ def round_steps(params: Params, layout: Layout, round: int, base: Step, until: O
             # the base model): left out of dvc.lock rather than recorded with the wrong dependency
             steps.append(Step(f"finetune_{target}", k, out, (f"finetune.{target}",),
                               ("ingest_human",) if given_init else (base.id, "ingest_human"), call,
-                              files=(Path(init),) if given_init else (), trains=True, in_dvc=not given_init,
-                              task="finetune", run_name=f"finetune-{target}-round{k}",
-                              meta={"init": str(init)}))
+                              files=(init,) if given_init else (), trains=True, in_dvc=not given_init,
+                              task="finetune", run_name=f"finetune-{target}-round{k}"))
     captioner = None if source.model is None else layout.model(k, "finetune_captioner")
     filter_ = layout.model(k, "finetune_filter")
     if not after("capfilt", until):

@@ -309,7 +309,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: Optional[s
     reader = ShardReader()
     # the shard's own random stream: its captions depend neither on shard order nor on other
     # shards running concurrently in threads (Prefect's default runner)
-    gen = torch.Generator(device=flt.backend.device if cap is None else cap.backend.device).manual_seed(
+    gen = None if cap is None else torch.Generator(device=cap.backend.device).manual_seed(
         cp.seed + zlib.crc32(shard.name.encode()))
     keys, urls, refs, caps_web = (rows[c].to_pylist() for c in (C.KEY, C.URL, C.SHARD, C.CAPTION))
     bs = max(1, cp.batch_size)
@@ -352,7 +352,7 @@ def run_capfilt_shard(params: Params, shard: CapfiltShard, captioner: Optional[s
             txt_ok = np.zeros(n, bool)
             if good:
                 emb = imgpass.encode(imgs[good])
-                if cap is not None and k > 0:
+                if k > 0:  # (k is 0 without a captioner)
                     for gi, caps in zip(good, cap.caption(emb[cap.vision_key], k, generator=gen)):
                         texts[gi][1:] = caps
                 flat_rows = [(gi, gpos, c) for gpos, gi in enumerate(good) for c in range(1 + k)

@@ -51,11 +51,12 @@ def load_architecture(arch: str | Path) -> dict[str, Any]:
 def fresh_family(arch: str | Path, family: str = families.DEFAULT_FAMILY) -> str:
     """The family a fresh model of ``model.arch`` / ``model.family`` is, without building it:
     ``model.family`` at its default (blip) lets an architecture that names its family (vilbert-tiny)
-    build it (what :func:`vlp_core.train.loop` does)."""
-    arch_family = load_architecture(arch).get("family")
+    build it.  The one rule: the training loop builds this family, the round composer asks it
+    whether the model will caption.  (An explicit family that the architecture contradicts is
+    :func:`create_model`'s one-line error.)"""
     if family != families.DEFAULT_FAMILY:
         return family
-    return arch_family or families.DEFAULT_FAMILY
+    return load_architecture(arch).get("family") or families.DEFAULT_FAMILY
 
 
 def create_model(arch: str | Path = "tiny", tokenizer=None, family: str | None = None, **overrides: Any) -> "BlipMED":

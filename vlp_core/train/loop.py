@@ -62,7 +62,6 @@ from vlp_core.env import keep_freed_memory
 from vlp_core.errors import VlpError
 from vlp_core.io import StageStats, atomic_path
 from vlp_core.layout import as_written, resolve
-from vlp_core.models import families
 from vlp_core.models.hf import import_hf, is_hf_blip_dir
 from vlp_core.precision import use_bf16
 from vlp_core.train.data import (PairDataset, Source, batch_regions, decode_pairs, epoch_batches, get_batch,
@@ -180,7 +179,7 @@ def _new_model(params: Params, captions: Sequence[str], root: str | Path = "."):
             torch.distributed.broadcast_object_list(box, src=0)
             tokenizer = box[0]
     # model.family at its default (blip) lets an architecture that names its family (vilbert-tiny) build it
-    family = None if mp.family == families.DEFAULT_FAMILY else mp.family
+    family = models.fresh_family(mp.arch, mp.family)
     return models.create_model(mp.arch, tokenizer=tokenizer, family=family, max_text_len=mp.max_text_len)
 
 
