@@ -110,6 +110,9 @@ def _args() -> argparse.Namespace:
                         "(default: --params')")
     p.add_argument("--filter-hard-negatives", type=float, default=None,
                    help="finetune.filter.hard_negatives (default: --params')")
+    p.add_argument("--phrase-swaps", type=float, default=None,
+                   help="pretrain.phrase_swaps and finetune.filter.phrase_swaps: the share of the hard negatives "
+                        "that trade two aligned phrases (the relation reversed; default: --params')")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
     return p.parse_args()
 
@@ -224,7 +227,8 @@ def targets(per_seed: dict[int, dict[str, float]],
                 f_mean is not None and f_mean >= SWAP_TARGET,
                 f"filter {'-' if f_mean is None else f'{100 * f_mean:.1f}%'} (per seed {_fmt(pct, '{:.1f}')}; "
                 f">= target in {sum(v >= SWAP_TARGET for v in fk)} of {n}); round 0's retrained model {r_mean} "
-                f"(per seed {_fmt([None if v is None else 100 * v for v in rs], '{:.1f}')})"))
+                f"(per seed {_fmt([None if v is None else 100 * v for v in rs], '{:.1f}')}); the filter against "
+                f"reversed relations {_fmt([None if v is None else 100 * v for v in q('filter_relation')], '{:.1f}')}%"))
 
     orc = col("oracle")
     orc_sd = _mean_sd(orc)[1]
@@ -256,6 +260,8 @@ def lever_settings(a: argparse.Namespace) -> dict[str, float]:
         out["pretrain.hard_negatives"] = a.hard_negatives
     if a.filter_hard_negatives is not None:
         out["finetune.filter.hard_negatives"] = a.filter_hard_negatives
+    if a.phrase_swaps is not None:
+        out.update({f"{sec}.phrase_swaps": a.phrase_swaps for sec in ("pretrain", "finetune.filter")})
     return out
 
 
@@ -273,38 +279,44 @@ def lever_suffix(params) -> str:
         name += f"_hn{params.pretrain.hard_negatives:g}"
     if params.finetune.filter.hard_negatives > 0:
         name += f"_fhn{params.finetune.filter.hard_negatives:g}"
+    ps = (params.pretrain.phrase_swaps, params.finetune.filter.phrase_swaps)
+    if any(ps):
+        name += "_ps" + ("{:g}".format(ps[0]) if ps[0] == ps[1] else "-".join(f"{x:g}" for x in ps))
     return name
 
 
-def filter_swap_accuracy(params, layout, out_file: Path) -> Optional[float]:
-    """Round 0's filter's ``itm_acc_swap`` on the test split (:func:`vlp_core.train.evaluate.run_swap_accuracy`),
-    stored in ``out_file`` with the filter's weights digest and reused while both match."""
+def filter_swap_accuracy(params, layout, out_file: Path) -> dict[str, Optional[float]]:
+    """Round 0's filter's ``itm_acc_swap`` and ``itm_acc_relation`` on the test split
+    (:func:`vlp_core.train.evaluate.run_swap_accuracy`), stored in ``out_file`` with the filter's
+    weights digest and reused while both match (and it has both numbers)."""
     from vlp_core.comparison import inputs_of
     from vlp_core.stagecache import digest_path
     from vlp_core.train.evaluate import run_swap_accuracy
 
     model = layout.model(0, "finetune_filter")
     if not model.is_dir():
-        return None
+        return {}
     key = {"model": digest_path(model / "model.safetensors"), "swap_seed": params.pretrain.seed}
     if out_file.exists():
         stored = json.loads(out_file.read_text())
-        if stored.get("key") == key:
-            return stored.get("itm_acc_swap")
+        if stored.get("key") == key and "itm_acc_relation" in stored:
+            return stored
     inputs = inputs_of(layout)
     res = run_swap_accuracy(params, model, (inputs.test, "human"), inputs.ground_truth)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps({"key": key, **res}, indent=1))
-    return res["itm_acc_swap"]
+    return res
 
 
 def seed_quality(params, layout, results) -> dict[str, Optional[float]]:
     """The per-seed numbers of targets (a) and (b): round 0's filter's ROC-AUC on wrong vs right
-    synthetic captions (its corpus' audit), the filter's and round 0's model's swap accuracy."""
+    synthetic captions (its corpus' audit), the filter's and round 0's model's swap accuracy, and
+    the filter's ITM accuracy against reversed relations (not a target: the reason (a) fails)."""
     r0 = next((r for r in results if r.name == "round 0"), None)
     auc = ((r0.audit.get("synthetic_detection") or {}).get("roc_auc")) if r0 else None
-    return {"filter_auc": auc,
-            "filter_swap": filter_swap_accuracy(params, layout, layout.root / "filter_eval" / "round0.json"),
+    filt = filter_swap_accuracy(params, layout, layout.root / "filter_eval" / "round0.json")
+    return {"filter_auc": auc, "filter_swap": filt.get("itm_acc_swap"),
+            "filter_relation": filt.get("itm_acc_relation"),
             "round0_swap": r0.metrics.get("itm_acc_swap") if r0 else None}
 
 

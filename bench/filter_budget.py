@@ -34,7 +34,13 @@ def main() -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--filter-hard-negatives", type=float, default=1.0)
+    ap.add_argument("--phrase-swaps", type=float, default=0.0,
+                    help="finetune.filter.phrase_swaps: the share of hard negatives that trade two aligned phrases")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
+    ap.add_argument("--base", default=None,
+                    help="model folder the filter is fine-tuned from (default: the seed's pretrained model); "
+                         "relative paths are read inside the seed folder, e.g. data/round0/retrain/model")
     a = ap.parse_args()
 
     import pyarrow.compute as pc
@@ -50,9 +56,10 @@ def main() -> int:
     layout = Layout.at(Path(a.run).resolve() / f"seed{a.seed}")
     out = Path(a.out) / f"seed{a.seed}"
     s = a.seed
-    p = load_params(a.params, []).replace(**{
-        "finetune.filter.steps": a.steps, "finetune.filter.batch_size": a.batch, "capfilt.decode": "greedy",
+    p = load_params(a.params, list(a.overrides)).replace(**{
+        "finetune.filter.steps": max(a.steps, 1), "finetune.filter.batch_size": a.batch, "capfilt.decode": "greedy",
         "finetune.filter.ema_decay": a.ema_decay, "finetune.filter.hard_negatives": a.filter_hard_negatives,
+        "finetune.filter.phrase_swaps": a.phrase_swaps,
         "pretrain.seed": s, "finetune.filter.seed": s, "capfilt.seed": s})
     sub = out / "filter_run" / "corpus"
     sub.mkdir(parents=True, exist_ok=True)
@@ -62,10 +69,15 @@ def main() -> int:
     print(f"the run's filter, shard {first.stem}: {json.dumps(before.get('synthetic_detection'))}", flush=True)
     t = time.perf_counter()
     fdir = out / f"filter{a.steps}"
-    run_finetune(p, "filter", [(str(layout.ingest("human")), "human")], str(layout.model(0, "pretrain")), fdir,
-                 root=layout.root)
-    print(f"filter fine-tune, {a.steps} steps: {time.perf_counter() - t:.0f} s", flush=True)
-    swap = run_swap_accuracy(p, fdir / "model", (str(layout.ingest("test")), "human"),
+    base = layout.model(0, "pretrain") if a.base is None else layout.root / a.base
+    if a.steps > 0:
+        run_finetune(p, "filter", [(str(layout.ingest("human")), "human")], str(base), fdir, root=layout.root)
+        print(f"filter fine-tune from {base}, {a.steps} steps: {time.perf_counter() - t:.0f} s", flush=True)
+        fmodel = fdir / "model"
+    else:  # score with the base model itself, no fine-tune
+        fmodel = base
+        print(f"filter = {base} as it is (no fine-tune)", flush=True)
+    swap = run_swap_accuracy(p, fmodel, (str(layout.ingest("test")), "human"),
                              layout.world / "ground_truth.parquet")
     print(f"filter {a.steps} steps: ITM accuracy vs one-attribute swaps {swap.get('itm_acc_swap')}", flush=True)
     man = pq.read_table(layout.manifest("web"))
@@ -74,7 +86,7 @@ def main() -> int:
     mdir = out / "web_first_shard"
     mdir.mkdir(parents=True, exist_ok=True)
     pq.write_table(man.filter(pc.equal(man[col], shard)), mdir / "manifest.parquet")
-    run_capfilt(p, mdir / "manifest.parquet", str(layout.model(0, "finetune_captioner")), str(fdir / "model"),
+    run_capfilt(p, mdir / "manifest.parquet", str(layout.model(0, "finetune_captioner")), str(fmodel),
                 out / f"capfilt{a.steps}", round=0, calibration=layout.manifest("human"), root=layout.root)
     after = audit_corpus(out / f"capfilt{a.steps}" / "corpus", layout.world)
     print(f"filter {a.steps} steps, same shard: {json.dumps(after.get('synthetic_detection'))}; web noise "

@@ -89,12 +89,16 @@ def test_lever_flags_set_the_sections_and_name_the_folder():
     from vlp_core.config import Params
 
     assert cycle.lever_suffix(Params()) == ""  # levers off: the folder names made before stay
-    a = argparse.Namespace(ema_decay=0.999, hard_negatives=0.5, filter_hard_negatives=1.0)
+    a = argparse.Namespace(ema_decay=0.999, hard_negatives=0.5, filter_hard_negatives=1.0, phrase_swaps=None)
     p = Params().replace(**cycle.lever_settings(a))
     assert (p.pretrain.ema_decay, p.finetune.captioner.ema_decay, p.finetune.filter.ema_decay) == (0.999,) * 3
     assert p.pretrain.hard_negatives == 0.5 and p.finetune.filter.hard_negatives == 1.0
     assert cycle.lever_suffix(p) == "_ema0.999_hn0.5_fhn1"
     assert cycle.lever_settings(argparse.Namespace(ema_decay=None, hard_negatives=None,
-                                                   filter_hard_negatives=None)) == {}
+                                                   filter_hard_negatives=None, phrase_swaps=None)) == {}
+    ps = Params().replace(**cycle.lever_settings(argparse.Namespace(
+        ema_decay=None, hard_negatives=0.5, filter_hard_negatives=1.0, phrase_swaps=0.5)))
+    assert (ps.pretrain.phrase_swaps, ps.finetune.filter.phrase_swaps) == (0.5, 0.5)
+    assert cycle.lever_suffix(ps) == "_hn0.5_fhn1_ps0.5"
     q = Params().replace(**{"finetune.filter.ema_decay": 0.99, "pretrain.ema_warmup": False})
     assert cycle.lever_suffix(q) == "_ema0-0-0.99"

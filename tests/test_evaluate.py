@@ -49,6 +49,27 @@ def test_evaluate_end_to_end_with_ground_truth(tiny_model_dir, tiny_world, tmp_p
     s = run_swap_accuracy(params, tiny_model_dir, f"{tiny_world / 'test.parquet'}:human",
                           tiny_world / "ground_truth.parquet")
     assert s["n_ground_truth"] == 100 and s["itm_acc_swap"] == m["itm_acc_swap"]
+    assert "itm_acc_relation" in s  # None in a one-object world, else an accuracy
+    assert s["itm_acc_relation"] is None or 0.0 <= s["itm_acc_relation"] <= 1.0
+
+
+def test_relation_reversed_captions_change_only_the_relation():
+    """The negatives of ``itm_acc_relation``: every attribute still right, the relation wrong, and
+    one-object scenes left out."""
+    from vlp_core.synthetic import world
+    from vlp_core.train.evaluate import relation_reversed_captions
+
+    rng = np.random.default_rng(5)
+    scenes = [world.sample_scene(rng, 48).to_json() for _ in range(40)]
+    scenes.insert(3, world.sample_scene(rng, 48, objects=1).to_json())
+    idx, true, rev, traded = relation_reversed_captions(scenes, seed=0)
+    assert 3 not in idx and len(idx) == 40
+    assert (idx, true, rev, traded) == relation_reversed_captions(scenes, seed=0)  # seeded
+    for i, t, r, x in zip(idx, true, rev, traded):
+        assert world.check_caption(t, scenes[i])["all"] is True
+        for neg in (r, x):
+            c = world.check_caption(neg, scenes[i])
+            assert c["relation"] is False and all(c[a] is True for a in ("colour", "shape", "size")), (t, neg)
 
 
 class _FixedItm:

@@ -88,3 +88,24 @@ def test_training_with_hard_negatives_resumes_bit_identically(tiny_world, tmp_pa
     assert resumed.extra["resumed_from_step"] == 3
     assert resumed.extra["rank_state_sha256"] == full.extra["rank_state_sha256"]
     assert full.extra["fingerprint_inputs"]["pretrain.hard_negatives"] == share
+
+
+def test_phrase_swaps_trade_aligned_phrases_and_reverse_the_relation():
+    corpus = ["a big red circle left of a small blue square", "a small green square right of a big red triangle",
+              "a big blue triangle above a small green circle", "a small red square below a big blue circle"] * 3
+    hn = HardNegatives(corpus, phrase_share=1.0)
+    rng = np.random.default_rng(0)
+    negs = {hn.negative(corpus[0], rng) for _ in range(10)}
+    # every negative trades the two whole object phrases: same words, the relation reversed
+    assert negs == {"a small blue square left of a big red circle"}
+    # a caption without two aligned runs falls back to word swaps and replacements
+    assert hn.negative("a big red circle", rng) not in (None, "a big red circle")
+
+
+def test_phrase_swaps_off_make_the_negatives_of_before():
+    """phrase_share 0 draws nothing extra: a run recorded before the setting gets the same negatives."""
+    on_off = [HardNegatives(CORPUS), HardNegatives(CORPUS, phrase_share=0.0)]
+    texts = CORPUS[:10] * 4
+    assert on_off[0].batch(texts, 1.0, seed=1, step=2) == on_off[1].batch(texts, 1.0, seed=1, step=2)
+    assert HardNegatives(CORPUS, phrase_share=1.0).batch(texts, 1.0, seed=1, step=2) != \
+        on_off[0].batch(texts, 1.0, seed=1, step=2)

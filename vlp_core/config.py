@@ -173,6 +173,9 @@ class ModelParams(Settings):
 # TrainParams fields that count in a stage key or training fingerprint only while the EMA is on
 # (ema_decay > 0): keys and fingerprints recorded before the setting existed stay valid.
 EMA_KEYS = ("ema_decay", "ema_warmup")
+# TrainParams fields that count in a stage key or training fingerprint only when not 0 (added after
+# runs were recorded with their behaviour at 0)
+ZERO_OFF_KEYS = ("phrase_swaps",)
 
 
 class TrainParams(Settings):
@@ -193,6 +196,10 @@ class TrainParams(Settings):
     # the caption with two content words swapped or one replaced by a word that keeps the same
     # company in the corpus; 0 = BLIP's ITM (negatives mined from the batch only)
     hard_negatives: Number = Field(0.0, ge=0, le=1)
+    # of those hard negatives, the share that trade two word-for-word aligned phrases where the caption
+    # has them ("a red circle left of a blue box" -> "a blue box left of a red circle": the relation
+    # reversed, the bag of words unchanged; NegCLIP's order negatives); 0 = word swaps and replacements only
+    phrase_swaps: Number = Field(0.0, ge=0, le=1)
     ema_decay: Number = Field(0.0, ge=0, lt=1)  # EMA of the weights for the final model/ (train/ema.py); 0 = off, the live weights
     ema_warmup: bool = True  # timm's decay warm-up: min(ema_decay, 1 - t ** -0.75) at step t
     checkpoint_every: int = Field(200, ge=1)

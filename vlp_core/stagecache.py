@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from vlp_core.config import EMA_KEYS, Params
+from vlp_core.config import EMA_KEYS, ZERO_OFF_KEYS, Params
 from vlp_core.errors import VlpError
 from vlp_core.io import read_json, write_json
 from vlp_core.layout import Layout, stage_id
@@ -91,7 +91,7 @@ def params_subset(params: Params, sections: Sequence[str]) -> dict[str, Any]:
             cur = cur[part]
         if isinstance(cur, dict):
             cur = {k: v for k, v in cur.items() if f"{dotted}.{k}" not in UNTRACKED_KEYS}
-            cur = _without_ema_when_off(cur)
+            cur = _without_off_settings(cur)
             if dotted == "model" and cur.get("family") == "blip":
                 cur = {k: v for k, v in cur.items() if k != "family"}  # as before families existed
             if dotted == "capfilt" and cur.get("captioner") == "base":
@@ -100,15 +100,16 @@ def params_subset(params: Params, sections: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _without_ema_when_off(section: Any) -> Any:
-    """A training section's EMA settings count only while the EMA is on (``ema_decay > 0``): keys
-    written before the setting existed stay valid.  Nested sections (``finetune``) are walked."""
+def _without_off_settings(section: Any) -> Any:
+    """A training section's EMA settings count only while the EMA is on (``ema_decay > 0``), and
+    :data:`~vlp_core.config.ZERO_OFF_KEYS` only when not 0: keys written before the settings existed
+    stay valid.  Nested sections (``finetune``) are walked."""
     if not isinstance(section, dict):
         return section
-    out = {k: _without_ema_when_off(v) for k, v in section.items()}
+    out = {k: _without_off_settings(v) for k, v in section.items()}
     if "ema_decay" in out and not out["ema_decay"]:
         out = {k: v for k, v in out.items() if k not in EMA_KEYS}
-    return out
+    return {k: v for k, v in out.items() if not (k in ZERO_OFF_KEYS and not v)}
 
 
 def _key(inputs: dict[str, Any]) -> str:

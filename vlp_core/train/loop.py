@@ -57,7 +57,7 @@ import torch
 from tqdm import tqdm
 
 from vlp_core import models
-from vlp_core.config import EMA_KEYS, Params, TrainParams
+from vlp_core.config import EMA_KEYS, ZERO_OFF_KEYS, Params, TrainParams
 from vlp_core.env import keep_freed_memory
 from vlp_core.errors import VlpError
 from vlp_core.io import StageStats, atomic_path
@@ -256,11 +256,14 @@ def _file_sha256(path: Path) -> str:
 def train_fingerprint(stage: str, section: str, tp: TrainParams, sources: Sequence[Source],
                       model_inputs: dict[str, Any], root: str | Path = ".") -> dict[str, Any]:
     """What a run's weights depend on, as a flat dict: the stage, the settings of ``section``
-    (all but :data:`FINGERPRINT_IGNORES`; :data:`FINGERPRINT_EMA` only when ``ema_decay > 0``),
+    (all but :data:`FINGERPRINT_IGNORES`; :data:`FINGERPRINT_EMA` only when ``ema_decay > 0``;
+    :data:`~vlp_core.config.ZERO_OFF_KEYS` only when not 0),
     the sources (path:label, as written: relative to the work dir ``root``) and a sha256 of every
     Parquet file they read, and the model inputs (arch and tokenizer, or the init model)."""
     fp: dict[str, Any] = {"stage": stage}
     for name in type(tp).model_fields:
+        if name in ZERO_OFF_KEYS and not getattr(tp, name):
+            continue
         if name not in FINGERPRINT_IGNORES and (name not in FINGERPRINT_EMA or tp.ema_decay > 0):
             fp[f"{section}.{name}"] = getattr(tp, name)
     fp["sources"] = [f"{os.path.normpath(as_written(p, root))}:{n}" for p, n in sources]
@@ -450,7 +453,7 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         del state
 
     weights = {"itc": tp.itc_weight, "itm": tp.itm_weight, "lm": tp.lm_weight}
-    hard = HardNegatives(data.texts) if tp.hard_negatives > 0 and tp.itm_weight > 0 else None
+    hard = HardNegatives(data.texts, phrase_share=tp.phrase_swaps) if tp.hard_negatives > 0 and tp.itm_weight > 0 else None
     regions = getattr(model, "uses_regions", False)  # X-VLM: the pairs' box annotations go in too
     if regions and dist.is_main and not data.n_with_regions:
         logger.warning("%s: a %s model, but no training pair has box annotations (regions): it trains the "
