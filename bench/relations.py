@@ -11,8 +11,8 @@ accuracy mixes these with colour, shape and size swaps (a quarter of its negativ
 a third of those reverse it), so a model can score 88 % there and still not know left from right.
 MODEL_DIR: a model folder, relative to the seed folder (``data/round0/retrain/model``) or absolute.
 
-``--pretrain-steps N`` first pretrains a fresh model for N steps on the seed's oracle corpus plus the
-human pairs (``-S section.key=value`` for the levers, e.g. ``-S pretrain.phrase_swaps=1``; ``--out``
+``--pretrain-steps N`` first pretrains a fresh model for N steps on the seed's oracle corpus (``--corpus
+raw``: every downloaded web pair) plus the human pairs (``-S section.key=value`` for the levers, e.g. ``-S pretrain.phrase_swaps=1``; ``--out``
 holds it; a rerun resumes) and scores it too, with its ``itm_acc_relation`` and ``itm_acc_swap``.
 ``--human-regions`` gives that run the human pairs' object boxes from the world's ground truth (for
 ``-S model.family=xvlm`` on a world made before boxes were part of it).
@@ -38,6 +38,9 @@ def main() -> int:
     ap.add_argument("--out", default="runs/relations")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--human-regions", action="store_true")
+    ap.add_argument("--corpus", default="oracle", choices=["oracle", "raw"],
+                    help="the web pairs --pretrain-steps trains on: the seed's oracle corpus (clean) or its raw web "
+                         "corpus (every downloaded pair, as the pretrained model of a round sees them)")
     ap.add_argument("-S", dest="overrides", action="append", default=[], help="section.key=value")
     a = ap.parse_args()
 
@@ -81,7 +84,7 @@ def main() -> int:
 
 
 def _pretrain(a, layout, truth) -> Path:
-    """A fresh model pretrained on the seed's oracle corpus + human pairs (``--pretrain-steps``)."""
+    """A fresh model pretrained on the seed's oracle (or raw) web corpus + human pairs (``--pretrain-steps``)."""
     import time
 
     import numpy as np
@@ -111,9 +114,9 @@ def _pretrain(a, layout, truth) -> Path:
         human = out / "human_regions"
         human.mkdir(parents=True, exist_ok=True)
         pq.write_table(manifest.append_column(C.REGIONS, pa.array(regions, REGIONS_TYPE)), human / "manifest.parquet")
-    oracle = layout.root / "data" / "comparison" / "oracle" / "corpus"
+    web = layout.root / "data" / "comparison" / ("oracle/corpus" if a.corpus == "oracle" else "raw_corpus")
     t = time.perf_counter()
-    run_pretrain(p, [(str(oracle), "web"), (str(human), "human")], out / "pretrain", root=layout.root)
+    run_pretrain(p, [(str(web), "web"), (str(human), "human")], out / "pretrain", root=layout.root)
     res = run_swap_accuracy(p, out / "pretrain" / "model", (str(layout.ingest("test")), "human"),
                             layout.world / "ground_truth.parquet")
     print(f"pretrained {a.pretrain_steps} steps ({time.perf_counter() - t:.0f} s; {' '.join(a.overrides)}): "
