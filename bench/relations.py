@@ -61,25 +61,29 @@ def main() -> int:
     models = list(a.models)
     if a.pretrain_steps:
         models.append(str(_pretrain(a, layout, truth)))
+    test = load_pairs([parse_source(str(layout.ingest("test")))])
+    decoded: dict[int, tuple] = {}  # image size -> (images, scenes, the relation captions, axes): once, not per model
     for m in models:
-        mdir = layout.root / m
-        model = BlipMED.from_pretrained(mdir).eval()
-        data = decode_pairs(load_pairs([parse_source(str(layout.ingest("test")))]), int(model.config.image_size))
-        urls = data.image_urls()
-        rows = [i for i, u in enumerate(urls) if u is not None and url_path(u) in truth]
-        emb, _ = encode_images(model, data.images[rows], 128, torch.device("cpu"))
-        scenes = [truth[url_path(urls[i])][C.SCENE] for i in rows]
-        idx, true, rev, traded = relation_reversed_captions(scenes, a.seed)
-        emb = emb[idx]
+        model = BlipMED.from_pretrained(layout.root / m).eval()
+        size = int(model.config.image_size)
+        if size not in decoded:
+            data = decode_pairs(test, size)
+            urls = data.image_urls()
+            rows = [i for i, u in enumerate(urls) if u is not None and url_path(u) in truth]
+            scenes = [truth[url_path(urls[i])][C.SCENE] for i in rows]
+            idx, *texts = relation_reversed_captions(scenes, a.seed)
+            axis = np.array(["h" if W.Scene.from_json(scenes[i]).relation in ("left", "right") else "v" for i in idx])
+            decoded[size] = (data.images[[rows[i] for i in idx]], texts, axis)
+        images, texts, axis = decoded[size]
+        emb, _ = encode_images(model, images, 128, torch.device("cpu"))
         with torch.no_grad():
-            s = [itm_scores(model, emb, texts, 128, torch.device("cpu"))[0] for texts in (true, rev, traded)]
-        axis = np.array(["h" if W.Scene.from_json(scenes[i]).relation in ("left", "right") else "v" for i in idx])
+            s = [itm_scores(model, emb, t, 128, torch.device("cpu"))[0] for t in texts]  # true, reversed, traded
         res = []
         for name, neg in (("reversed", s[1]), ("traded", s[2])):
             for ax in ("h", "v"):
                 sel = axis == ax
                 res.append(f"{name}/{ax} {np.mean(s[0][sel] > neg[sel]) * 100:.1f}%")
-        print(f"{m}: n={len(idx)} " + ", ".join(res), flush=True)
+        print(f"{m}: n={len(axis)} " + ", ".join(res), flush=True)
     return 0
 
 

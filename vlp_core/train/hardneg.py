@@ -149,7 +149,7 @@ class HardNegatives:
         grown as far as they go from a swappable pair.  Deduplicated, in order."""
         def pairs(a: int, b: int) -> bool:
             wa, wb = words[a], words[b]
-            return self._content(wa) and self._content(wb) and (wa == wb or wb in self._subs.get(wa, ([], None))[0])
+            return self._content(wa) and self._content(wb) and (wa == wb or wb in self.substitutes(wa))
 
         found = set()
         for i, j in swaps:
