@@ -71,7 +71,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -113,6 +113,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--phrase-swaps", type=float, default=None,
                    help="pretrain.phrase_swaps and finetune.filter.phrase_swaps: the share of the hard negatives "
                         "that trade two aligned phrases (the relation reversed; default: --params')")
+    p.add_argument("--synonyms", action="store_true", default=None,
+                   help="pretrain.synonyms and finetune.filter.synonyms: the world's synonym groups "
+                        "(vlp_core.synthetic.world.synonym_groups), so no hard negative replaces a word "
+                        "with one that means the same (default: --params')")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
     return p.parse_args()
 
@@ -251,7 +255,7 @@ def targets(per_seed: dict[int, dict[str, float]],
     return out
 
 
-def lever_settings(a: argparse.Namespace) -> dict[str, float]:
+def lever_settings(a: argparse.Namespace) -> dict[str, Any]:
     """The ``-S``-style overrides of the lever flags that were given (unset ones keep ``--params``')."""
     out: dict[str, float] = {}
     if a.ema_decay is not None:
@@ -262,6 +266,9 @@ def lever_settings(a: argparse.Namespace) -> dict[str, float]:
         out["finetune.filter.hard_negatives"] = a.filter_hard_negatives
     if a.phrase_swaps is not None:
         out.update({f"{sec}.phrase_swaps": a.phrase_swaps for sec in ("pretrain", "finetune.filter")})
+    if getattr(a, "synonyms", None):
+        from vlp_core.synthetic.world import synonym_groups
+        out.update({f"{sec}.synonyms": synonym_groups() for sec in ("pretrain", "finetune.filter")})
     return out
 
 
@@ -282,6 +289,8 @@ def lever_suffix(params) -> str:
     ps = (params.pretrain.phrase_swaps, params.finetune.filter.phrase_swaps)
     if any(ps):
         name += "_ps" + ("{:g}".format(ps[0]) if ps[0] == ps[1] else "-".join(f"{x:g}" for x in ps))
+    if params.pretrain.synonyms or params.finetune.filter.synonyms:
+        name += "_syn"
     return name
 
 

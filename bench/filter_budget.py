@@ -79,7 +79,8 @@ def main() -> int:
         print(f"filter = {base} as it is (no fine-tune)", flush=True)
     swap = run_swap_accuracy(p, fmodel, (str(layout.ingest("test")), "human"),
                              layout.world / "ground_truth.parquet")
-    print(f"filter {a.steps} steps: ITM accuracy vs one-attribute swaps {swap.get('itm_acc_swap')}", flush=True)
+    print(f"filter {a.steps} steps: ITM accuracy vs one-attribute swaps {swap.get('itm_acc_swap')}, "
+          f"vs reversed relations {swap.get('itm_acc_relation')}", flush=True)
     man = pq.read_table(layout.manifest("web"))
     col = next(c for c in man.column_names if "shard" in c)
     shard = sorted(set(man[col].to_pylist()), key=str)[0]

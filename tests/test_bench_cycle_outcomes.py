@@ -100,5 +100,9 @@ def test_lever_flags_set_the_sections_and_name_the_folder():
         ema_decay=None, hard_negatives=0.5, filter_hard_negatives=1.0, phrase_swaps=0.5)))
     assert (ps.pretrain.phrase_swaps, ps.finetune.filter.phrase_swaps) == (0.5, 0.5)
     assert cycle.lever_suffix(ps) == "_hn0.5_fhn1_ps0.5"
+    sy = Params().replace(**cycle.lever_settings(argparse.Namespace(
+        ema_decay=None, hard_negatives=0.5, filter_hard_negatives=None, phrase_swaps=None, synonyms=True)))
+    assert "large big" in sy.pretrain.synonyms and sy.pretrain.synonyms == sy.finetune.filter.synonyms
+    assert cycle.lever_suffix(sy) == "_hn0.5_syn"
     q = Params().replace(**{"finetune.filter.ema_decay": 0.99, "pretrain.ema_warmup": False})
     assert cycle.lever_suffix(q) == "_ema0-0-0.99"

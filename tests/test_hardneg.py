@@ -60,6 +60,20 @@ def test_synonym_groups_are_never_used_as_negatives():
     assert {hn.negative("a red square", rng) for _ in range(30)} == {"a red circle", "a red disc"}
 
 
+def test_the_worlds_synonym_groups_keep_synonyms_out_of_the_negatives():
+    """With the synthetic world's groups (bench/cycle.py --synonyms) a size word is replaced by the
+    other size only, never by a word of its own group; without them the corpus offers both."""
+    from vlp_core.synthetic.world import synonym_groups
+
+    corpus = [f"a {s} {c} circle" for s in ("big", "large", "small", "tiny", "little") for c in ("red", "blue")] * 3
+    rng = np.random.default_rng(0)
+    plain = HardNegatives(corpus)
+    assert {"large", "small"} <= set(plain.substitutes("big"))
+    hn = HardNegatives(corpus, synonyms=[g.split() for g in synonym_groups()])
+    assert set(hn.substitutes("big")) == {"small", "tiny", "little"}
+    assert set(hn.substitutes("tiny")) == {"big", "large"}
+
+
 def test_batch_share_and_seeding():
     hn = HardNegatives(CORPUS)
     texts = CORPUS[:8] * 8

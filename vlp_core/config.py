@@ -175,7 +175,7 @@ class ModelParams(Settings):
 EMA_KEYS = ("ema_decay", "ema_warmup")
 # TrainParams fields that count in a stage key or training fingerprint only when not 0 (added after
 # runs were recorded with their behaviour at 0)
-ZERO_OFF_KEYS = ("phrase_swaps",)
+ZERO_OFF_KEYS = ("phrase_swaps", "synonyms")
 
 
 class TrainParams(Settings):
@@ -200,6 +200,10 @@ class TrainParams(Settings):
     # has them ("a red circle left of a blue box" -> "a blue box left of a red circle": the relation
     # reversed, the bag of words unchanged; NegCLIP's order negatives); 0 = word swaps and replacements only
     phrase_swaps: Number = Field(0.0, ge=0, le=1)
+    # groups of words that mean the same, one group a string of words ("big large", "circle disc ball";
+    # a -S override: "big large,circle disc ball"): a hard negative never replaces a word with one of
+    # its group, so a synonym is not taught as a mismatch; empty = none (the corpus alone decides)
+    synonyms: Strings = ()
     ema_decay: Number = Field(0.0, ge=0, lt=1)  # EMA of the weights for the final model/ (train/ema.py); 0 = off, the live weights
     ema_warmup: bool = True  # timm's decay warm-up: min(ema_decay, 1 - t ** -0.75) at step t
     checkpoint_every: int = Field(200, ge=1)

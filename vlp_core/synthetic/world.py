@@ -98,6 +98,18 @@ _REL_WORD = {"left": "left", "right": "right", "above": "above", "over": "above"
              "below": "below", "under": "below", "beneath": "below", "underneath": "below"}
 
 
+def synonym_groups() -> list[str]:
+    """The world's words that mean the same, one group per string ("large big"): the lexicon a
+    user would give as ``synonyms`` (a thesaurus, not the scenes' ground truth).  Single words
+    only: the multi-word relation phrases ("to the left of") share their content word."""
+    groups = [" ".join(ws) for table in (SHAPE_WORDS, SIZE_WORDS) for ws in table.values() if len(ws) > 1]
+    for rel in RELATIONS:
+        words = sorted({w for w, r in _REL_WORD.items() if r == rel})
+        if len(words) > 1:
+            groups.append(" ".join(words))
+    return groups
+
+
 def vocabulary() -> list[str]:
     """Every word a clean or noisy-but-grammatical caption can use (sorted)."""
     words: set[str] = set(COLOURS)

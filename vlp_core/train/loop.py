@@ -265,7 +265,8 @@ def train_fingerprint(stage: str, section: str, tp: TrainParams, sources: Sequen
         if name in ZERO_OFF_KEYS and not getattr(tp, name):
             continue
         if name not in FINGERPRINT_IGNORES and (name not in FINGERPRINT_EMA or tp.ema_decay > 0):
-            fp[f"{section}.{name}"] = getattr(tp, name)
+            value = getattr(tp, name)
+            fp[f"{section}.{name}"] = list(value) if isinstance(value, tuple) else value  # as JSON reads it back
     fp["sources"] = [f"{os.path.normpath(as_written(p, root))}:{n}" for p, n in sources]
     for p, _ in sources:
         for file in source_files(p):
@@ -453,7 +454,8 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         del state
 
     weights = {"itc": tp.itc_weight, "itm": tp.itm_weight, "lm": tp.lm_weight}
-    hard = HardNegatives(data.texts, phrase_share=tp.phrase_swaps) if tp.hard_negatives > 0 and tp.itm_weight > 0 else None
+    hard = (HardNegatives(data.texts, phrase_share=tp.phrase_swaps, synonyms=[g.split() for g in tp.synonyms])
+            if tp.hard_negatives > 0 and tp.itm_weight > 0 else None)
     regions = getattr(model, "uses_regions", False)  # X-VLM: the pairs' box annotations go in too
     if regions and dist.is_main and not data.n_with_regions:
         logger.warning("%s: a %s model, but no training pair has box annotations (regions): it trains the "
