@@ -116,6 +116,21 @@ def test_phrase_swaps_trade_aligned_phrases_and_reverse_the_relation():
     assert hn.negative("a big red circle", rng) not in (None, "a big red circle")
 
 
+def test_phrase_swaps_line_up_synonyms_too():
+    """With big/large one group, "big red circle" and "large blue box" still line up word for word:
+    the whole phrases trade (the relation reversed), not only their colour and shape."""
+    import itertools
+
+    corpus = [f"a {s1} {c1} {h1} {r} a {s2} {c2} {h2}" for (s1, s2), (c1, c2), (h1, h2), r in itertools.product(
+        [("big", "small"), ("small", "large"), ("large", "small"), ("small", "big")], [("red", "blue"), ("green", "red")],
+        [("circle", "square"), ("square", "circle")], ["left of", "above"])]
+    hn = HardNegatives(corpus, phrase_share=1.0, synonyms=[("big", "large")])
+    assert "large" not in hn.substitutes("big")
+    rng = np.random.default_rng(0)
+    negs = {hn.negative("a big red circle left of a large blue square", rng) for _ in range(10)}
+    assert negs == {"a large blue square left of a big red circle"}
+
+
 def test_phrase_swaps_off_make_the_negatives_of_before():
     """phrase_share 0 draws nothing extra: a run recorded before the setting gets the same negatives."""
     on_off = [HardNegatives(CORPUS), HardNegatives(CORPUS, phrase_share=0.0)]

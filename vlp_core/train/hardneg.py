@@ -73,6 +73,7 @@ class HardNegatives:
             g = {_norm(w) for w in group}
             for w in g:
                 same.setdefault(w, set()).update(g)
+        self._same = same
         docs = [[_norm(t) for t in (text or "").split()] for text in captions]
         counts = Counter(w for words in docs for w in words if self._content(w))
         vocab = [w for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count][:max_vocab]
@@ -145,11 +146,12 @@ class HardNegatives:
 
     def _phrase_swaps(self, words: Sequence[str], swaps: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
         """``(i, j, n)``: the runs ``words[i:i+n]`` and ``words[j:j+n]`` (``n >= 2``, ``i + n < j``)
-        line up word for word -- each pair the same word or interchangeable, all content words --
+        line up word for word -- each pair the same word, interchangeable or synonyms, all content words --
         grown as far as they go from a swappable pair.  Deduplicated, in order."""
         def pairs(a: int, b: int) -> bool:
             wa, wb = words[a], words[b]
-            return self._content(wa) and self._content(wb) and (wa == wb or wb in self.substitutes(wa))
+            return self._content(wa) and self._content(wb) and (wa == wb or wb in self.substitutes(wa)
+                                                                or wb in self._same.get(wa, ()))
 
         found = set()
         for i, j in swaps:
