@@ -42,7 +42,9 @@ e. round 0 beats the pretrained model by more than the seed spread and closes >=
 The levers of issue 16 are flags: ``--ema-decay`` (the EMA of the weights, every training
 section), ``--hard-negatives`` (pretraining's share of compositional hard negatives; the
 retrains and controls follow pretraining) and ``--filter-hard-negatives`` (the filter
-fine-tune's).  Unset, they keep ``--params``' values (params.yaml: all 0).
+fine-tune's), ``--phrase-swaps`` (the share of hard negatives that trade two aligned phrases) and
+``--synonyms`` (the world's synonym groups: no synonym becomes a hard negative).  Unset, they keep
+``--params``' values (params.yaml: all 0 / none).
 
 These defaults (now also ``params.yaml``'s, the platform's real-use settings) differ from the
 earlier demo-sized ones where measurements here said so:
@@ -58,7 +60,7 @@ earlier demo-sized ones where measurements here said so:
 
 Every stage skips finished work, so a rerun with the same arguments resumes.  The folders under
 ``--out`` are named by the world's sizes, the training budgets and the levers above (an EMA or
-hard negatives add ``_ema<decay>``, ``_hn<share>``, ``_fhn<share>``), so other arguments never
+hard negatives add ``_ema<decay>``, ``_hn<share>``, ``_fhn<share>``, ``_ps<share>``, ``_syn``), so other arguments never
 reuse stale worlds or models (``-S`` overrides are not in the names: give those their own
 ``--out``).  Not a test.
 """

@@ -36,6 +36,8 @@ def main() -> int:
     ap.add_argument("--filter-hard-negatives", type=float, default=1.0)
     ap.add_argument("--phrase-swaps", type=float, default=0.0,
                     help="finetune.filter.phrase_swaps: the share of hard negatives that trade two aligned phrases")
+    ap.add_argument("--synonyms", action="store_true",
+                    help="finetune.filter.synonyms: the world's synonym groups (no synonym made a hard negative)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
     ap.add_argument("--base", default=None,
@@ -50,6 +52,7 @@ def main() -> int:
     from vlp_core.capfilt.stage import run_capfilt
     from vlp_core.config import load_params
     from vlp_core.layout import Layout
+    from vlp_core.synthetic.world import synonym_groups
     from vlp_core.train.evaluate import run_swap_accuracy
     from vlp_core.train.loop import run_finetune
 
@@ -59,7 +62,7 @@ def main() -> int:
     p = load_params(a.params, list(a.overrides)).replace(**{
         "finetune.filter.steps": max(a.steps, 1), "finetune.filter.batch_size": a.batch, "capfilt.decode": "greedy",
         "finetune.filter.ema_decay": a.ema_decay, "finetune.filter.hard_negatives": a.filter_hard_negatives,
-        "finetune.filter.phrase_swaps": a.phrase_swaps,
+        "finetune.filter.phrase_swaps": a.phrase_swaps, "finetune.filter.synonyms": synonym_groups() if a.synonyms else (),
         "pretrain.seed": s, "finetune.filter.seed": s, "capfilt.seed": s})
     sub = out / "filter_run" / "corpus"
     sub.mkdir(parents=True, exist_ok=True)
