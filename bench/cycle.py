@@ -259,7 +259,7 @@ def targets(per_seed: dict[int, dict[str, float]],
 
 def lever_settings(a: argparse.Namespace) -> dict[str, Any]:
     """The ``-S``-style overrides of the lever flags that were given (unset ones keep ``--params``')."""
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     if a.ema_decay is not None:
         out.update({f"{sec}.ema_decay": a.ema_decay for sec in ("pretrain", "finetune.captioner", "finetune.filter")})
     if a.hard_negatives is not None:

@@ -83,7 +83,7 @@ def main() -> int:
     rows = [(r[C.CAPTION], truth[url_path(r[C.URL])][C.SCENE]) for r in man
             if r.get(C.URL) and r.get(C.CAPTION) and url_path(r[C.URL]) in truth]
     captions, scenes = [t for t, _ in rows], [s for _, s in rows]
-    groups = [g.split() for g in W.synonym_groups()]
+    groups = W.synonym_groups()
     for name, settings in (("words only", {}), ("synonyms", {"synonyms": groups}),
                            ("phrase_swaps 1", {"phrase_share": 1.0}),
                            ("phrase_swaps 1 + synonyms", {"phrase_share": 1.0, "synonyms": groups})):

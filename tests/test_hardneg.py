@@ -69,7 +69,7 @@ def test_the_worlds_synonym_groups_keep_synonyms_out_of_the_negatives():
     rng = np.random.default_rng(0)
     plain = HardNegatives(corpus)
     assert {"large", "small"} <= set(plain.substitutes("big"))
-    hn = HardNegatives(corpus, synonyms=[g.split() for g in synonym_groups()])
+    hn = HardNegatives(corpus, synonyms=synonym_groups())
     assert set(hn.substitutes("big")) == {"small", "tiny", "little"}
     assert set(hn.substitutes("tiny")) == {"big", "large"}
 

@@ -65,12 +65,12 @@ class HardNegatives:
 
     def __init__(self, captions: Iterable[str], min_count: int = 2, similarity: float = 0.5,
                  max_vocab: int = 2000, max_contexts: int = 2000,
-                 synonyms: Sequence[Sequence[str]] = (), swap_share: float = 0.5, phrase_share: float = 0.0):
+                 synonyms: Sequence[Sequence[str] | str] = (), swap_share: float = 0.5, phrase_share: float = 0.0):
         self.swap_share = float(swap_share)
         self.phrase_share = float(phrase_share)
         same: dict[str, set[str]] = {}
-        for group in synonyms:
-            g = {_norm(w) for w in group}
+        for group in synonyms:  # a group: its words, or one string of them ("big large", as settings write it)
+            g = {_norm(w) for w in (group.split() if isinstance(group, str) else group)}
             for w in g:
                 same.setdefault(w, set()).update(g)
         self._same = same

@@ -454,7 +454,7 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         del state
 
     weights = {"itc": tp.itc_weight, "itm": tp.itm_weight, "lm": tp.lm_weight}
-    hard = (HardNegatives(data.texts, phrase_share=tp.phrase_swaps, synonyms=[g.split() for g in tp.synonyms])
+    hard = (HardNegatives(data.texts, phrase_share=tp.phrase_swaps, synonyms=tp.synonyms)
             if tp.hard_negatives > 0 and tp.itm_weight > 0 else None)
     regions = getattr(model, "uses_regions", False)  # X-VLM: the pairs' box annotations go in too
     if regions and dist.is_main and not data.n_with_regions:
