@@ -43,7 +43,9 @@ The levers of issue 16 are flags: ``--ema-decay`` (the EMA of the weights, every
 section), ``--hard-negatives`` (pretraining's share of compositional hard negatives; the
 retrains and controls follow pretraining) and ``--filter-hard-negatives`` (the filter
 fine-tune's), ``--phrase-swaps`` (the share of hard negatives that trade two aligned phrases) and
-``--synonyms`` (the world's synonym groups: no synonym becomes a hard negative).  Unset, they keep
+``--synonyms`` (the world's synonym groups: no synonym becomes a hard negative) and
+``--filter-holdout`` (the share of human pairs kept out of the filter's fine-tune and used to
+calibrate CapFilt's threshold).  Unset, they keep
 ``--params``' values (params.yaml: all 0 / none).
 
 These defaults (now also ``params.yaml``'s, the platform's real-use settings) differ from the
@@ -119,6 +121,9 @@ def _args() -> argparse.Namespace:
                    help="pretrain.synonyms and finetune.filter.synonyms: the world's synonym groups "
                         "(vlp_core.synthetic.world.synonym_groups), so no hard negative replaces a word "
                         "with one that means the same (default: --params')")
+    p.add_argument("--filter-holdout", type=float, default=None,
+                   help="finetune.filter.holdout: the share of the human pairs kept out of the filter's fine-tune, "
+                        "on which CapFilt calibrates its threshold (default: --params')")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
     return p.parse_args()
 
@@ -268,6 +273,8 @@ def lever_settings(a: argparse.Namespace) -> dict[str, Any]:
         out["finetune.filter.hard_negatives"] = a.filter_hard_negatives
     if a.phrase_swaps is not None:
         out.update({f"{sec}.phrase_swaps": a.phrase_swaps for sec in ("pretrain", "finetune.filter")})
+    if getattr(a, "filter_holdout", None) is not None:
+        out["finetune.filter.holdout"] = a.filter_holdout
     if getattr(a, "synonyms", None):
         from vlp_core.synthetic.world import synonym_groups
         out.update({f"{sec}.synonyms": synonym_groups() for sec in ("pretrain", "finetune.filter")})
@@ -293,6 +300,8 @@ def lever_suffix(params) -> str:
         name += "_ps" + ("{:g}".format(ps[0]) if ps[0] == ps[1] else "-".join(f"{x:g}" for x in ps))
     if params.pretrain.synonyms or params.finetune.filter.synonyms:
         name += "_syn"
+    if params.finetune.filter.holdout > 0:
+        name += f"_ho{params.finetune.filter.holdout:g}"
     return name
 
 

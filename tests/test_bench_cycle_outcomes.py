@@ -104,5 +104,9 @@ def test_lever_flags_set_the_sections_and_name_the_folder():
         ema_decay=None, hard_negatives=0.5, filter_hard_negatives=None, phrase_swaps=None, synonyms=True)))
     assert "large big" in sy.pretrain.synonyms and sy.pretrain.synonyms == sy.finetune.filter.synonyms
     assert cycle.lever_suffix(sy) == "_hn0.5_syn"
+    ho = Params().replace(**cycle.lever_settings(argparse.Namespace(
+        ema_decay=None, hard_negatives=None, filter_hard_negatives=1.0, phrase_swaps=None, filter_holdout=0.2)))
+    assert ho.finetune.filter.holdout == 0.2 and ho.pretrain.holdout == 0.0
+    assert cycle.lever_suffix(ho) == "_fhn1_ho0.2"
     q = Params().replace(**{"finetune.filter.ema_decay": 0.99, "pretrain.ema_warmup": False})
     assert cycle.lever_suffix(q) == "_ema0-0-0.99"

@@ -430,3 +430,21 @@ def test_the_backend_cache_is_bounded_and_keeps_the_most_recent():
     assert len(cache) == 2
     cache.clear()
     assert len(cache) == 0
+
+
+def test_calibration_scores_only_the_pairs_the_filter_held_out(tiny_ingest, untrained_model, params, tmp_path):
+    """finetune.filter.holdout: the threshold comes from the human pairs kept out of the filter's
+    fine-tune (the same keys vlp_core.holdout picks there), and the calibration's record says so."""
+    from vlp_core.holdout import held_out
+
+    cal = params.replace(**{"capfilt.threshold_mode": "calibrated", "finetune.filter.holdout": 0.3})
+    out = tmp_path / "held"
+    run_capfilt(cal, tiny_ingest["web_manifest"], untrained_model, untrained_model, out,
+                calibration=tiny_ingest["human_manifest"])
+    m = read_manifest(tiny_ingest["human_manifest"])
+    keys = [k for k, s in zip(m[C.KEY].to_pylist(), m[C.STATUS].to_pylist()) if s == "success"]
+    want = {k for k, h in zip(keys, held_out(keys, 0.3)) if h}
+    got = pq.read_table(out / "calibration.parquet")[C.KEY].to_pylist()
+    assert 0 < len(got) < len(keys) and set(got) <= want and len(got) >= 0.9 * len(want)
+    rec = read_json(out / "threshold.json")
+    assert rec["holdout"] == 0.3 and rec["n_calibration"] == len(got)

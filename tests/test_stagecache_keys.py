@@ -68,7 +68,7 @@ PINNED = {
         "train finetune_captioner": "51b66b84bd6c7de39ae5dd5aae9ab14dd749bc3ead53cbcb7b6864453840905b",
         "train finetune_filter": "ab336d9a002ef824573d40c0f125047871b2c6273fc0c4321c1535c70aac2023",
         "train retrain": "91b31996eb5b416058d91ee0c16be57a5edbf11734f01531cabbd3d41cc2f3b2",
-        "catalog params": "c684ddf575549f7c21a705b5f256b14f8895ed8fe21211684054280c67c2d046",
+        "catalog params": "fd9030ed3dbe54f5bc751f83a3c6aab62103c255bb3e5c51943c70eef620ce41",
         "section synthetic": "29506c574de59baacc47716a0283022bc7b0c1770d92c0a6e9af1ac6a3865110",
         "section capfilt": "f3998a75f2873c1f1e73d44ed6db83258f86823e1fa2d46627a5fc97fcc5c662",
         "section features": "ebad7352c8db9484dcc8b8790d038aceef12a6ec345f91120aaea49791b2c7bd",
@@ -91,7 +91,7 @@ PINNED = {
         "train finetune_captioner": "51b66b84bd6c7de39ae5dd5aae9ab14dd749bc3ead53cbcb7b6864453840905b",
         "train finetune_filter": "433cb38675e16da3178f803c45acad8b0c425cd8c748418d06f59762edb66e76",
         "train retrain": "c0a46e76304acc5950c34ea9e8727adf5d5e5e11acd5ccec2c0cff4b873900f3",
-        "catalog params": "ed51e0913e0b1f901c4cfd2e1146c393c43946d3ebcf169f7338f040345225c3",
+        "catalog params": "e566dadb9df636676fb1ef5d35a5b5b1038277ad06332d3dc6f05190913f7df4",
         "section synthetic": "29506c574de59baacc47716a0283022bc7b0c1770d92c0a6e9af1ac6a3865110",
         "section capfilt": "8288e37fa9865b1e921812e8cc6b1a68abbec1118edc34d30520b00b82aa0b9d",
         "section features": "ebad7352c8db9484dcc8b8790d038aceef12a6ec345f91120aaea49791b2c7bd",
@@ -149,6 +149,17 @@ def test_synonyms_move_a_stage_key_only_when_given():
     for the filter move that stage's key and training fingerprint and nothing upstream."""
     base = fingerprints(Params())
     on = fingerprints(params_from_dict({"finetune": {"filter": {"synonyms": ["big large"]}}}, "<test>"))
+    assert on["key finetune.filter"] != base["key finetune.filter"]
+    assert on["train finetune_filter"] != base["train finetune_filter"]
+    assert {k: v for k, v in on.items() if k not in ("key finetune.filter", "train finetune_filter", "catalog params")} == \
+        {k: v for k, v in base.items() if k not in ("key finetune.filter", "train finetune_filter", "catalog params")}
+
+
+def test_holdout_moves_a_stage_key_only_when_not_zero():
+    """holdout at 0 (every run before the setting existed) keeps the keys and fingerprints; a share
+    for the filter moves that stage's key and training fingerprint and nothing upstream."""
+    base = fingerprints(Params())
+    on = fingerprints(params_from_dict({"finetune": {"filter": {"holdout": 0.2}}}, "<test>"))
     assert on["key finetune.filter"] != base["key finetune.filter"]
     assert on["train finetune_filter"] != base["train finetune_filter"]
     assert {k: v for k, v in on.items() if k not in ("key finetune.filter", "train finetune_filter", "catalog params")} == \

@@ -175,7 +175,7 @@ class ModelParams(Settings):
 EMA_KEYS = ("ema_decay", "ema_warmup")
 # TrainParams fields that count in a stage key or training fingerprint only when not 0 (added after
 # runs were recorded with their behaviour at 0)
-ZERO_OFF_KEYS = ("phrase_swaps", "synonyms")
+ZERO_OFF_KEYS = ("phrase_swaps", "synonyms", "holdout")
 
 
 class TrainParams(Settings):
@@ -204,6 +204,10 @@ class TrainParams(Settings):
     # a -S override: "big large,circle disc ball"): a hard negative never replaces a word with one of
     # its group, so a synonym is not taught as a mismatch; empty = none (the corpus alone decides)
     synonyms: Strings = ()
+    # the share of the training pairs held out, chosen by key (vlp_core/holdout.py); the filter's
+    # held-out human pairs are what CapFilt calibrates its threshold on (threshold_mode calibrated),
+    # so the threshold is not taken from pairs the filter memorised; 0 = train on every pair
+    holdout: Number = Field(0.0, ge=0, lt=1)
     ema_decay: Number = Field(0.0, ge=0, lt=1)  # EMA of the weights for the final model/ (train/ema.py); 0 = off, the live weights
     ema_warmup: bool = True  # timm's decay warm-up: min(ema_decay, 1 - t ** -0.75) at step t
     checkpoint_every: int = Field(200, ge=1)

@@ -57,6 +57,7 @@ from vlp_core.capfilt.judge import R_EMPTY, R_IMAGE, R_PRESCREEN, judge, tally
 from vlp_core.config import Params, section_dict
 from vlp_core.corpus import CORPUS_DIR, FEATS_DIR, ItcSidecarWriter, resolve_ref
 from vlp_core.errors import VlpError
+from vlp_core.holdout import held_out
 from vlp_core.images import decode_image
 from vlp_core.io import StageStats, atomic_path, read_parquet, read_parquet_schema, write_json, write_parquet
 from vlp_core.layout import as_written
@@ -157,10 +158,18 @@ def _file_sha(path: Path) -> str:
 def calibration_scores(params: Params, filter_dir: str | Path, calibration: str | Path,
                        root: str | Path = ".") -> pa.Table:
     """The filter's ITC and ITM on every clean pair of the ``calibration`` manifest (its shard
-    references relative to the work dir ``root``)."""
+    references relative to the work dir ``root``) that the filter's fine-tune held out
+    (``finetune.filter.holdout``, vlp_core/holdout.py; 0: every pair)."""
     mp = manifest_path(calibration)
     t = read_manifest(mp)
     t = t.filter(pc.equal(t[C.STATUS], SUCCESS))
+    share = params.finetune.filter.holdout
+    if share > 0:
+        n = t.num_rows
+        t = t.filter(pa.array(held_out(t[C.KEY].to_pylist(), share)))
+        if not t.num_rows:
+            raise VlpError(f"{mp}: finetune.filter.holdout {share} holds out none of its {n} clean pairs, "
+                           "so there is nothing to calibrate the threshold on (raise the share)")
     flt = ItmFilter(filter_dir, batch_size=params.capfilt.batch_size, precision=params.capfilt.precision)
     keys, texts, itcs, itms = [], [], [], []
     bs = params.capfilt.batch_size
@@ -212,6 +221,8 @@ def calibrate_threshold(params: Params, filter_dir: str | Path, calibration: Cal
     fp = {"mode": "calibrated", "percentile": cp.calibrate_percentile, "filter_id": filter_id,
           "calibration": as_written(mp, root), "calibration_sha": _file_sha(mp),
           "autocast": resolved(cp.precision, pick_device())}  # the scores' arithmetic: bf16 or fp32
+    if params.finetune.filter.holdout > 0:  # only the held-out pairs are scored
+        fp["holdout"] = params.finetune.filter.holdout
     tpath = out_dir / THRESHOLD_FILE
     entry = Entry("capfilt", "calibration", out_dir, fp)  # the stage cache decides whether to score again
     old = entry.cached(tpath, out_dir / CALIBRATION_FILE)

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
@@ -60,6 +61,7 @@ from vlp_core import models
 from vlp_core.config import EMA_KEYS, ZERO_OFF_KEYS, Params, TrainParams
 from vlp_core.env import keep_freed_memory
 from vlp_core.errors import VlpError
+from vlp_core.holdout import held_out
 from vlp_core.io import StageStats, atomic_path
 from vlp_core.layout import as_written, resolve
 from vlp_core.models.hf import import_hf, is_hf_blip_dir
@@ -396,6 +398,13 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
     seed_everything(tp.seed)
 
     table = load_pairs(sources, root)
+    n_held = 0
+    if tp.holdout > 0:  # kept out of training by key (vlp_core/holdout.py): CapFilt calibrates on them
+        mask = held_out(table.column("key").to_pylist(), tp.holdout)
+        n_held = int(mask.sum())
+        if n_held == table.num_rows:
+            raise TrainError(f"{section}.holdout {tp.holdout} holds out all {n_held} training pairs")
+        table = table.filter(pa.array(~mask))
     fingerprint = train_fingerprint(stage, section, tp, sources, model_inputs, root)
     if dist.is_main:
         if fresh:
@@ -516,8 +525,10 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
     bar.close()
     loop_s = time.perf_counter() - t_loop
 
-    stats = StageStats(stage=stage, rows_in=data.rows_in, rows_out=len(data) + data.n_skipped)
+    stats = StageStats(stage=stage, rows_in=data.rows_in + n_held, rows_out=len(data) + data.n_skipped + n_held)
     stats.add("used", len(data))
+    if n_held:
+        stats.add("held_out", n_held)
     for reason, n in sorted(data.skipped.items()):
         stats.add(f"skipped.{reason}", n)
     step_done = max(start, last)
