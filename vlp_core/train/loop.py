@@ -38,6 +38,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
@@ -46,6 +48,8 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -601,7 +605,10 @@ def in_fresh_process(fn, *args, **kwargs):
     Why: a training run started late in a long-lived process -- a Prefect flow after CapFilt
     ran its shard tasks in worker threads -- ran at 106-131 samples/s where the same run
     alone ran at 167-207 (the demo, 2 cores); a spawned child costs a few seconds of imports
-    and trains at full speed.  Used for the retrains and the comparison's arms."""
+    and trains at full speed.  Used for the retrains and the comparison's arms.
+
+    On Linux the child is told to stop (SIGTERM) when this process dies, so a killed flow or
+    bench leaves no training running on without it."""
     if multiprocessing.current_process().daemon:  # e.g. a Dask worker: it may not have children
         return fn(*args, **kwargs)
     ctx = multiprocessing.get_context("spawn")
@@ -609,12 +616,33 @@ def in_fresh_process(fn, *args, **kwargs):
     relay = threading.Thread(target=_relay_logs, args=(records,), daemon=True)
     relay.start()
     try:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_send_logs,
-                                                    initargs=(records,)) as ex:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_child_setup,
+                                                    initargs=(records, os.getpid())) as ex:
             return ex.submit(fn, *args, **kwargs).result()
     finally:
         records.put(None)
         relay.join(timeout=10)
+
+
+def _child_setup(records, parent_pid: int) -> None:
+    """In the spawned child: stop with the parent (:func:`_die_with_parent`), send logs to it."""
+    _die_with_parent(parent_pid)
+    _send_logs(records)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: ask the kernel for SIGTERM when the parent dies (``prctl(PR_SET_PDEATHSIG)``); if it
+    died before the request, stop now.  Elsewhere: nothing (the child outlives a killed parent)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError) as exc:
+        logger.debug("no parent-death signal for this training child: %s", exc)
+        return
+    if os.getppid() != parent_pid:  # the parent died between the spawn and the request
+        os._exit(1)
 
 
 def _send_logs(records) -> None:
