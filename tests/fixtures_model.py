@@ -1,11 +1,14 @@
 """Fixtures for tiny models and tokenizers: the short pretraining settings and the saved
-tokenizer that the training-loop tests (loop, EMA) share."""
+tokenizer that the training-loop tests (loop, EMA) share, and an untrained tiny model (CapFilt,
+held-out pairs)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from fixtures_world import tiny_params
 
-from vlp_core.models import train_tokenizer
+from vlp_core.models import create_model, train_tokenizer
 from vlp_core.train.data import load_pairs
 
 STEPS = 12
@@ -31,3 +34,14 @@ def tokenizer_dir(tiny_world, tmp_path_factory):
 def fast(tokenizer_dir):
     """:data:`FAST`'s pretraining settings on the tiny world, with the module's saved tokenizer."""
     return tiny_params(**FAST, **{"model.tokenizer": str(tokenizer_dir)})
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tiny_world, tmp_path_factory) -> Path:
+    """A freshly initialised tiny MED with a tokenizer trained on the world's captions."""
+    import torch
+
+    torch.manual_seed(0)
+    texts = [t for t in load_pairs([(tiny_world / "web.parquet", "web")])["text"].to_pylist() if t and t.strip()]
+    model = create_model("tiny", train_tokenizer(texts, vocab_size=128))
+    return model.save_pretrained(tmp_path_factory.mktemp("untrained") / "model")

@@ -31,20 +31,6 @@ CHEAP = {"capfilt.num_captions": K, "capfilt.max_length": 8, "capfilt.min_length
          "capfilt.threshold_mode": "fixed"}
 
 
-@pytest.fixture(scope="session")
-def untrained_model(tiny_world, tmp_path_factory) -> Path:
-    """A freshly initialised tiny MED with a tokenizer trained on the world's captions."""
-    import torch
-
-    from vlp_core.models import create_model, train_tokenizer
-    from vlp_core.train.data import load_pairs
-
-    torch.manual_seed(0)
-    texts = [t for t in load_pairs([(tiny_world / "web.parquet", "web")])["text"].to_pylist() if t and t.strip()]
-    model = create_model("tiny", train_tokenizer(texts, vocab_size=128))
-    return model.save_pretrained(tmp_path_factory.mktemp("untrained") / "model")
-
-
 @pytest.fixture(scope="module")
 def params():
     return tiny_params(**CHEAP)

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from fixtures_world import tiny_params
-from test_capfilt import untrained_model  # noqa: F401  (fixture)
 
 from vlp_core.capfilt.backend import CapfiltError, load_backend
 from vlp_core.capfilt.captioner import Captioner

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from fixtures_world import tiny_params
-from test_capfilt import _copy_ingest, _rewrite_member, untrained_model  # noqa: F401  (fixture)
+from test_capfilt import _copy_ingest, _rewrite_member
 
 from vlp_core.capfilt.stage import FEATS_DIR, list_capfilt_shards, read_manifest, run_capfilt
 from vlp_core.features.dedup import exact_duplicates, near_duplicates

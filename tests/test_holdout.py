@@ -2,7 +2,6 @@
 pairs CapFilt calibrates its threshold on."""
 from __future__ import annotations
 
-import pyarrow.parquet as pq
 from fixtures_world import tiny_params
 
 from vlp_core.holdout import held_out, key_position
@@ -21,16 +20,12 @@ def test_held_out_is_by_key_nested_and_near_the_share():
     assert all(0.0 <= key_position(k) < 1.0 for k in keys[:50])
 
 
-def test_finetune_with_holdout_trains_on_the_rest_and_counts_every_pair(tiny_world, tmp_path):
-    from vlp_core.models import create_model, train_tokenizer
-
+def test_finetune_with_holdout_trains_on_the_rest_and_counts_every_pair(tiny_world, untrained_model, tmp_path):
     params = tiny_params(**{"finetune.filter.steps": 2, "finetune.filter.batch_size": 16,
                             "finetune.filter.holdout": 0.3})
     source = [(tiny_world / "human.parquet", "human")]
     table = load_pairs(source)
-    texts = [t for t in table["text"].to_pylist() if t and t.strip()]
-    init = create_model("tiny", train_tokenizer(texts, vocab_size=128)).save_pretrained(tmp_path / "init")
-    stats = run_finetune(params, "filter", source, init, tmp_path / "filt")
+    stats = run_finetune(params, "filter", source, untrained_model, tmp_path / "filt")
     n_held = int(held_out(table["key"].to_pylist(), 0.3).sum())
     assert 0 < n_held < table.num_rows
     assert stats.counts["held_out"] == n_held

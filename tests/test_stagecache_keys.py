@@ -17,7 +17,7 @@ import json
 import pytest
 
 from vlp_core.capfilt.stage import capfilt_settings
-from vlp_core.config import Params, params_from_dict, section_dict
+from vlp_core.config import ZERO_OFF_KEYS, Params, params_from_dict, section_dict
 from vlp_core.stagecache import input_key
 from vlp_core.train.loop import fingerprint_sha256, retrain_settings, train_fingerprint
 
@@ -133,34 +133,21 @@ def test_capfilt_captioner_moves_the_capfilt_key_only_when_not_base():
         {k: v for k, v in base.items() if k not in ("key capfilt", "catalog params")}
 
 
-def test_phrase_swaps_move_a_stage_key_only_when_not_zero():
-    """phrase_swaps at 0 (every run before the setting existed) keeps the keys and fingerprints;
-    turning it on for the filter moves that stage's key and training fingerprint and nothing upstream."""
+ZERO_OFF_CASES = [{"phrase_swaps": 0.5}, {"synonyms": ["big large"]}, {"holdout": 0.2}]
+
+
+def test_every_zero_off_setting_has_a_case():
+    assert {next(iter(d)) for d in ZERO_OFF_CASES} == set(ZERO_OFF_KEYS)
+
+
+@pytest.mark.parametrize("setting", ZERO_OFF_CASES, ids=lambda d: next(iter(d)))
+def test_zero_off_settings_move_the_filters_key_only_when_set(setting):
+    """phrase_swaps, synonyms and holdout (config.ZERO_OFF_KEYS) at 0 / empty -- every run before
+    each setting existed -- keep the keys and fingerprints; set for the filter, each moves that
+    stage's key and training fingerprint and nothing upstream."""
     base = fingerprints(Params())
-    on = fingerprints(params_from_dict({"finetune": {"filter": {"phrase_swaps": 0.5}}}, "<test>"))
-    assert on["key finetune.filter"] != base["key finetune.filter"]
-    assert on["train finetune_filter"] != base["train finetune_filter"]
-    assert {k: v for k, v in on.items() if k not in ("key finetune.filter", "train finetune_filter", "catalog params")} == \
-        {k: v for k, v in base.items() if k not in ("key finetune.filter", "train finetune_filter", "catalog params")}
-
-
-def test_synonyms_move_a_stage_key_only_when_given():
-    """synonyms empty (every run before the setting existed) keeps the keys and fingerprints; groups
-    for the filter move that stage's key and training fingerprint and nothing upstream."""
-    base = fingerprints(Params())
-    on = fingerprints(params_from_dict({"finetune": {"filter": {"synonyms": ["big large"]}}}, "<test>"))
-    assert on["key finetune.filter"] != base["key finetune.filter"]
-    assert on["train finetune_filter"] != base["train finetune_filter"]
-    assert {k: v for k, v in on.items() if k not in ("key finetune.filter", "train finetune_filter", "catalog params")} == \
-        {k: v for k, v in base.items() if k not in ("key finetune.filter", "train finetune_filter", "catalog params")}
-
-
-def test_holdout_moves_a_stage_key_only_when_not_zero():
-    """holdout at 0 (every run before the setting existed) keeps the keys and fingerprints; a share
-    for the filter moves that stage's key and training fingerprint and nothing upstream."""
-    base = fingerprints(Params())
-    on = fingerprints(params_from_dict({"finetune": {"filter": {"holdout": 0.2}}}, "<test>"))
-    assert on["key finetune.filter"] != base["key finetune.filter"]
-    assert on["train finetune_filter"] != base["train finetune_filter"]
-    assert {k: v for k, v in on.items() if k not in ("key finetune.filter", "train finetune_filter", "catalog params")} == \
-        {k: v for k, v in base.items() if k not in ("key finetune.filter", "train finetune_filter", "catalog params")}
+    on = fingerprints(params_from_dict({"finetune": {"filter": setting}}, "<test>"))
+    moved = ("key finetune.filter", "train finetune_filter")
+    assert all(on[m] != base[m] for m in moved)
+    assert {k: v for k, v in on.items() if k not in (*moved, "catalog params")} == \
+        {k: v for k, v in base.items() if k not in (*moved, "catalog params")}
