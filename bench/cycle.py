@@ -26,17 +26,21 @@ issue 7:
    difference is positive, as the issue asks; the line also says in how many seeds round 0 was
    ahead and whether the mean lies inside one sd of the per-seed differences (not robust).
 
-The targets of issue 16 (its "round 0 / round 1" are today's "pretrained / round 0"):
+The targets of issue 16 (its "round 0 / round 1" are today's "pretrained / round 0"), judged on
+the last round run (round ``--rounds`` - 1; the outcomes above too).  A later round is BLIP's
+bootstrap: its captioner and filter are fine-tuned from the previous round's retrained model, and
+it gets its own filter-only control ("filter-only (round k)", that round's corpus without its
+synthetic captions), so (d) always sets a round against its own filter:
 
-a. the filter's ROC-AUC at telling wrong from right synthetic captions (round 0's CapFilt
+a. the filter's ROC-AUC at telling wrong from right synthetic captions (the round's CapFilt
    corpus, judged by the ground truth; the score is -ITM) >= 0.85, in every seed, and on the
    mean (two lines);
 b. ITM accuracy against one-attribute swaps (``itm_acc_swap``, the test split) >= 90 % for
-   round 0's filter, on the mean over seeds; round 0's retrained model's is printed beside it;
+   the round's filter, on the mean over seeds; the round's retrained model's is printed beside it;
 c. the oracle's R@1 sd across seeds <= 3 points;
-d. round 0 ahead of filter-only in every seed, and the paired mean difference larger than the
-   paired sd;
-e. round 0 beats the pretrained model by more than the seed spread and closes >= 50 % of the
+d. the round ahead of its filter-only in every seed, and the paired mean difference larger than
+   the paired sd;
+e. the round beats the pretrained model by more than the seed spread and closes >= 50 % of the
    pretrained -> oracle gap (outcomes 1 and 2 together).
 
 The levers of issue 16 are flags: ``--ema-decay`` (the EMA of the weights, every training
@@ -163,11 +167,15 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def outcomes(per_seed: dict[int, dict[str, float]]) -> list[tuple[str, bool, str]]:
-    """The three outcomes from ``{seed: {model name: r1_mean}}``."""
+def outcomes(per_seed: dict[int, dict[str, float]], k: int = 0) -> list[tuple[str, bool, str]]:
+    """The three outcomes from ``{seed: {model name: r1_mean}}``, for round ``k`` (the last round
+    run; a later round is set against its own filter-only,
+    :func:`vlp_core.comparison.filter_only_name`)."""
+    from vlp_core.comparison import filter_only_name
+
     seeds = sorted(per_seed)
     col = lambda name: [per_seed[s][name] for s in seeds]  # noqa: E731
-    r0, r1, fo, orc = col("pretrained"), col("round 0"), col("filter-only"), col("oracle")
+    r0, r1, fo, orc = col("pretrained"), col(f"round {k}"), col(filter_only_name(k)), col("oracle")
     gain = [b - a for a, b in zip(r0, r1)]
     g, g_sd = _mean_sd(gain)
     spread = max(g_sd, _mean_sd(r0)[1], _mean_sd(r1)[1])
@@ -176,12 +184,12 @@ def outcomes(per_seed: dict[int, dict[str, float]]) -> list[tuple[str, bool, str
     vs_fo = [b - a for a, b in zip(fo, r1)]
     d, d_sd = _mean_sd(vs_fo)
     return [
-        ("round 0 beats the pretrained model on R@1 by more than the seed spread", g > spread,
+        (f"round {k} beats the pretrained model on R@1 by more than the seed spread", g > spread,
          f"gain {g:+.2f} (per seed {', '.join(f'{x:+.1f}' for x in gain)}) vs spread {spread:.2f}"),
-        ("round 0 closes >= half of the pretrained -> oracle gap", closed >= 0.5,
+        (f"round {k} closes >= half of the pretrained -> oracle gap", closed >= 0.5,
          f"closed {100 * closed:.0f}% of a {gap:.2f}-point gap"),
-        ("round 0 beats filter-only (the captions add something)", d > 0,
-         f"round 0 - filter-only {d:+.2f} +- {d_sd:.2f} (per seed {', '.join(f'{x:+.1f}' for x in vs_fo)})"
+        (f"round {k} beats its filter-only (the captions add something)", d > 0,
+         f"round {k} - filter-only {d:+.2f} +- {d_sd:.2f} (per seed {', '.join(f'{x:+.1f}' for x in vs_fo)})"
          + _robustness(vs_fo)),
     ]
 
@@ -209,10 +217,13 @@ AUC_TARGET, SWAP_TARGET, ORACLE_SD_TARGET = 0.85, 0.90, 3.0
 
 
 def targets(per_seed: dict[int, dict[str, float]],
-            quality: dict[int, dict[str, Optional[float]]]) -> list[tuple[str, bool, str]]:
+            quality: dict[int, dict[str, Optional[float]]], k: int = 0) -> list[tuple[str, bool, str]]:
     """Issue 16's targets, each ``(text, met, detail)``, from ``{seed: {model name: r1_mean}}``
-    and ``{seed: {"filter_auc", "filter_swap", "round0_swap"}}`` (None where a number is missing:
-    such a target is not met).  A target on a spread needs at least two seeds."""
+    and ``{seed: {"filter_auc", "filter_swap", "retrained_swap"}}`` (round ``k``'s filter, corpus and
+    retrained model: the last round run; None where a number is missing: such a target is not
+    met).  A target on a spread needs at least two seeds."""
+    from vlp_core.comparison import filter_only_name
+
     seeds = sorted(per_seed)
     n = len(seeds)
     col = lambda name: [per_seed[s][name] for s in seeds]  # noqa: E731
@@ -222,22 +233,23 @@ def targets(per_seed: dict[int, dict[str, float]],
     auc = q("filter_auc")
     known = _known(auc)
     every = len(known) == n and all(v >= AUC_TARGET for v in known)
-    out.append((f"(a) filter ROC-AUC, wrong vs right synthetic captions, >= {AUC_TARGET} in every seed", every,
+    out.append((f"(a) round {k}'s filter ROC-AUC, wrong vs right synthetic captions, >= {AUC_TARGET} in every seed",
+                every,
                 f"per seed {_fmt(auc, '{:.3f}')}"))
     mean_auc = statistics.fmean(known) if len(known) == n and n else None
-    out.append((f"(a) filter ROC-AUC, wrong vs right synthetic captions, >= {AUC_TARGET} on the mean",
+    out.append((f"(a) round {k}'s filter ROC-AUC, wrong vs right synthetic captions, >= {AUC_TARGET} on the mean",
                 mean_auc is not None and mean_auc >= AUC_TARGET,
                 f"mean {'-' if mean_auc is None else f'{mean_auc:.3f}'} over {n} seeds"))
 
-    fs, rs = q("filter_swap"), q("round0_swap")
+    fs, rs = q("filter_swap"), q("retrained_swap")
     fk, rk = _known(fs), _known(rs)
     f_mean = statistics.fmean(fk) if len(fk) == n and n else None
     r_mean = f"{100 * statistics.fmean(rk):.1f}%" if rk else "-"
     pct = [None if v is None else 100 * v for v in fs]
-    out.append((f"(b) the filter's ITM accuracy against one-attribute swaps >= {100 * SWAP_TARGET:.0f}% (mean)",
+    out.append((f"(b) round {k}'s filter's ITM accuracy against one-attribute swaps >= {100 * SWAP_TARGET:.0f}% (mean)",
                 f_mean is not None and f_mean >= SWAP_TARGET,
                 f"filter {'-' if f_mean is None else f'{100 * f_mean:.1f}%'} (per seed {_fmt(pct, '{:.1f}')}; "
-                f">= target in {sum(v >= SWAP_TARGET for v in fk)} of {n}); round 0's retrained model {r_mean} "
+                f">= target in {sum(v >= SWAP_TARGET for v in fk)} of {n}); round {k}'s retrained model {r_mean} "
                 f"(per seed {_fmt([None if v is None else 100 * v for v in rs], '{:.1f}')}); the filter against "
                 f"reversed relations {_fmt([None if v is None else 100 * v for v in q('filter_relation')], '{:.1f}')}%"))
 
@@ -247,16 +259,17 @@ def targets(per_seed: dict[int, dict[str, float]],
                 n >= 2 and orc_sd <= ORACLE_SD_TARGET,
                 f"sd {orc_sd:.2f} (per seed {_fmt(orc, '{:.1f}')})" + ("" if n >= 2 else "; needs >= 2 seeds")))
 
-    diffs = [b - a for a, b in zip(col("filter-only"), col("round 0"))]
+    diffs = [b - a for a, b in zip(col(filter_only_name(k)), col(f"round {k}"))]
     d, d_sd = _mean_sd(diffs)
     wins = sum(x > 0 for x in diffs)
-    out.append(("(d) round 0 ahead of filter-only in every seed, paired mean difference > paired sd",
+    out.append((f"(d) round {k} ahead of its filter-only in every seed, paired mean difference > paired sd",
                 n >= 2 and wins == n and d > d_sd,
-                f"round 0 - filter-only {d:+.2f} +- {d_sd:.2f}, ahead in {wins} of {n} seeds "
+                f"round {k} - filter-only {d:+.2f} +- {d_sd:.2f}, ahead in {wins} of {n} seeds "
                 f"(per seed {_fmt(diffs, '{:+.1f}')})" + ("" if n >= 2 else "; needs >= 2 seeds")))
 
-    (_, beat, beat_detail), (_, closed, closed_detail), _ = outcomes(per_seed)
-    out.append(("(e) round 0 beats pretrained by more than the seed spread and closes >= 50% of the gap to the oracle",
+    (_, beat, beat_detail), (_, closed, closed_detail), _ = outcomes(per_seed, k)
+    out.append((f"(e) round {k} beats pretrained by more than the seed spread and closes >= 50% of the gap to the "
+                "oracle",
                 n >= 2 and beat and closed,
                 f"{beat_detail}; {closed_detail}" + ("" if n >= 2 else "; needs >= 2 seeds")))
     return out
@@ -305,15 +318,15 @@ def lever_suffix(params) -> str:
     return name
 
 
-def filter_swap_accuracy(params, layout, out_file: Path) -> dict[str, Optional[float]]:
-    """Round 0's filter's ``itm_acc_swap`` and ``itm_acc_relation`` on the test split
+def filter_swap_accuracy(params, layout, out_file: Path, k: int = 0) -> dict[str, Optional[float]]:
+    """Round ``k``'s filter's ``itm_acc_swap`` and ``itm_acc_relation`` on the test split
     (:func:`vlp_core.train.evaluate.run_swap_accuracy`), stored in ``out_file`` with the filter's
     weights digest and reused while both match (and it has both numbers)."""
     from vlp_core.comparison import inputs_of
     from vlp_core.stagecache import digest_path
     from vlp_core.train.evaluate import run_swap_accuracy
 
-    model = layout.model(0, "finetune_filter")
+    model = layout.model(k, "finetune_filter")
     if not model.is_dir():
         return {}
     key = {"model": digest_path(model / "model.safetensors"), "swap_seed": params.pretrain.seed}
@@ -328,16 +341,16 @@ def filter_swap_accuracy(params, layout, out_file: Path) -> dict[str, Optional[f
     return res
 
 
-def seed_quality(params, layout, results) -> dict[str, Optional[float]]:
-    """The per-seed numbers of targets (a) and (b): round 0's filter's ROC-AUC on wrong vs right
-    synthetic captions (its corpus' audit), the filter's and round 0's model's swap accuracy, and
-    the filter's ITM accuracy against reversed relations (not a target: the reason (a) fails)."""
-    r0 = next((r for r in results if r.name == "round 0"), None)
+def seed_quality(params, layout, results, k: int = 0) -> dict[str, Optional[float]]:
+    """The per-seed numbers of targets (a) and (b): round ``k``'s filter's ROC-AUC on wrong vs
+    right synthetic captions (its corpus' audit), the filter's and round k's model's swap accuracy,
+    and the filter's ITM accuracy against reversed relations (not a target: the reason (a) fails)."""
+    r0 = next((r for r in results if r.name == f"round {k}"), None)
     auc = ((r0.audit.get("synthetic_detection") or {}).get("roc_auc")) if r0 else None
-    filt = filter_swap_accuracy(params, layout, layout.root / "filter_eval" / "round0.json")
+    filt = filter_swap_accuracy(params, layout, layout.root / "filter_eval" / f"round{k}.json", k)
     return {"filter_auc": auc, "filter_swap": filt.get("itm_acc_swap"),
             "filter_relation": filt.get("itm_acc_relation"),
-            "round0_swap": r0.metrics.get("itm_acc_swap") if r0 else None}
+            "retrained_swap": r0.metrics.get("itm_acc_swap") if r0 else None}
 
 
 def main() -> int:
@@ -373,6 +386,7 @@ def main() -> int:
     del dirs  # each seed's work dir links to the one world and its downloads
 
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    last = a.rounds - 1  # the round the outcomes and targets judge (BLIP's bootstrap: the last)
     per_seed: dict[int, dict[str, float]] = {}
     quality: dict[int, dict[str, Optional[float]]] = {}
     tables: dict[int, list] = {}
@@ -384,7 +398,7 @@ def main() -> int:
         res = run_comparison(p, layout, rounds=a.rounds, controls=True)
         tables[seed] = res
         per_seed[seed] = {r.name: float(r.metrics["r1_mean"]) for r in res}
-        quality[seed] = seed_quality(p, layout, res)
+        quality[seed] = seed_quality(p, layout, res, last)
         (runs / f"seed{seed}" / "results.json").write_text(json.dumps(results_to_json(res), indent=1, default=str))
         print(f"\n=== seed {seed} ({time.perf_counter() - t:.0f} s) ===\n{comparison_table(res)}", flush=True)
 
@@ -400,11 +414,11 @@ def main() -> int:
             cells.append(f"{name}: {m:5.1f} +- {sd:4.1f}")
         print(f"{label:<12} " + " | ".join(cells))
     print("\n=== outcomes ===")
-    results = outcomes(per_seed)
+    results = outcomes(per_seed, last)
     for text, met, detail in results:
         print(f"[{'MET' if met else 'NOT MET'}] {text}: {detail}")
     print("\n=== targets of issue 16 ===")
-    goals = targets(per_seed, quality)
+    goals = targets(per_seed, quality, last)
     for text, met, detail in goals:
         print(f"[{'MET' if met else 'NOT MET'}] {text}: {detail}")
     (runs / "outcomes.json").write_text(json.dumps(

@@ -36,9 +36,9 @@ def test_outcomes_gain_inside_spread_is_not_met():
     assert not m2  # 1 point of a 10-point gap
 
 
-def _quality(aucs, filter_swaps, round0_swaps):
-    return {s: {"filter_auc": a, "filter_swap": f, "round0_swap": r}
-            for s, (a, f, r) in enumerate(zip(aucs, filter_swaps, round0_swaps))}
+def _quality(aucs, filter_swaps, retrained_swaps):
+    return {s: {"filter_auc": a, "filter_swap": f, "retrained_swap": r}
+            for s, (a, f, r) in enumerate(zip(aucs, filter_swaps, retrained_swaps))}
 
 
 def _targets(rows, quality):
@@ -81,6 +81,24 @@ def test_targets_missing_numbers_and_one_seed_are_not_met():
     rows = [(10.0, 20.0, 19.9, 20.0), (11.0, 21.0, 11.0, 21.0), (12.0, 22.0, 21.5, 22.0)]
     (d, dd) = _targets(rows, _quality([0.9] * 3, [0.9] * 3, [0.9] * 3))[4]
     assert not d and "ahead in 3 of 3" in dd
+
+
+def test_a_later_round_is_judged_against_its_own_filter_only():
+    # round 1 (BLIP's bootstrap) behind round 0's filter-only but ahead of its own: (d) and outcome 3
+    # read "filter-only (round 1)", the gain and gap read round 1's column
+    names = ("pretrained", "round 0", "round 1", "filter-only", "filter-only (round 1)", "oracle")
+    rows = [(10.0, 20.0, 24.0, 25.0, 21.0, 26.0), (11.0, 21.0, 25.0, 26.0, 22.0, 27.0),
+            (12.0, 22.0, 26.0, 27.0, 23.0, 28.0)]
+    per_seed = {s: dict(zip(names, r)) for s, r in enumerate(rows)}
+    got = cycle.targets(per_seed, _quality([0.9] * 3, [0.92] * 3, [0.95] * 3), k=1)
+    texts = [t for t, _, _ in got]
+    assert all("round 1" in t for t in texts if t[:3] in ("(a)", "(b)", "(d)", "(e)"))
+    (d_text, d, dd), (e_text, e, ed) = got[4], got[5]
+    assert d and "round 1 - filter-only +3.00 +- 0.00" in dd
+    assert e and "gain +14.00" in ed and "closed 88%" in ed  # 14 of the 16-point gap
+    *_, (o3, m3, d3) = cycle.outcomes(per_seed, 1)
+    assert m3 and o3.startswith("round 1") and "+3.00" in d3
+    assert not cycle.targets(per_seed, _quality([0.9] * 3, [0.92] * 3, [0.95] * 3))[4][1]  # round 0: -5
 
 
 def test_lever_flags_set_the_sections_and_name_the_folder():

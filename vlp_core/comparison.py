@@ -11,6 +11,8 @@ raw web        the pretrained model trained on, on the raw web again (continue m
 filter-only    round 0's corpus without synthetic captions: what the filter alone gives
 human-only     the human pairs alone
 oracle         the web pairs the ground truth says are clean, plus human
+filter-only    (:func:`run_comparison` with more than one round) the last round's corpus
+(round k)      without synthetic captions: that round's filter alone, against round k
 =============  ==========================================================================
 
 The oracle is the only corpus built from ground truth; it exists to measure the gap that
@@ -240,9 +242,28 @@ def run_comparison(params, layout, rounds: int = 2, controls: bool = True, log=p
         results = run_steps(params, layout, steps, results, log)
     cols = round_results(params, layout, rounds)
     if controls:
-        cols += run_controls(params, inputs_of(layout), layout.corpus(0), layout.comparison, log,
-                             base=layout.base_model(0))
+        inputs = inputs_of(layout)
+        cols += run_controls(params, inputs, layout.corpus(0), layout.comparison, log, base=layout.base_model(0))
+        if rounds > 1:
+            cols.append(last_filter_only(params, inputs, layout, rounds - 1, log))
     return cols
+
+
+def filter_only_name(round: int) -> str:
+    """The filter-only control's column for round ``round``'s corpus: "filter-only" for round 0's
+    (:func:`run_controls`), "filter-only (round k)" for a later round's."""
+    return "filter-only" if round == 0 else f"filter-only (round {round})"
+
+
+def last_filter_only(params, inputs: Inputs, layout, round: int, log=print) -> ModelResult:
+    """Filter-only for round ``round`` > 0 (BLIP's bootstrap: that round's captioner and filter
+    were fine-tuned from round k-1's retrained model): round ``round``'s corpus without its
+    synthetic captions, trained like that round's retrain, so the round's synthetic captions are
+    measured against the same round's filter alone."""
+    work = layout.comparison / f"filteronly_round{round}"
+    fo = filter_only_corpus(layout.corpus(round), work / CORPUS_DIR)
+    return train_and_evaluate(params, filter_only_name(round), [(str(fo), "web"), (inputs.human, "human")], inputs,
+                              work, fo, log, layout.base_model(round))
 
 
 def results_to_json(results: list[ModelResult]) -> list[dict[str, Any]]:
