@@ -44,6 +44,15 @@ def test_catalog_metrics_leave_out_the_settings_record():
     assert flat == {"k_test": 16.0, "r1_mean": 3.5}
 
 
+def test_stored_metrics_without_scene_recall_are_recomputed_only_where_it_exists():
+    from vlp_core.comparison import lacks_scene_recall
+
+    assert lacks_scene_recall({"n_images": 1000, "n_ground_truth": 1000, "r1_mean": 84.0})  # written before
+    assert not lacks_scene_recall({"n_images": 1000, "n_ground_truth": 1000, "r1_mean_scene": 90.0})
+    assert not lacks_scene_recall({"n_images": 1000, "n_ground_truth": 990})  # not every image has a scene
+    assert not lacks_scene_recall({"n_images": 1000})  # no ground truth (real data)
+
+
 def test_a_later_round_gets_its_own_filter_only(tiny_ingest, untrained_model, fast, tmp_path):
     """With more than one round, the last round's synthetic captions are set against that round's
     filter alone: its corpus without them, trained like its retrain (from scratch)."""

@@ -15,7 +15,8 @@ from vlp_core.train.loop import run_pretrain
 KEYS = {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r1_mean", "bleu4", "cider", "itm_acc",
         "chance_tr_r1", "chance_ir_r1", "n_images", "n_texts"}
 GT_KEYS = {"caption_acc", "caption_acc_colour", "caption_acc_shape", "caption_acc_size", "caption_acc_relation",
-           "itm_acc_swap"}
+           "itm_acc_swap", "tr_r1_scene", "ir_r1_scene", "r1_mean_scene", "tr_r1_ceiling", "ir_r1_ceiling",
+           "r1_ceiling"}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,13 @@ def test_evaluate_end_to_end_with_ground_truth(tiny_model_dir, tiny_world, tmp_p
     assert m["r1_mean"] == pytest.approx((m["tr_r1"] + m["ir_r1"]) / 2)
     assert 0.0 <= m["itm_acc"] <= 1.0 and 0.0 <= m["caption_acc"] <= 1.0
     assert m["chance_tr_r1"] == pytest.approx(1.0, abs=0.5)  # ~1 correct text in 100
+    # judged by the scene, a retrieved twin counts: never below exact recall, whose ceiling is <= 100
+    assert m["tr_r1_scene"] >= m["tr_r1"] and m["ir_r1_scene"] >= m["ir_r1"] and 0 < m["r1_ceiling"] <= 100.0
     caps = pq.read_table(tmp_path / "captions.parquet")
     assert caps.num_rows == 100 and set(caps.column_names) == {"url", "reference", "generated"}
     # without ground truth: no caption accuracy (the pipeline never reads ground truth)
     m2 = run_evaluate(params, tiny_model_dir, (tiny_world / "test.parquet", "human"), tmp_path / "b")
-    assert "caption_acc" not in m2 and m2["tr_r1"] == m["tr_r1"]
+    assert "caption_acc" not in m2 and "r1_mean_scene" not in m2 and m2["tr_r1"] == m["tr_r1"]
     # the swap accuracy alone (bench/cycle.py: the filter's), as the full evaluation has it
     s = run_swap_accuracy(params, tiny_model_dir, f"{tiny_world / 'test.parquet'}:human",
                           tiny_world / "ground_truth.parquet")

@@ -112,3 +112,34 @@ def test_binary_accuracy():
 def test_same_caption_matrix_with_several_captions_per_image():
     correct = m.same_caption_matrix([["a", "b"], "c"], ["b", "c", "a", "d"])
     assert correct.tolist() == [[True, False, True, False], [False, True, False, False]]
+
+
+def test_scene_recall_and_the_exact_ceiling_hand_case():
+    # images 0 and 1 show the same scene up to the boxes (a big red circle left of a small blue
+    # square); image 2 another.  Each image's caption is worded differently, so exact recall
+    # counts only its own text, while the world's judge calls texts 0 and 1 right for both.
+    a = Scene((SceneObject("red", "circle", "large", (2, 2, 22, 22)),
+               SceneObject("blue", "square", "small", (30, 5, 42, 17))), "left", (128, 128, 128))
+    b = Scene((SceneObject("red", "circle", "large", (4, 8, 24, 28)),
+               SceneObject("blue", "square", "small", (32, 9, 44, 21))), "left", (100, 90, 140))
+    c = Scene((SceneObject("green", "cross", "small", (2, 2, 14, 14)),
+               SceneObject("blue", "square", "large", (2, 25, 22, 45))), "above", (128, 128, 128))
+    texts = ["a big red circle to the left of a small blue square",
+             "a small blue box right of a large red disc",
+             "a small green cross above a large blue square"]
+    judged = m.scene_matrix(texts, [a.to_json(), b.to_json(), c.to_json()])
+    assert judged.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    exact = np.eye(3, dtype=bool)
+    # image 1 ranks text 0 first: an exact miss, a scene hit; image 2 ranks text 1 first: a miss
+    # both ways.  The texts rank images by the transpose of the same scores.
+    s = np.array([[0.9, 0.5, 0.1], [0.8, 0.7, 0.1], [0.2, 0.6, 0.5]])
+    out = m.scene_recall(s, s.T, exact, judged)
+    assert m.recall_at_k(s, exact, (1,))[1] == pytest.approx(100 / 3)
+    assert out["tr_r1_scene"] == pytest.approx(200 / 3)
+    # text 0 -> image 0 (hit), text 1 -> image 1 (0.7 > 0.6: hit), text 2 -> image 2 (0.5 > 0.1)
+    assert out["ir_r1_scene"] == pytest.approx(100.0)
+    assert out["r1_mean_scene"] == pytest.approx((200 / 3 + 100.0) / 2)
+    # the ceiling: images 0 and 1 each have two indistinguishable right texts (1/2), image 2 one
+    assert out["tr_r1_ceiling"] == out["ir_r1_ceiling"] == out["r1_ceiling"] == pytest.approx(100 * 2 / 3)
+    # a text the judge does not accept but exact recall does (a noisy reference) still counts
+    assert m.scene_recall(s, s.T, exact, np.zeros((3, 3), dtype=bool))["r1_ceiling"] == 100.0

@@ -83,6 +83,40 @@ def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, correct_i2t:
     return out
 
 
+def scene_matrix(texts: Sequence[str], scenes: Sequence[str]) -> np.ndarray:
+    """``(n_scene, n_text)`` bool: text j is a right caption of scene i by the synthetic world's
+    own judge (:func:`vlp_core.synthetic.world.check_caption`'s ``all``).  Two test images whose
+    scenes only differ where no caption looks (the exact boxes, the background) share every right
+    caption; exact recall cannot tell which of them a text was written for."""
+    out = np.zeros((len(scenes), len(texts)), dtype=bool)
+    for i, scene in enumerate(scenes):
+        out[i] = [bool(check_caption(t, scene)["all"]) for t in texts]
+    return out
+
+
+def scene_recall(score_i2t: np.ndarray, score_t2i: np.ndarray, correct_i2t: np.ndarray,
+                 scene_i2t: np.ndarray) -> dict[str, float]:
+    """Retrieval judged by the scene (``scene_i2t``, :func:`scene_matrix`; a text is right for
+    every image it is true of) next to exact recall's ceiling:
+
+    * ``tr_r1_scene``, ``ir_r1_scene``, ``r1_mean_scene``: R@1 with a retrieved candidate right
+      when the world's judge says so;
+    * ``tr_r1_ceiling``, ``ir_r1_ceiling``, ``r1_ceiling``: the best *expected* exact R@1 (the
+      ``correct_i2t`` of :func:`retrieval_metrics`) of a model that ranks every scene-right
+      candidate first but cannot tell them apart (ties at random): the mean over queries of
+      (exact answers among the scene-right ones) / (scene-right ones).  Exact R@1 near this
+      ceiling has no room left to show a better corpus."""
+    correct = np.asarray(correct_i2t, dtype=bool)
+    judged = np.asarray(scene_i2t, dtype=bool) | correct  # an exact answer is always right
+    out = {"tr_r1_scene": recall_at_k(score_i2t, judged, (1,))[1],
+           "ir_r1_scene": recall_at_k(score_t2i, judged.T, (1,))[1]}
+    out["r1_mean_scene"] = (out["tr_r1_scene"] + out["ir_r1_scene"]) / 2.0
+    for name, j, c in (("tr", judged, correct), ("ir", judged.T, correct.T)):
+        out[f"{name}_r1_ceiling"] = 100.0 * float(np.mean((j & c).sum(axis=1) / np.maximum(j.sum(axis=1), 1)))
+    out["r1_ceiling"] = (out["tr_r1_ceiling"] + out["ir_r1_ceiling"]) / 2.0
+    return out
+
+
 def chance_recall(correct: np.ndarray, k: int = 1) -> float:
     """Expected R@k (percent) of a random ranking for each query, averaged over queries:
     1 - C(n - m, k) / C(n, k) with m correct among n candidates."""
