@@ -301,11 +301,10 @@ def run_evaluate(params: Params, model_dir: str | Path, test_source: Source | st
         truth = _truth_by_url(ground_truth)
         rows = [i for i, u in enumerate(urls) if u is not None and url_path(u) in truth]
         metrics["n_ground_truth"] = len(rows)
-        if len(rows) == n_img:  # every test image has its scene: retrieval judged by the scene too
-            scene_of = [truth[url_path(u)][C.SCENE] for u in urls]
-            metrics.update(M.scene_recall(score_i2t, score_t2i, correct, M.scene_matrix(texts, scene_of)))
         if rows:
             scenes = [truth[url_path(urls[i])][C.SCENE] for i in rows]
+            if len(rows) == n_img:  # every test image has its scene: retrieval judged by the scene too
+                metrics.update(M.scene_recall(score_i2t, score_t2i, correct, M.scene_matrix(texts, scenes)))
             if generates:
                 metrics.update(M.caption_accuracy([generated[i] for i in rows], scenes))
             pos_texts = [truth[url_path(urls[i])][C.TRUE_CAPTION] for i in rows]

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from vlp_core.synthetic.world import check_caption
+from vlp_core.synthetic.world import Scene, check_caption
 
 RECALL_KS = (1, 5, 10)
 CAPTION_ATTRIBUTES = ("colour", "shape", "size", "relation")
@@ -90,7 +90,8 @@ def scene_matrix(texts: Sequence[str], scenes: Sequence[str]) -> np.ndarray:
     caption; exact recall cannot tell which of them a text was written for."""
     out = np.zeros((len(scenes), len(texts)), dtype=bool)
     for i, scene in enumerate(scenes):
-        out[i] = [bool(check_caption(t, scene)["all"]) for t in texts]
+        parsed = Scene.from_json(scene) if isinstance(scene, str) else scene  # once per row, not per text
+        out[i] = [bool(check_caption(t, parsed)["all"]) for t in texts]
     return out
 
 
