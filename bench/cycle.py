@@ -71,6 +71,14 @@ earlier demo-sized ones where measurements here said so:
 * ``--decode greedy`` (BLIP: nucleus).  On the same round-1 captioner (seed 0), greedy
   captions were 66 % fully right against nucleus' 48 %; the lever is named in issue 7.
 
+Each finished seed also leaves ``seed<N>/summary.json``: its table, its filter's numbers, the
+world's and the settings' folder names, a digest of every setting but the seeds, and the round
+count.  Seeds run on other machines or in other sittings are judged together from those files
+alone, training nothing (each file's ``settings``, ``world``, ``run``, ``rounds`` and columns must
+match the first's; a mismatch or a repeated seed is an error that names the file and field):
+
+    .venv/bin/python bench/cycle.py --combine A/seed0 B/seed1 C/seed2/summary.json [--outcomes-json F]
+
 Every stage skips finished work, so a rerun with the same arguments resumes.  The folders under
 ``--out`` are named by the world's sizes, the training budgets and the levers above (an EMA or
 hard negatives add ``_ema<decay>``, ``_hn<share>``, ``_fhn<share>``, ``_ps<share>``, ``_syn``), so other arguments never
@@ -136,6 +144,12 @@ def _args() -> argparse.Namespace:
                    help="finetune.filter.holdout: the share of the human pairs kept out of the filter's fine-tune, "
                         "on which CapFilt calibrates its threshold (default: --params')")
     p.add_argument("-S", dest="overrides", action="append", default=[], help="extra section.key=value")
+    p.add_argument("--combine", nargs="+", metavar="SUMMARY", default=None,
+                   help="train nothing: judge the seeds whose summary.json files (or seed folders) are given, "
+                        "from runs on other machines or in other sittings; they must share the world, settings "
+                        "and rounds")
+    p.add_argument("--outcomes-json", default=None,
+                   help="with --combine: also write the outcomes and targets to this JSON file")
     return p.parse_args()
 
 
@@ -360,9 +374,148 @@ def seed_quality(params, layout, results, k: int = 0) -> dict[str, Optional[floa
             "retrained_swap": r0.metrics.get("itm_acc_swap") if r0 else None}
 
 
+SUMMARY_VERSION = 1
+SUMMARY_FILE = "summary.json"
+_SUMMARY_FIELDS = ("bench", "version", "seed", "world", "run", "settings", "rounds", "results", "quality")
+
+
+class SummaryError(ValueError):
+    """A seed summary that cannot be read or does not belong with the others (names the file and field)."""
+
+
+def settings_digest(params) -> str:
+    """The sha256 of every setting but the seeds that :func:`main` varies: two seeds belong in one
+    table only when it matches (``-S`` overrides are not in the folder names, but they are here)."""
+    import hashlib
+
+    d = params.replace(**{"pretrain.seed": 0, "finetune.captioner.seed": 0, "finetune.filter.seed": 0,
+                          "capfilt.seed": 0}).to_dict()
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def seed_summary(seed: int, world: str, run: str, settings: str, rounds: int, results,
+                 quality: dict[str, Optional[float]], seconds: Optional[float] = None) -> dict[str, Any]:
+    """One finished seed, everything :func:`report` needs, as JSON: the table's columns
+    (:func:`vlp_core.comparison.results_to_json`), the filter's quality numbers and what made
+    them (``world``: the world's folder name; ``run``: the settings' folder name; ``settings``:
+    :func:`settings_digest`; ``rounds``).
+    Written as ``seed<N>/summary.json``, so seeds run on other machines or in other sittings can be
+    judged together (``--combine``) without their models."""
+    from vlp_core.comparison import results_to_json
+
+    return {"bench": "cycle", "version": SUMMARY_VERSION, "seed": int(seed), "world": world, "run": run,
+            "settings": settings, "rounds": int(rounds), "seconds": None if seconds is None else round(float(seconds), 1),
+            "results": results_to_json(results), "quality": quality}
+
+
+def load_summaries(paths: list[str | Path]) -> tuple[int, dict[int, list], dict[int, dict[str, Optional[float]]]]:
+    """``(rounds, {seed: results}, {seed: quality})`` from seed summary files (or seed folders);
+    raises :class:`SummaryError` naming the file and field when one is unreadable, lacks a field,
+    or was made with another world, other settings, another round count or other columns than the
+    first, or repeats a seed."""
+    from vlp_core.comparison import results_from_json
+
+    first: Optional[tuple[Path, dict[str, Any]]] = None
+    tables: dict[int, list] = {}
+    quality: dict[int, dict[str, Optional[float]]] = {}
+    where: dict[int, Path] = {}
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            path = path / SUMMARY_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SummaryError(f"{path}: cannot read a seed summary ({e})") from e
+        if not isinstance(data, dict):
+            raise SummaryError(f"{path}: a seed summary is a JSON object, got {type(data).__name__}")
+        for name in _SUMMARY_FIELDS:
+            if name not in data:
+                raise SummaryError(f"{path}: field {name!r} is missing (not a bench/cycle.py seed summary)")
+        if data["bench"] != "cycle" or data["version"] != SUMMARY_VERSION:
+            raise SummaryError(f"{path}: field 'bench'/'version' is {data['bench']!r}/{data['version']!r}, "
+                               f"expected 'cycle'/{SUMMARY_VERSION}")
+        results = results_from_json(data["results"])
+        for i, r in enumerate(results):
+            if not isinstance(r.metrics.get("r1_mean"), (int, float)):
+                raise SummaryError(f"{path}: results[{i}] ({r.name!r}): field 'metrics.r1_mean' is missing "
+                                   "or not a number")
+        names = [r.name for r in results]
+        if first is None:
+            first = (path, {**data, "columns": names})
+        else:
+            ref_path, ref = first
+            for name, value in (("world", data["world"]), ("run", data["run"]), ("settings", data["settings"]),
+                                ("rounds", data["rounds"]), ("columns", names)):
+                if value != ref[name]:
+                    raise SummaryError(f"{path}: field {name!r} is {value!r}, but {ref_path} has {ref[name]!r}: "
+                                       "seeds of other worlds or settings cannot be judged together")
+        seed = int(data["seed"])
+        if seed in tables:
+            raise SummaryError(f"{path}: seed {seed} is also in {where[seed]}; give each seed once")
+        tables[seed], quality[seed], where[seed] = results, dict(data["quality"] or {}), path
+    if first is None:
+        raise SummaryError("no seed summary given")
+    return int(first[1]["rounds"]), tables, quality
+
+
+def report(tables: dict[int, list], quality: dict[int, dict[str, Optional[float]]], k: int):
+    """The mean +- sd block, issue 7's outcomes and issue 16's targets for round ``k`` over the seeds
+    of ``tables`` (``{seed: [ModelResult]}``), as ``(lines, outcomes, targets)``."""
+    seeds = sorted(tables)
+    per_seed = {s: {r.name: float(r.metrics["r1_mean"]) for r in tables[s]} for s in seeds}
+    names = [r.name for r in tables[seeds[0]]]
+    lines = [f"=== mean +- sd over seeds {seeds} (R@1 = mean of TR@1 and IR@1, test split) ==="]
+    for metric, label in (("r1_mean", "R@1 mean"), ("tr_r1", "TR@1"), ("ir_r1", "IR@1"),
+                          ("r1_ceiling", "R@1 ceiling"), ("r1_mean_scene", "R@1 by scene"), ("caption_acc", "caption acc")):
+        scale = 100.0 if metric == "caption_acc" else 1.0
+        cells = []
+        for name in names:
+            got = [next(r for r in tables[s] if r.name == name).metrics.get(metric) for s in seeds]
+            if any(v is None for v in got):  # a seed lacks it (metrics stored before the metric existed)
+                cells.append(f"{name}: -")
+                continue
+            m, sd = _mean_sd([scale * float(v) for v in got])
+            cells.append(f"{name}: {m:5.1f} +- {sd:4.1f}")
+        lines.append(f"{label:<12} " + " | ".join(cells))
+    lines += ["", "=== outcomes ==="]
+    results = outcomes(per_seed, k)
+    lines += [f"[{'MET' if met else 'NOT MET'}] {text}: {detail}" for text, met, detail in results]
+    lines += ["", "=== targets of issue 16 ==="]
+    goals = targets(per_seed, quality, k)
+    lines += [f"[{'MET' if met else 'NOT MET'}] {text}: {detail}" for text, met, detail in goals]
+    return lines, results, goals
+
+
+def _outcomes_json(tables, quality, results, goals) -> str:
+    seeds = sorted(tables)
+    return json.dumps(
+        {"seeds": seeds,
+         "r1_mean": {str(s): {r.name: float(r.metrics["r1_mean"]) for r in tables[s]} for s in seeds},
+         "quality": {str(s): quality.get(s) for s in seeds},
+         "outcomes": [{"outcome": t, "met": m, "detail": d} for t, m, d in results],
+         "targets": [{"target": t, "met": m, "detail": d} for t, m, d in goals]}, indent=1)
+
+
+def combine(paths: list[str], outcomes_json: Optional[str] = None) -> int:
+    """``--combine``: judge the seeds of the given summary files, training nothing."""
+    try:
+        rounds, tables, quality = load_summaries(paths)
+    except SummaryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lines, results, goals = report(tables, quality, rounds - 1)
+    print("\n".join(lines))
+    if outcomes_json:
+        Path(outcomes_json).write_text(_outcomes_json(tables, quality, results, goals))
+    return 0
+
+
 def main() -> int:
     apply_offline_env()
     a = _args()
+    if a.combine:
+        return combine(a.combine, a.outcomes_json)
     from vlp_core.comparison import comparison_table, results_to_json, run_comparison
     from vlp_core.config import load_params
     from vlp_core.synthetic.make import run_synthetic_make
@@ -394,7 +547,6 @@ def main() -> int:
 
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     last = a.rounds - 1  # the round the outcomes and targets judge (BLIP's bootstrap: the last)
-    per_seed: dict[int, dict[str, float]] = {}
     quality: dict[int, dict[str, Optional[float]]] = {}
     tables: dict[int, list] = {}
     for seed in seeds:
@@ -404,36 +556,17 @@ def main() -> int:
         layout = seed_layout(runs / f"seed{seed}", out)
         res = run_comparison(p, layout, rounds=a.rounds, controls=True)
         tables[seed] = res
-        per_seed[seed] = {r.name: float(r.metrics["r1_mean"]) for r in res}
         quality[seed] = seed_quality(p, layout, res, last)
         (runs / f"seed{seed}" / "results.json").write_text(json.dumps(results_to_json(res), indent=1, default=str))
+        (runs / f"seed{seed}" / SUMMARY_FILE).write_text(json.dumps(
+            seed_summary(seed, out.name, runs.name, settings_digest(base), a.rounds, res, quality[seed],
+                         time.perf_counter() - t),
+            indent=1, default=str))
         print(f"\n=== seed {seed} ({time.perf_counter() - t:.0f} s) ===\n{comparison_table(res)}", flush=True)
 
-    names = [r.name for r in tables[seeds[0]]]
-    print(f"\n=== mean +- sd over seeds {seeds} (R@1 = mean of TR@1 and IR@1, test split) ===")
-    for metric, label in (("r1_mean", "R@1 mean"), ("tr_r1", "TR@1"), ("ir_r1", "IR@1"),
-                          ("r1_ceiling", "R@1 ceiling"), ("r1_mean_scene", "R@1 by scene"), ("caption_acc", "caption acc")):
-        scale = 100.0 if metric == "caption_acc" else 1.0
-        cells = []
-        for name in names:
-            vals = [scale * float(next(r for r in tables[s] if r.name == name).metrics.get(metric, float("nan")))
-                    for s in seeds]
-            m, sd = _mean_sd(vals)
-            cells.append(f"{name}: {m:5.1f} +- {sd:4.1f}")
-        print(f"{label:<12} " + " | ".join(cells))
-    print("\n=== outcomes ===")
-    results = outcomes(per_seed, last)
-    for text, met, detail in results:
-        print(f"[{'MET' if met else 'NOT MET'}] {text}: {detail}")
-    print("\n=== targets of issue 16 ===")
-    goals = targets(per_seed, quality, last)
-    for text, met, detail in goals:
-        print(f"[{'MET' if met else 'NOT MET'}] {text}: {detail}")
-    (runs / "outcomes.json").write_text(json.dumps(
-        {"seeds": seeds, "r1_mean": {str(k): v for k, v in per_seed.items()},
-         "quality": {str(k): v for k, v in quality.items()},
-         "outcomes": [{"outcome": t, "met": m, "detail": d} for t, m, d in results],
-         "targets": [{"target": t, "met": m, "detail": d} for t, m, d in goals]}, indent=1))
+    lines, results, goals = report(tables, quality, last)
+    print("\n" + "\n".join(lines))
+    (runs / "outcomes.json").write_text(_outcomes_json(tables, quality, results, goals))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; results under {runs}")
     return 0
 

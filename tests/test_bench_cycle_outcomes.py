@@ -128,3 +128,74 @@ def test_lever_flags_set_the_sections_and_name_the_folder():
     assert cycle.lever_suffix(ho) == "_fhn1_ho0.2"
     q = Params().replace(**{"finetune.filter.ema_decay": 0.99, "pretrain.ema_warmup": False})
     assert cycle.lever_suffix(q) == "_ema0-0-0.99"
+
+
+def _summary_files(tmp_path, rows, quality, settings=("s",) * 3):
+    import json
+
+    from vlp_core.comparison import ModelResult
+
+    names = ("pretrained", "round 0", "filter-only", "oracle")
+    paths = []
+    for seed, row in enumerate(rows):
+        res = [ModelResult(n, metrics={"r1_mean": v, "tr_r1": v + 1, "ir_r1": v - 1, "caption_acc": 0.5})
+               for n, v in zip(names, row)]
+        d = tmp_path / f"machine{seed}" / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / cycle.SUMMARY_FILE).write_text(json.dumps(cycle.seed_summary(
+            seed, "web80_human20_test10", "steps3200_r1", settings[seed], 1, res, quality[seed], 12.5)))
+        paths.append(d)
+    return paths
+
+
+def test_seed_summaries_from_several_sittings_are_judged_together(tmp_path, capsys):
+    import json
+
+    rows = [(10.0, 20.0, 15.0, 20.0), (11.0, 21.0, 14.0, 21.0), (12.0, 22.0, 16.0, 22.0)]
+    quality = _quality([0.90, 0.86, 0.95], [0.91, 0.93, 0.95], [0.80, 0.82, 0.84])
+    paths = _summary_files(tmp_path, rows, quality)
+    rounds, tables, got_quality = cycle.load_summaries([paths[2], paths[0] / cycle.SUMMARY_FILE, paths[1]])
+    assert rounds == 1 and sorted(tables) == [0, 1, 2] and got_quality == quality
+    lines, results, goals = cycle.report(tables, got_quality, 0)
+    assert [m for _, m, _ in goals] == [m for m, _ in _targets(rows, quality)]  # the same judgement as a live run
+    assert any(line.startswith("R@1 mean") and "oracle:  21.0 +-  1.0" in line for line in lines)
+    assert any(line.startswith("TR@1") and "round 0:  22.0" in line for line in lines)
+    assert any(line.startswith("R@1 ceiling") and "oracle: -" in line for line in lines)  # not in these metrics
+    out_json = tmp_path / "outcomes.json"
+    assert cycle.combine([str(p) for p in paths], str(out_json)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("[MET]") == len(results) + len(goals)
+    stored = json.loads(out_json.read_text())
+    assert stored["seeds"] == [0, 1, 2] and stored["r1_mean"]["1"]["filter-only"] == 14.0
+    assert all(t["met"] for t in stored["targets"])
+
+
+def test_seed_summaries_that_do_not_belong_together_are_refused(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    rows = [(10.0, 20.0, 15.0, 20.0)] * 3
+    quality = _quality([0.9] * 3, [0.9] * 3, [0.9] * 3)
+    paths = _summary_files(tmp_path, rows, quality, settings=("s", "s", "other"))
+    with pytest.raises(cycle.SummaryError, match=r"machine2/seed2/summary.json: field 'settings' is 'other', "
+                                                 r"but .*machine0/seed0/summary.json has 's'"):
+        cycle.load_summaries(paths)
+    with pytest.raises(cycle.SummaryError, match=r"seed 0 is also in .*machine0"):
+        cycle.load_summaries([paths[0], paths[0] / cycle.SUMMARY_FILE])
+    broken = paths[1] / cycle.SUMMARY_FILE
+    data = json.loads(broken.read_text())
+    data["results"][2]["metrics"].pop("r1_mean")
+    broken.write_text(json.dumps(data))
+    with pytest.raises(cycle.SummaryError, match=r"seed1/summary.json: results\[2\] \('filter-only'\): "
+                                                 r"field 'metrics.r1_mean'"):
+        cycle.load_summaries(paths[:2])
+    del data["quality"]
+    broken.write_text(json.dumps(data))
+    with pytest.raises(cycle.SummaryError, match=r"seed1/summary.json: field 'quality' is missing"):
+        cycle.load_summaries([broken])
+    broken.write_text("{not json")
+    assert cycle.combine([str(paths[0]), str(broken)]) == 2
+    assert f"error: {broken}: cannot read a seed summary" in capsys.readouterr().err
+    with pytest.raises(cycle.SummaryError, match="no seed summary"):
+        cycle.load_summaries([])
