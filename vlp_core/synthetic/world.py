@@ -19,7 +19,7 @@ import io
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -392,7 +392,10 @@ def _words(text: str) -> list[str]:
 
 def parse_caption(text: str) -> tuple[_Mention, _Mention, Optional[str]]:
     """(first mention, second mention, relation of first to second or None)."""
-    words = _words(text)
+    return _parse_words(_words(text))
+
+
+def _parse_words(words: list[str]) -> tuple[_Mention, _Mention, Optional[str]]:
     rel_at = next((i for i, w in enumerate(words) if w in _REL_WORD), None)
     if rel_at is not None:
         relation: Optional[str] = _REL_WORD[words[rel_at]]
@@ -411,6 +414,22 @@ def _agree(m: _Mention, o: SceneObject) -> int:
                if v is not None)
 
 
+class ParsedCaption(NamedTuple):
+    """A caption read once for :func:`check_parsed` (:func:`parse_for_check`): as two mentions and
+    a relation (two-object scenes) and as one mention and a position word (one-object scenes)."""
+
+    pair: tuple[_Mention, _Mention, Optional[str]]
+    single: _Mention
+    position: Optional[str]
+
+
+def parse_for_check(text: str) -> ParsedCaption:
+    """Read ``text`` once for many :func:`check_parsed` calls (one caption against many scenes)."""
+    words = _words(text)
+    return ParsedCaption(_parse_words(words), _mention(words),
+                         next((_POS_WORD[w] for w in words if w in _POS_WORD), None))
+
+
 def check_caption(text: str, scene: Scene | str) -> dict[str, Optional[bool]]:
     """Score a caption against a scene (a :class:`Scene` or its JSON).
 
@@ -419,11 +438,16 @@ def check_caption(text: str, scene: Scene | str) -> dict[str, Optional[bool]]:
     is True only when both objects are named by colour and shape, the relation is stated,
     and everything stated is true.
     """
+    return check_parsed(parse_for_check(text), scene)
+
+
+def check_parsed(parsed: ParsedCaption, scene: Scene | str) -> dict[str, Optional[bool]]:
+    """:func:`check_caption` of a caption already read by :func:`parse_for_check`."""
     if isinstance(scene, str):
         scene = Scene.from_json(scene)
     if scene.single:
-        return _check_single(text, scene)
-    first, second, relation = parse_caption(text)
+        return _check_single(parsed.single, parsed.position, scene)
+    first, second, relation = parsed.pair
     mentions = [m for m in (first, second) if not m.empty()]
     o0, o1 = scene.objects
     # which scene object does each mention describe?  try both ways, keep the better fit
@@ -450,12 +474,9 @@ def check_caption(text: str, scene: Scene | str) -> dict[str, Optional[bool]]:
     return result
 
 
-def _check_single(text: str, scene: Scene) -> dict[str, Optional[bool]]:
+def _check_single(m: _Mention, position: Optional[str], scene: Scene) -> dict[str, Optional[bool]]:
     """:func:`check_caption` for a one-object scene: ``relation`` scores the stated position;
     ``all`` needs colour, shape and position stated and everything stated true."""
-    words = _words(text)
-    m = _mention(words)
-    position = next((_POS_WORD[w] for w in words if w in _POS_WORD), None)
     o = scene.objects[0]
     result: dict[str, Optional[bool]] = {}
     for attr in ("colour", "shape", "size"):

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from vlp_core.synthetic.world import Scene, check_caption
+from vlp_core.synthetic.world import Scene, check_caption, check_parsed, parse_for_check
 
 RECALL_KS = (1, 5, 10)
 CAPTION_ATTRIBUTES = ("colour", "shape", "size", "relation")
@@ -89,9 +89,10 @@ def scene_matrix(texts: Sequence[str], scenes: Sequence[str]) -> np.ndarray:
     scenes only differ where no caption looks (the exact boxes, the background) share every right
     caption; exact recall cannot tell which of them a text was written for."""
     out = np.zeros((len(scenes), len(texts)), dtype=bool)
+    read = [parse_for_check(t) for t in texts]  # each text read once, not once per scene
     for i, scene in enumerate(scenes):
         parsed = Scene.from_json(scene) if isinstance(scene, str) else scene  # once per row, not per text
-        out[i] = [bool(check_caption(t, parsed)["all"]) for t in texts]
+        out[i] = [bool(check_parsed(t, parsed)["all"]) for t in read]
     return out
 
 
