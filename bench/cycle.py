@@ -79,6 +79,11 @@ match the first's; a mismatch or a repeated seed is an error that names the file
 
     .venv/bin/python bench/cycle.py --combine A/seed0 B/seed1 C/seed2/summary.json [--outcomes-json F]
 
+``--only oracle`` (or ``oracle,human-only``) trains just those controls for each seed -- they need
+no CapFilt round, nor, with ``retrain.init: scratch``, a pretrained model -- in the folders a full
+run uses (a later full run with the same arguments reuses them), prints their R@1 and, for the
+oracle, target (c).  The oracle is the cheapest check of training's seed spread: one model a seed.
+
 Every stage skips finished work, so a rerun with the same arguments resumes.  The folders under
 ``--out`` are named by the world's sizes, the training budgets and the levers above (an EMA or
 hard negatives add ``_ema<decay>``, ``_hn<share>``, ``_fhn<share>``, ``_ps<share>``, ``_syn``), so other arguments never
@@ -148,6 +153,10 @@ def _args() -> argparse.Namespace:
                    help="train nothing: judge the seeds whose summary.json files (or seed folders) are given, "
                         "from runs on other machines or in other sittings; they must share the world, settings "
                         "and rounds")
+    p.add_argument("--only", default=None, metavar="CONTROLS",
+                   help="train only these controls, comma-separated: oracle, human-only (they need no CapFilt round), "
+                        "for each seed, in the folders a full run uses, so a later full run reuses them; prints their "
+                        "R@1 and, with the oracle, target (c). Needs retrain.init scratch (the default)")
     p.add_argument("--outcomes-json", default=None,
                    help="with --combine: also write the outcomes and targets to this JSON file")
     return p.parse_args()
@@ -274,11 +283,7 @@ def targets(per_seed: dict[int, dict[str, float]],
                 f"(per seed {_fmt([None if v is None else 100 * v for v in rs], '{:.1f}')}); the filter against "
                 f"reversed relations {_fmt([None if v is None else 100 * v for v in q('filter_relation')], '{:.1f}')}%"))
 
-    orc = col("oracle")
-    orc_sd = _mean_sd(orc)[1]
-    out.append((f"(c) the oracle's R@1 sd across seeds <= {ORACLE_SD_TARGET:g} points",
-                n >= 2 and orc_sd <= ORACLE_SD_TARGET,
-                f"sd {orc_sd:.2f} (per seed {_fmt(orc, '{:.1f}')})" + ("" if n >= 2 else "; needs >= 2 seeds")))
+    out.append(oracle_target(per_seed))
 
     diffs = [b - a for a, b in zip(col(filter_only_name(k)), col(f"round {k}"))]
     d, d_sd = _mean_sd(diffs)
@@ -294,6 +299,17 @@ def targets(per_seed: dict[int, dict[str, float]],
                 n >= 2 and beat and closed,
                 f"{beat_detail}; {closed_detail}" + ("" if n >= 2 else "; needs >= 2 seeds")))
     return out
+
+
+def oracle_target(per_seed: dict[int, dict[str, float]]) -> tuple[str, bool, str]:
+    """Target (c), ``(text, met, detail)``: the oracle's R@1 sd across the seeds (needs >= 2)."""
+    seeds = sorted(per_seed)
+    orc = [per_seed[s]["oracle"] for s in seeds]
+    orc_sd = _mean_sd(orc)[1]
+    n = len(seeds)
+    return (f"(c) the oracle's R@1 sd across seeds <= {ORACLE_SD_TARGET:g} points",
+            n >= 2 and orc_sd <= ORACLE_SD_TARGET,
+            f"sd {orc_sd:.2f} (per seed {_fmt(orc, '{:.1f}')})" + ("" if n >= 2 else "; needs >= 2 seeds"))
 
 
 def lever_settings(a: argparse.Namespace) -> dict[str, Any]:
@@ -388,8 +404,7 @@ def settings_digest(params) -> str:
     table only when it matches (``-S`` overrides are not in the folder names, but they are here)."""
     import hashlib
 
-    d = params.replace(**{"pretrain.seed": 0, "finetune.captioner.seed": 0, "finetune.filter.seed": 0,
-                          "capfilt.seed": 0}).to_dict()
+    d = seed_params(params, 0).to_dict()
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -511,6 +526,49 @@ def combine(paths: list[str], outcomes_json: Optional[str] = None) -> int:
     return 0
 
 
+def parse_only(text: Optional[str]) -> list[str]:
+    """``--only``'s control names, checked against the controls that need no CapFilt round."""
+    from vlp_core.comparison import STANDALONE_CONTROLS
+
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    bad = [n for n in names if n not in STANDALONE_CONTROLS]
+    if bad:
+        raise SystemExit(f"--only: {', '.join(bad)} cannot run alone; choose from {', '.join(STANDALONE_CONTROLS)} "
+                         "(the other columns need a CapFilt round: run without --only)")
+    return list(dict.fromkeys(names))
+
+
+def run_only(base, names: list[str], seeds: list[int], runs: Path, out: Path) -> int:
+    """``--only``: the named standalone controls for each seed, in the full run's folders."""
+    from vlp_core.comparison import STANDALONE_CONTROLS, comparison_table, inputs_of, results_to_json
+
+    per_seed: dict[int, dict[str, float]] = {}
+    for seed in seeds:
+        t = time.perf_counter()
+        layout = seed_layout(runs / f"seed{seed}", out)
+        inputs = inputs_of(layout)
+        res = [STANDALONE_CONTROLS[n](seed_params(base, seed), inputs, layout.comparison) for n in names]
+        per_seed[seed] = {r.name: float(r.metrics["r1_mean"]) for r in res}
+        (runs / f"seed{seed}" / f"only_{'_'.join(names)}.json").write_text(
+            json.dumps(results_to_json(res), indent=1, default=str))
+        print(f"\n=== seed {seed}, {', '.join(names)} only ({time.perf_counter() - t:.0f} s) ===\n"
+              f"{comparison_table(res)}", flush=True)
+    print(f"\n=== R@1 mean over seeds {seeds} ===")
+    for name in names:
+        m, sd = _mean_sd([per_seed[s][name] for s in seeds])
+        print(f"{name}: {m:.2f} +- {sd:.2f} (per seed {_fmt([per_seed[s][name] for s in seeds], '{:.2f}')})")
+    if "oracle" in names:
+        text, met, detail = oracle_target(per_seed)
+        print(f"\n[{'MET' if met else 'NOT MET'}] {text}: {detail}")
+    return 0
+
+
+def seed_params(base, seed: int):
+    """``base`` with every training and sampling seed set to ``seed`` (the world stays)."""
+    return base.replace(**{"pretrain.seed": seed, "finetune.captioner.seed": seed, "finetune.filter.seed": seed,
+                           "capfilt.seed": seed})
+
+
 def main() -> int:
     apply_offline_env()
     a = _args()
@@ -520,6 +578,7 @@ def main() -> int:
     from vlp_core.config import load_params
     from vlp_core.synthetic.make import run_synthetic_make
 
+    only = parse_only(a.only)
     base = load_params(a.params, list(a.overrides))
     base = base.replace(**{"synthetic.n_web": a.n_web, "synthetic.n_human": a.n_human, "synthetic.n_test": a.n_test,
                            "pretrain.steps": a.steps, "finetune.captioner.steps": a.captioner_steps,
@@ -527,6 +586,9 @@ def main() -> int:
                            "finetune.captioner.batch_size": a.batch, "finetune.filter.batch_size": a.batch,
                            "pretrain.warmup_steps": a.warmup, "evaluate.k_test": a.k_test,
                            "capfilt.decode": a.decode, **lever_settings(a)})
+    if only and base.retrain.init != "scratch":
+        raise SystemExit("--only needs retrain.init scratch: with continue, every control starts from the seed's "
+                         "pretrained model, which --only does not train")
     # every stage skips finished work, so the folders are named by what shaped them: a rerun with
     # other sizes or budgets never picks up stale worlds or models
     out = Path(a.out) / f"web{a.n_web}_human{a.n_human}_test{a.n_test}"
@@ -546,13 +608,14 @@ def main() -> int:
     del dirs  # each seed's work dir links to the one world and its downloads
 
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    if only:
+        return run_only(base, only, seeds, runs, out)
     last = a.rounds - 1  # the round the outcomes and targets judge (BLIP's bootstrap: the last)
     quality: dict[int, dict[str, Optional[float]]] = {}
     tables: dict[int, list] = {}
     for seed in seeds:
         t = time.perf_counter()
-        p = base.replace(**{"pretrain.seed": seed, "finetune.captioner.seed": seed, "finetune.filter.seed": seed,
-                            "capfilt.seed": seed})
+        p = seed_params(base, seed)
         layout = seed_layout(runs / f"seed{seed}", out)
         res = run_comparison(p, layout, rounds=a.rounds, controls=True)
         tables[seed] = res

@@ -199,3 +199,15 @@ def test_seed_summaries_that_do_not_belong_together_are_refused(tmp_path, capsys
     assert f"error: {broken}: cannot read a seed summary" in capsys.readouterr().err
     with pytest.raises(cycle.SummaryError, match="no seed summary"):
         cycle.load_summaries([])
+
+
+def test_only_names_the_controls_that_need_no_capfilt_round():
+    import pytest
+
+    assert cycle.parse_only(" oracle, human-only,oracle") == ["oracle", "human-only"]
+    assert cycle.parse_only(None) == []
+    with pytest.raises(SystemExit, match="filter-only cannot run alone; choose from human-only, oracle"):
+        cycle.parse_only("oracle,filter-only")
+    text, met, detail = cycle.oracle_target({0: {"oracle": 84.0}, 1: {"oracle": 86.0}, 2: {"oracle": 85.0}})
+    assert text.startswith("(c)") and met and detail == "sd 1.00 (per seed 84.0, 86.0, 85.0)"
+    assert not cycle.oracle_target({0: {"oracle": 84.0}})[1]  # one seed: no spread to judge

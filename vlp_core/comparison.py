@@ -200,7 +200,6 @@ def run_controls(params, inputs: Inputs, round0_corpus: str | Path, workdir: str
     work = Path(workdir)
     human = (inputs.human, "human")
     fo = filter_only_corpus(round0_corpus, work / "filteronly" / CORPUS_DIR)
-    oc = oracle_corpus(inputs.web, inputs.world, work / "oracle" / CORPUS_DIR)
     out = []
     if base is not None and params.retrain.init == "continue":
         raw = raw_corpus(inputs.web, work / "rawweb" / CORPUS_DIR)
@@ -209,9 +208,31 @@ def run_controls(params, inputs: Inputs, round0_corpus: str | Path, workdir: str
     return out + [
         train_and_evaluate(params, "filter-only", [(str(fo), "web"), human], inputs, work / "filteronly", fo, log,
                            base, fresh),
-        train_and_evaluate(params, "human-only", [human], inputs, work / "humanonly", None, log, base, fresh),
-        train_and_evaluate(params, "oracle", [(str(oc), "web"), human], inputs, work / "oracle", oc, log, base, fresh),
+        human_only_control(params, inputs, work, log, base, fresh),
+        oracle_control(params, inputs, work, log, base, fresh),
     ]
+
+
+def human_only_control(params, inputs: Inputs, workdir: str | Path, log=print,
+                       base: Optional[str | Path] = None, fresh: bool = False) -> ModelResult:
+    """The human-only control of :func:`run_controls` (needs no CapFilt round)."""
+    return train_and_evaluate(params, "human-only", [(inputs.human, "human")], inputs, Path(workdir) / "humanonly",
+                              None, log, base, fresh)
+
+
+def oracle_control(params, inputs: Inputs, workdir: str | Path, log=print,
+                   base: Optional[str | Path] = None, fresh: bool = False) -> ModelResult:
+    """The oracle control of :func:`run_controls` (needs no CapFilt round): the web pairs the
+    ground truth calls clean, plus the human pairs."""
+    work = Path(workdir)
+    oc = oracle_corpus(inputs.web, inputs.world, work / "oracle" / CORPUS_DIR)
+    return train_and_evaluate(params, "oracle", [(str(oc), "web"), (inputs.human, "human")], inputs, work / "oracle",
+                              oc, log, base, fresh)
+
+
+# the controls that need no CapFilt round: with ``retrain.init: scratch`` they need no pretrained
+# model either, so they can be trained before (or apart from) the rounds (bench/cycle.py --only)
+STANDALONE_CONTROLS = {"human-only": human_only_control, "oracle": oracle_control}
 
 
 def inputs_of(layout) -> Inputs:
