@@ -170,9 +170,9 @@ def test_capfilt_hands_features_the_projections_it_would_compute(tmp_path):
     reasons = got["corpus"]["reason"].to_pylist()
     assert "empty_text" in reasons and any(r and r.startswith("image_decode_error") for r in reasons)
     reused, computed = got["features_reused"], got["features_computed"]
-    # (not near_dup / dup_of: an untrained model sees every image as a near duplicate, and which
-    # earlier image is the nearest turns on the last bits of the projections)
-    for col in ("key", "candidate", "sha256", "kept", "exact_dup"):
+    # near_dup / dup_of too: an untrained model sees every image as a near duplicate, and the
+    # earliest of the equally near images is named (dedup.TIE_DECIMALS), not the last bits' pick
+    for col in ("key", "candidate", "sha256", "kept", "exact_dup", "near_dup", "dup_of"):
         assert reused[col].to_pylist() == computed[col].to_pylist(), col
     decoded = np.array([not (r or "").startswith("image_decode_error") for r in reasons])
     for col in ("image_embedding", "text_embedding"):
