@@ -417,10 +417,39 @@ def seed_summary(seed: int, world: str, run: str, settings: str, rounds: int, re
     Written as ``seed<N>/summary.json``, so seeds run on other machines or in other sittings can be
     judged together (``--combine``) without their models."""
     from vlp_core.comparison import results_to_json
+    from vlp_core.precision import arithmetic
 
     return {"bench": "cycle", "version": SUMMARY_VERSION, "seed": int(seed), "world": world, "run": run,
             "settings": settings, "rounds": int(rounds), "seconds": None if seconds is None else round(float(seconds), 1),
-            "results": results_to_json(results), "quality": quality}
+            "results": results_to_json(results), "quality": quality,
+            # the machine that finished the seed (each model's stats.json names its own): not checked
+            # by --combine, which prints it when the seeds' machines differ
+            "arithmetic": arithmetic("cuda" if _cuda() else "cpu")}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def machines(paths: list[str | Path]) -> list[str]:
+    """One line per distinct machine (``arithmetic`` of the seed summaries, see
+    :func:`vlp_core.precision.arithmetic`) with the seeds it finished; [] when all agree or
+    none records it (summaries written before the field)."""
+    seen: dict[str, list[int]] = {}
+    for raw in paths:
+        path = Path(raw) / SUMMARY_FILE if Path(raw).is_dir() else Path(raw)
+        data = json.loads(path.read_text())
+        a = data.get("arithmetic")
+        key = "not recorded" if not a else (
+            f"{a.get('gpu') or a.get('cpu') or '?'} [{' '.join(a.get('cpu_flags', []))}], torch {a.get('torch')}, "
+            f"{a.get('threads')} threads")
+        seen.setdefault(key, []).append(int(data["seed"]))
+    if len(seen) < 2:
+        return []
+    return ["seeds finished on different machines (the same seed would differ in the last bits):"] + \
+        [f"  seeds {sorted(v)}: {k}" for k, v in seen.items()]
 
 
 def load_summaries(paths: list[str | Path]) -> tuple[int, dict[int, list], dict[int, dict[str, Optional[float]]]]:
@@ -520,7 +549,7 @@ def combine(paths: list[str], outcomes_json: Optional[str] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lines, results, goals = report(tables, quality, rounds - 1)
-    print("\n".join(lines))
+    print("\n".join(machines(paths) + lines))
     if outcomes_json:
         Path(outcomes_json).write_text(_outcomes_json(tables, quality, results, goals))
     return 0

@@ -170,6 +170,30 @@ def test_seed_summaries_from_several_sittings_are_judged_together(tmp_path, caps
     assert all(t["met"] for t in stored["targets"])
 
 
+def test_seed_summaries_name_the_machines_when_they_differ(tmp_path, capsys):
+    """Each summary records the arithmetic of the machine that finished it; --combine says so when
+    the seeds' machines differ (the reason one seed run twice can differ), and only then."""
+    import json
+
+    from vlp_core.precision import arithmetic
+
+    rows = [(10.0, 20.0, 15.0, 20.0)] * 3
+    paths = _summary_files(tmp_path, rows, _quality([0.9] * 3, [0.9] * 3, [0.9] * 3))
+    here = json.loads((paths[0] / cycle.SUMMARY_FILE).read_text())["arithmetic"]
+    assert here == arithmetic("cpu") and here["threads"] >= 1 and here["torch"]
+    assert cycle.machines(paths) == []
+    other = paths[2] / cycle.SUMMARY_FILE
+    data = json.loads(other.read_text())
+    data["arithmetic"] = {**here, "cpu": "Another CPU", "cpu_flags": ["avx2", "fma"]}
+    other.write_text(json.dumps(data))
+    lines = cycle.machines(paths)
+    assert lines[0].startswith("seeds finished on different machines")
+    assert any(line.startswith("  seeds [2]: Another CPU [avx2 fma]") for line in lines)
+    assert any(line.startswith("  seeds [0, 1]: ") for line in lines)
+    assert cycle.combine([str(p) for p in paths]) == 0
+    assert "seeds [2]: Another CPU" in capsys.readouterr().out
+
+
 def test_seed_summaries_that_do_not_belong_together_are_refused(tmp_path, capsys):
     import json
 

@@ -44,6 +44,9 @@ def test_decay_zero_keeps_todays_run(plain):
     assert not any("ema" in k for k in stats.extra["fingerprint_inputs"]) and "ema_state_sha256" not in stats.extra
     model, final = _final_state(out)
     assert state_sha256(model) == stats.extra["rank_state_sha256"][0]
+    # the machine's arithmetic is recorded beside the digests, outside the fingerprint
+    assert stats.extra["arithmetic"]["torch"] == torch.__version__ and stats.extra["arithmetic"]["threads"] >= 1
+    assert "arithmetic" not in stats.extra["fingerprint_inputs"]
     for name, t in final.items():
         assert torch.equal(t, state["model"][name]), name
 

@@ -22,20 +22,49 @@ if TYPE_CHECKING:  # torch loads when a model runs, not when vlp_core.images imp
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# the instruction sets that pick torch's CPU kernels (oneDNN, BLAS): two machines that differ in
+# them round differently, and a long training run carries a last-bit difference into other weights
+KERNEL_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AMX-BF16 or AVX512-BF16)."""
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) of the first CPU in ``/proc/cpuinfo``; ("", {}) where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return "", frozenset()
+    name, flags = "", frozenset()
     for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return any(f in flags for f in BF16_CPU_FLAGS)
-    return False
+        if line.startswith("model name") and not name:
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = frozenset(line.split(":", 1)[1].split())
+        if name and flags:
+            break
+    return name, flags
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AMX-BF16 or AVX512-BF16)."""
+    return any(f in _cpuinfo()[1] for f in BF16_CPU_FLAGS)
+
+
+def arithmetic(device: torch.device | str) -> dict[str, object]:
+    """What decides a run's rounding on ``device``, for a run's stats: the torch version, the
+    thread count, and the CPU's model and kernel-picking instruction sets (or the GPU's name).
+    Seeded runs are bit-identical where these agree; where they differ (another machine), the
+    same seed gives a run that differs in the last bits and, after thousands of steps, in its
+    numbers by about the seed spread."""
+    import torch
+
+    dev = torch.device(device)
+    name, flags = _cpuinfo()
+    out: dict[str, object] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "cpu": name, "cpu_flags": [f for f in KERNEL_CPU_FLAGS if f in flags]}
+    if dev.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(dev)
+    return out
 
 
 class PrecisionError(VlpError, ValueError):
@@ -71,4 +100,4 @@ def resolved(precision: str, device: torch.device | str) -> str:
     return "bf16" if use_bf16(precision, device) else "fp32"
 
 
-__all__ = ["PRECISIONS", "PrecisionError", "autocast_for", "cpu_has_bf16", "resolved", "use_bf16"]
+__all__ = ["PRECISIONS", "PrecisionError", "arithmetic", "autocast_for", "cpu_has_bf16", "resolved", "use_bf16"]

@@ -69,7 +69,7 @@ from vlp_core.holdout import held_out
 from vlp_core.io import StageStats, atomic_path
 from vlp_core.layout import as_written, resolve
 from vlp_core.models.hf import import_hf, is_hf_blip_dir
-from vlp_core.precision import use_bf16
+from vlp_core.precision import arithmetic, use_bf16
 from vlp_core.train.data import (PairDataset, Source, batch_regions, decode_pairs, epoch_batches, get_batch,
                                  load_pairs, source_files)
 from vlp_core.train.ema import WeightEma
@@ -543,6 +543,9 @@ def _train_run(stage: str, tp: TrainParams, sources: Sequence[Source], out_dir: 
         "final_losses": {k: round(v, 6) for k, v in means.items()},
         "sources": [[as_written(p, root), n] for p, n in sources],
         "fingerprint": fingerprint_sha256(fingerprint), "fingerprint_inputs": fingerprint,
+        # not in the fingerprint (a resume on another machine is allowed), but the reason two runs
+        # of one fingerprint can differ: see vlp_core.precision.arithmetic
+        "arithmetic": arithmetic(dist.device),
     }
     param_hashes, hashes = [state_sha256(model, params_only=True)], [state_sha256(model)]
     if dist.enabled:
