@@ -8,6 +8,8 @@
 #   bench/gpu.sh --cpu-smoke    # tiny sizes on the CPU: checks that the script runs (no numbers worth keeping)
 #
 # Python: $PYTHON, else .venv/bin/python, else python3.  Output: stdout, and bench/gpu-<time>.log.
+# Needs torch, torchvision, transformers, timm, numpy, pillow, pyarrow and pydantic (not prefect,
+# duckdb, dvc or img2dataset): a stock CUDA image with PyTorch plus pydantic runs it (README: "On a GPU").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
