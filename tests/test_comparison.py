@@ -81,3 +81,5 @@ def test_a_later_round_gets_its_own_filter_only(tiny_ingest, untrained_model, fa
     assert fo.num_rows == sum(s != "synthetic" for s in kept[C.SOURCE].to_pylist()) > 0
     assert "synthetic" not in set(fo[C.SOURCE].to_pylist())
     assert (layout.comparison / "filteronly_round1" / "train" / "model").is_dir() and "r1_mean" in res.metrics
+    from vlp_core.train.curves import loss_summary
+    assert res.training == loss_summary(layout.comparison / "filteronly_round1" / "train" / "loss.csv")

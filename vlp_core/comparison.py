@@ -18,7 +18,8 @@ filter-only    (:func:`run_comparison` with more than one round) the last round'
 The oracle is the only corpus built from ground truth; it exists to measure the gap that
 CapFilt closes.  :func:`comparison_table` renders one column per model and the rows the
 demo prints: corpus size by source, noise among kept web texts, synthetic-caption
-correctness, filter detection quality, retrieval and captioning metrics.
+correctness, filter detection quality, retrieval and captioning metrics, and when each run
+learned (its final ITC/ITM losses and the step its ITM loss settled, :mod:`vlp_core.train.curves`).
 """
 from __future__ import annotations
 
@@ -32,9 +33,10 @@ import pyarrow.parquet as pq
 
 from vlp_core.audit import audit_corpus, oracle_rows
 from vlp_core.io import read_json, write_parquet
-from vlp_core.layout import CORPUS_DIR, MANIFEST_FILE, PRETRAIN
+from vlp_core.layout import CORPUS_DIR, LOSS_FILE, MANIFEST_FILE, PRETRAIN
 from vlp_core.rounds import compose, run_steps
 from vlp_core.schema import C, CORPUS_SCHEMA, SUCCESS, conform
+from vlp_core.train.curves import ITM_SETTLED_LEVEL, loss_summary
 from vlp_core.train.data import load_pairs
 from vlp_core.train.evaluate import evaluation_settings, run_evaluate
 from vlp_core.train.loop import in_fresh_process, retrain_settings, run_pretrain, run_retrain
@@ -48,6 +50,7 @@ class ModelResult:
     audit: dict[str, Any] = field(default_factory=dict)  # vlp_core.audit.audit_corpus of its corpus
     metrics: dict[str, Any] = field(default_factory=dict)  # vlp_core.train.evaluate metrics.json
     sizes: dict[str, int] = field(default_factory=dict)  # training pairs by source
+    training: dict[str, Any] = field(default_factory=dict)  # vlp_core.train.curves.loss_summary of its loss.csv
 
 
 # --------------------------------------------------------------------------- corpora
@@ -160,7 +163,8 @@ def evaluated(params, name: str, model_dir: str | Path, eval_dir: str | Path, in
         metrics = run_evaluate(params, model_dir, (inputs.test, "human"), eval_dir, ground_truth=inputs.ground_truth,
                                root=inputs.root)
     audit = audit_corpus(corpus, inputs.world) if corpus is not None else {}
-    return ModelResult(name, sources, audit, metrics, pair_counts(sources, inputs.root))
+    return ModelResult(name, sources, audit, metrics, pair_counts(sources, inputs.root),
+                       loss_summary(Path(model_dir).parent / LOSS_FILE))
 
 
 def train_and_evaluate(params, name: str, sources: list[tuple[str, str]], inputs: Inputs, out_dir: str | Path,
@@ -297,12 +301,12 @@ def last_filter_only(params, inputs: Inputs, layout, round: int, log=print) -> M
 
 def results_to_json(results: list[ModelResult]) -> list[dict[str, Any]]:
     return [{"name": r.name, "sources": [list(s) for s in r.sources], "audit": r.audit, "metrics": r.metrics,
-             "sizes": r.sizes} for r in results]
+             "sizes": r.sizes, "training": r.training} for r in results]
 
 
 def results_from_json(data: list[dict[str, Any]]) -> list[ModelResult]:
     return [ModelResult(d["name"], [tuple(s) for s in d.get("sources", [])], d.get("audit", {}),
-                        d.get("metrics", {}), d.get("sizes", {})) for d in data]
+                        d.get("metrics", {}), d.get("sizes", {}), d.get("training", {})) for d in data]
 
 
 # --------------------------------------------------------------------------- table
@@ -345,6 +349,12 @@ def table_rows(results: list[ModelResult]) -> list[tuple[str, list[str]]]:
     add("BLEU-4", lambda r: _num(_get(r.metrics, "bleu4"), "{:.3f}"))
     add("CIDEr", lambda r: _num(_get(r.metrics, "cider"), "{:.3f}"))
     add("caption accuracy %", lambda r: _pct(_get(r.metrics, "caption_acc")))
+    # when the run learned (vlp_core.train.curves): "never" = its ITM loss ended above the level
+    add("final ITC loss", lambda r: _num(_get(r.training, "final_itc"), "{:.2f}"))
+    add("final ITM loss", lambda r: _num(_get(r.training, "final_itm"), "{:.3f}"))
+    add(f"ITM loss < {ITM_SETTLED_LEVEL} from step",
+        lambda r: "-" if not r.training or "final_itm" not in r.training
+        else ("never" if r.training.get("itm_settled_step") is None else str(r.training["itm_settled_step"])))
     return rows
 
 
