@@ -528,7 +528,25 @@ def report(tables: dict[int, list], quality: dict[int, dict[str, Optional[float]
     lines += ["", "=== targets of issue 16 ==="]
     goals = targets(per_seed, quality, k)
     lines += [f"[{'MET' if met else 'NOT MET'}] {text}: {detail}" for text, met, detail in goals]
-    return lines, results, goals
+    return lines + earlier_rounds(per_seed, k), results, goals
+
+
+def earlier_rounds(per_seed: dict[int, dict[str, float]], k: int) -> list[str]:
+    """For a run of ``k + 1`` rounds, the lines that judge the rounds before the last (issue 7's
+    outcomes, each against its own filter-only) and each round against the one before it, paired
+    by seed.  Informational: the targets above judge the last round.  Empty for one round."""
+    if k < 1:
+        return []
+    lines = ["", "=== earlier rounds (informational: the targets above judge the last round) ==="]
+    for j in range(k):
+        lines += [f"[{'MET' if met else 'NOT MET'}] {text}: {detail}" for text, met, detail in outcomes(per_seed, j)]
+    seeds = sorted(per_seed)
+    for j in range(1, k + 1):
+        diffs = [per_seed[s][f"round {j}"] - per_seed[s][f"round {j - 1}"] for s in seeds]
+        m, sd = _mean_sd(diffs)
+        lines.append(f"round {j} - round {j - 1}: {m:+.2f} +- {sd:.2f} (per seed {_fmt(diffs, '{:+.1f}')})"
+                     + _robustness(diffs))
+    return lines
 
 
 def _outcomes_json(tables, quality, results, goals) -> str:

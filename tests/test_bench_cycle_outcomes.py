@@ -235,3 +235,20 @@ def test_only_names_the_controls_that_need_no_capfilt_round():
     text, met, detail = cycle.oracle_target({0: {"oracle": 84.0}, 1: {"oracle": 86.0}, 2: {"oracle": 85.0}})
     assert text.startswith("(c)") and met and detail == "sd 1.00 (per seed 84.0, 86.0, 85.0)"
     assert not cycle.oracle_target({0: {"oracle": 84.0}})[1]  # one seed: no spread to judge
+
+
+def test_a_two_round_report_also_judges_round_0_and_each_round_against_the_one_before():
+    # the targets judge the last round; round 0's outcomes (against its own filter-only) and the
+    # paired round-to-round differences are printed below them, marked informational
+    names = ("pretrained", "round 0", "round 1", "filter-only", "filter-only (round 1)", "oracle")
+    rows = [(10.0, 20.0, 24.0, 25.0, 21.0, 26.0), (11.0, 22.0, 25.0, 26.0, 22.0, 27.0),
+            (12.0, 21.0, 20.0, 27.0, 23.0, 28.0)]
+    per_seed = {s: dict(zip(names, r)) for s, r in enumerate(rows)}
+    got = cycle.earlier_rounds(per_seed, 1)
+    assert got[1].startswith("=== earlier rounds")
+    assert any(line.startswith("[NOT MET] round 0 beats its filter-only") and "-5.00 +- 1.00" in line
+               for line in got)
+    step = [line for line in got if line.startswith("round 1 - round 0")]
+    assert step == ["round 1 - round 0: +2.00 +- 2.65 (per seed +4.0, +3.0, -1.0); ahead in 2 of 3 seeds; "
+                    "the mean is inside one sd of the per-seed differences: not a robust effect"]
+    assert cycle.earlier_rounds(per_seed, 0) == []
