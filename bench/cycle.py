@@ -503,6 +503,11 @@ def load_summaries(paths: list[str | Path]) -> tuple[int, dict[int, list], dict[
     return int(first[1]["rounds"]), tables, quality
 
 
+def _judged(items: list[tuple[str, bool, str]]) -> list[str]:
+    """``(text, met, detail)`` outcomes or targets as the printed ``[MET] text: detail`` lines."""
+    return [f"[{'MET' if met else 'NOT MET'}] {text}: {detail}" for text, met, detail in items]
+
+
 def report(tables: dict[int, list], quality: dict[int, dict[str, Optional[float]]], k: int):
     """The mean +- sd block, issue 7's outcomes and issue 16's targets for round ``k`` over the seeds
     of ``tables`` (``{seed: [ModelResult]}``), as ``(lines, outcomes, targets)``."""
@@ -524,10 +529,10 @@ def report(tables: dict[int, list], quality: dict[int, dict[str, Optional[float]
         lines.append(f"{label:<12} " + " | ".join(cells))
     lines += ["", "=== outcomes ==="]
     results = outcomes(per_seed, k)
-    lines += [f"[{'MET' if met else 'NOT MET'}] {text}: {detail}" for text, met, detail in results]
+    lines += _judged(results)
     lines += ["", "=== targets of issue 16 ==="]
     goals = targets(per_seed, quality, k)
-    lines += [f"[{'MET' if met else 'NOT MET'}] {text}: {detail}" for text, met, detail in goals]
+    lines += _judged(goals)
     return lines + earlier_rounds(per_seed, k), results, goals
 
 
@@ -539,7 +544,7 @@ def earlier_rounds(per_seed: dict[int, dict[str, float]], k: int) -> list[str]:
         return []
     lines = ["", "=== earlier rounds (informational: the targets above judge the last round) ==="]
     for j in range(k):
-        lines += [f"[{'MET' if met else 'NOT MET'}] {text}: {detail}" for text, met, detail in outcomes(per_seed, j)]
+        lines += _judged(outcomes(per_seed, j))
     seeds = sorted(per_seed)
     for j in range(1, k + 1):
         diffs = [per_seed[s][f"round {j}"] - per_seed[s][f"round {j - 1}"] for s in seeds]
@@ -605,8 +610,7 @@ def run_only(base, names: list[str], seeds: list[int], runs: Path, out: Path) ->
         m, sd = _mean_sd([per_seed[s][name] for s in seeds])
         print(f"{name}: {m:.2f} +- {sd:.2f} (per seed {_fmt([per_seed[s][name] for s in seeds], '{:.2f}')})")
     if "oracle" in names:
-        text, met, detail = oracle_target(per_seed)
-        print(f"\n[{'MET' if met else 'NOT MET'}] {text}: {detail}")
+        print("\n" + _judged([oracle_target(per_seed)])[0])
     return 0
 
 
